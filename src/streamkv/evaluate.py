@@ -1,0 +1,239 @@
+"""One teacher-forced decode loop for every method.
+
+Protocol: tokens x_0..x_{N-1}.  The first P tokens go through one forward
+(the prefill, P <= cap); then one token per step.  Every method scores the
+same targets x_1..x_{N-1}, so PPL = exp(mean NLL) is comparable across
+methods.  Methods differ only in the object that runs a forward: a streaming
+cache, or the recompute baseline.  Step times cover the forward (device
+synchronised) and nothing else: scoring and bookkeeping happen outside the
+timer.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import meta
+from .budget import Budget
+from .cache import CACHE_METHODS, make_cache
+from .errors import StreamkvError
+from .recompute import RecomputeStepper
+from .sources import LoadedModel, encode, load_text
+
+METHODS = (*CACHE_METHODS, "recompute")
+STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
+TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped")
+METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
+               "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
+               "kv_len_max", "n_prunes", "tokens_dropped")
+
+
+@dataclass
+class EvalParams:
+    model: str
+    text: str
+    method: str
+    cap: int = 256
+    sink: int | None = None  # None: the method's default (4; 0 for window; unused by dense)
+    compress_every: int = 1
+    cache_slack: int = 0
+    max_drop: int = 0
+    overlap: int = 0
+    refresh: int = 0
+    max_tokens: int = 1024
+    prefill: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def resolved(self) -> "EvalParams":
+        """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
+        if self.method not in METHODS:
+            raise StreamkvError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        p = EvalParams(**asdict(self))
+        for name in ("cache_slack", "max_drop", "overlap", "refresh"):
+            if getattr(p, name):
+                raise StreamkvError(f"{name.replace('_', '-')} is not available in this version of streamkv; leave it at 0")
+        if p.method == "window":
+            if p.sink not in (None, 0):
+                raise StreamkvError("method 'window' keeps no sink tokens; leave --sink out or use start_recent")
+            p.sink = 0
+        elif p.sink is None:
+            p.sink = 4
+        if p.compress_every < 1:
+            raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
+        if p.compress_every != 1 and p.method not in ("start_recent", "window"):
+            raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
+        Budget.derive(p.cap, sink=p.sink)  # cap >= 1, sink < cap
+        if p.max_tokens < 2:
+            raise StreamkvError(f"max-tokens must be >= 2 (one context token and one target), got {p.max_tokens}")
+        if p.prefill < 1:
+            raise StreamkvError(f"prefill must be >= 1, got {p.prefill}")
+        if p.prefill >= p.max_tokens:
+            raise StreamkvError(f"prefill ({p.prefill}) must be smaller than max-tokens ({p.max_tokens})")
+        if p.method != "dense" and p.prefill > p.cap:
+            raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
+        if p.seed < 0:
+            raise StreamkvError(f"seed must be >= 0, got {p.seed}")
+        return p
+
+    def record(self) -> dict:
+        """Every parameter, with the derived window."""
+        rec = asdict(self)
+        rec["window"] = None if self.method == "dense" else self.cap - (self.sink or 0)
+        return rec
+
+
+class CachedStepper:
+    """Runs forwards through the model with a streaming cache."""
+
+    def __init__(self, model: torch.nn.Module, cache):
+        self.model = model
+        self.cache = cache
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+
+    @property
+    def kv_len(self) -> int:
+        return self.cache.last_step.kv_len
+
+    @property
+    def dropped(self) -> int:
+        return self.cache.last_step.dropped
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes()
+
+
+def make_stepper(model: torch.nn.Module, p: EvalParams):
+    if p.method == "recompute":
+        return RecomputeStepper(model, p.sink, p.cap - p.sink)
+    return CachedStepper(model, make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every))
+
+
+def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = None) -> list[int]:
+    """The first `n` tokens of the text (read from `text_src` unless given), or an error if it is shorter."""
+    if text is None:
+        text = load_text(text_src, min_chars=16 * n)
+    ids = encode(loaded.tokenizer, text)
+    if len(ids) < n:
+        raise StreamkvError(f"text '{text_src}' has {len(ids)} tokens, fewer than max-tokens ({n}); lower --max-tokens")
+    return ids[:n]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+@torch.inference_mode()
+def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Run the decode loop; return the result record and the per-token trace."""
+    p = params.resolved()
+    model = loaded.model
+    device = next(model.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(p.seed)
+    n, pre = p.max_tokens, p.prefill
+    ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
+    stepper = make_stepper(model, p)
+    started = time.perf_counter()
+
+    t0 = time.perf_counter()
+    logits = stepper.forward(ids[:, :pre])
+    sync()
+    prefill_sec = time.perf_counter() - t0
+    nll = F.cross_entropy(logits[0].float(), ids[0, 1 : pre + 1], reduction="none").tolist()
+    n_dec = n - 1 - pre
+    step_ms = np.empty(n_dec)
+    kv_len = np.empty(n_dec, dtype=np.int64)
+    dropped = np.empty(n_dec, dtype=np.int64)
+    prefill_dropped = stepper.dropped
+    kv_bytes_peak = stepper.kv_bytes()
+
+    for i, t in enumerate(tqdm(range(pre, n - 1), desc=f"{p.method}", disable=not progress, mininterval=2.0, leave=False)):
+        t0 = time.perf_counter()
+        logits = stepper.forward(ids[:, t : t + 1])
+        sync()
+        step_ms[i] = (time.perf_counter() - t0) * 1e3
+        nll.append(F.cross_entropy(logits[0, -1:].float(), ids[0, t + 1 : t + 2]).item())
+        kv_len[i] = stepper.kv_len
+        dropped[i] = stepper.dropped
+        kv_bytes_peak = max(kv_bytes_peak, stepper.kv_bytes())
+    total_sec = time.perf_counter() - started
+
+    nll_arr = np.asarray(nll)
+    trace = pd.DataFrame({
+        "step": np.concatenate([np.zeros(pre, dtype=np.int64), np.arange(1, n_dec + 1)]),
+        "position": np.arange(n - 1),
+        "target": ids[0, 1:].cpu().numpy(),
+        "nll": nll_arr,
+        "step_ms": np.concatenate([np.full(pre, prefill_sec * 1e3), step_ms]),
+        "kv_len": np.concatenate([np.full(pre, pre, dtype=np.int64), kv_len]),
+        "pruned": np.concatenate([np.zeros(pre, dtype=bool), dropped > 0]),
+        "dropped": np.concatenate([np.zeros(pre, dtype=np.int64), dropped]),
+    })
+    if prefill_dropped:
+        trace.loc[pre - 1, ["pruned", "dropped"]] = [True, prefill_dropped]
+    nll_mean = float(nll_arr.mean())
+    steady = step_ms[STEADY_SKIP:]
+    kv_decode = kv_len if n_dec else np.array([pre])
+    metrics = {
+        "ppl": math.exp(nll_mean) if math.isfinite(nll_mean) and nll_mean < 700 else None,
+        "nll_mean": _finite(nll_mean),
+        "n_scored": int(nll_arr.size),
+        "tpot_ms": float(step_ms.mean()) if n_dec else None,
+        "tpot_steady_ms": float(steady.mean()) if steady.size else None,
+        "tpot_p50_ms": float(np.percentile(step_ms, 50)) if n_dec else None,
+        "tpot_p90_ms": float(np.percentile(step_ms, 90)) if n_dec else None,
+        "ttft_ms": prefill_sec * 1e3,
+        "prefill_sec": prefill_sec,
+        "total_sec": total_sec,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "kv_bytes_peak": int(kv_bytes_peak),
+        "kv_len_min": int(kv_decode.min()),
+        "kv_len_mean": float(kv_decode.mean()),
+        "kv_len_max": int(kv_decode.max()),
+        "n_prunes": int((dropped > 0).sum() + (prefill_dropped > 0)),
+        "tokens_dropped": int(dropped.sum() + prefill_dropped),
+    }
+    status, error = "ok", None
+    bad = np.flatnonzero(~np.isfinite(nll_arr))
+    if bad.size:
+        status = "failed"
+        error = f"non-finite NLL at {bad.size} of {nll_arr.size} targets (first at position {int(bad[0])})"
+    record = {
+        "status": status,
+        "error": error,
+        "params": p.record(),
+        "metrics": metrics,
+        "meta": meta.collect(device, next(model.parameters()).dtype, p.seed),
+    }
+    return record, trace
+
+
+def failed_record(params: EvalParams, error: str) -> dict:
+    """The record of a run that could not produce metrics."""
+    rec = asdict(params)
+    return {"status": "failed", "error": error, "params": rec, "metrics": {k: None for k in METRIC_KEYS},
+            "meta": meta.collect(params.device, getattr(torch, params.dtype, torch.float32), params.seed)}
+
+
+PARAM_NAMES = tuple(f.name for f in fields(EvalParams))

@@ -1,0 +1,76 @@
+"""Provenance recorded with every result: code, versions, device, numerics."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress", "llama-cpp-python")
+
+
+def code_hash() -> str:
+    """sha256 over the library's source files: changes whenever the library changes."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(PACKAGE_DIR), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}"
+
+
+def collect(device: torch.device | str, dtype: torch.dtype, seed: int) -> dict:
+    return {
+        "git_commit": git_commit(),
+        "code_hash": code_hash(),
+        "versions": versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "host_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

