@@ -5,15 +5,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamkv-installed
 
-# The main job's setting (override on the command line: make run TOKENS=2048).
+# `make compare`: one text, every method, through the command line (override: make compare TOKENS=2048).
 MODEL ?= embedded:smollm2-135m
 TEXT ?= embedded:shakespeare/hamlet
 CAP ?= 256
 TOKENS ?= 1024
 OUT ?= results/compare
 RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
+# `make run`: the pipeline (override: make run CONFIG=config/paper.yaml CORES=2).
+CONFIG ?= config/config.yaml
+CORES ?= 1
 
-.PHONY: setup test run clean
+.PHONY: setup test run compare clean
 
 setup: $(STAMP)
 
@@ -31,6 +34,9 @@ test: setup
 	$(BIN)/python -m pytest
 
 run: setup
+	$(BIN)/snakemake report/paper_tables.md --cores $(CORES) --configfile $(CONFIG)
+
+compare: setup
 	@mkdir -p $(OUT)
 	@for spec in $(RUNS); do \
 	  method=$${spec%%:*}; k=$${spec##*:}; \
@@ -41,4 +47,4 @@ run: setup
 	$(BIN)/streamkv summarize $(OUT)/*.json | tee $(OUT)/table.md
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results logs benchmarks .snakemake report/paper_tables.md report/figures

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from streamkv import load_model
-from streamkv.evaluate import load_tokens
+from streamkv.evaluation import load_tokens
 
 TINY = ("tiny:llama", "tiny:gpt_neox", "tiny:llama-llama3", "tiny:llama-linear")
 

@@ -19,11 +19,12 @@ def feed(model, cache, tokens, chunk=1):
     return lens, torch.cat(logits)
 
 
-@pytest.mark.parametrize("method,k,bound", [("start_recent", 1, 40), ("mit", 1, 40), ("window", 1, 40),
-                                            ("start_recent", 8, 47), ("start_recent", 5, 44)])
-def test_kv_length_never_exceeds_the_promise(tiny, hamlet_bytes, method, k, bound):
+@pytest.mark.parametrize("method,k,slack,delta,bound", [
+    ("start_recent", 1, 0, 0, 40), ("mit", 1, 0, 0, 40), ("window", 1, 0, 0, 40), ("start_recent", 8, 0, 0, 47),
+    ("start_recent", 5, 0, 0, 44), ("start_recent", 16, 8, 4, 40), ("start_recent", 4, 8, 0, 35)])
+def test_kv_length_never_exceeds_the_promise(tiny, hamlet_bytes, method, k, slack, delta, bound):
     model = tiny("tiny:llama").model
-    cache = make_cache(method, model, cap=40, sink=4, compress_every=k)
+    cache = make_cache(method, model, cap=40, sink=4, compress_every=k, cache_slack=slack, max_drop=delta)
     lens, _ = feed(model, cache, hamlet_bytes[:300])
     assert max(lens) == bound  # reached, never exceeded
     assert cache.policy.max_kv == bound

@@ -3,7 +3,7 @@
 import pytest
 
 from streamkv import EvalParams, evaluate, load_model
-from streamkv.evaluate import load_tokens
+from streamkv.evaluation import load_tokens
 
 
 @pytest.fixture(scope="module")

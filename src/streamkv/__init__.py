@@ -1,12 +1,21 @@
-"""streamkv: streaming LLM decoding with attention sinks, and honest measurement of it."""
+"""streamkv: streaming LLM decoding with attention sinks, and honest measurement of it.
 
-from .budget import Budget
-from .cache import StreamingCache, make_cache
-from .errors import StreamkvError
-from .evaluate import METHODS, EvalParams, evaluate
-from .rope import RotaryAligner
-from .sources import load_model, load_text
+The public names are imported lazily, so that light modules (the pipeline's
+config checks, `streamkv.params`, `streamkv.budget`) load without torch.
+"""
 
-__all__ = ["Budget", "EvalParams", "METHODS", "RotaryAligner", "StreamingCache", "StreamkvError", "evaluate",
-           "load_model", "load_text", "make_cache"]
+import importlib
+
 __version__ = "0.1.0"
+_EXPORTS = {
+    "Budget": "budget", "EvalParams": "params", "METHODS": "params", "RotaryAligner": "rope",
+    "StreamingCache": "cache", "StreamkvError": "errors", "evaluate": "evaluation", "load_model": "sources",
+    "load_text": "sources", "make_cache": "cache",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'streamkv' has no attribute {name!r}")

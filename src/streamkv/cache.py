@@ -32,10 +32,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import Budget
 from .errors import StreamkvError
+from .params import CACHE_METHODS
 from .policy import KeepAll, StartRecent
 from .rope import RotaryAligner
-
-CACHE_METHODS = ("dense", "window", "start_recent", "mit")
 
 
 @dataclass
@@ -196,12 +195,15 @@ def make_cache(
     cap: int | None = 256,
     sink: int = 4,
     compress_every: int = 1,
+    cache_slack: int = 0,
+    max_drop: int = 0,
 ) -> StreamingCache:
     """Build the cache of `method` for `model`.
 
     `dense` keeps everything (`cap` unused); `window` keeps the last `cap`
     tokens; `start_recent` keeps `sink` + `cap - sink` recent tokens and prunes
-    every `compress_every` positions; `mit` is strict Start+Recent as MIT
+    every `compress_every` positions (with softlite `cache_slack` / `max_drop`,
+    the window shrinks by the slack: see `StartRecent`); `mit` is strict Start+Recent as MIT
     StreamingLLM does it.  Use with `model.generate(..., past_key_values=cache)`
     or in a forward loop.
     """
@@ -212,12 +214,16 @@ def make_cache(
         raise StreamkvError(f"unknown cache method '{method}'; choose one of: {', '.join(CACHE_METHODS)}")
     if compress_every < 1:
         raise StreamkvError(f"compress_every must be >= 1, got {compress_every}")
+    if max_drop < 0:
+        raise StreamkvError(f"max_drop must be >= 0, got {max_drop}")
+    if (cache_slack or max_drop) and method != "start_recent":
+        raise StreamkvError(f"cache_slack and max_drop (softlite) apply to start_recent, not to '{method}'")
     if method == "window":
         budget = Budget.derive(cap, sink=0)
         return StreamingCache(RealignedLayer, n, StartRecent(0, budget.window, compress_every), None)
-    budget = Budget.derive(cap, sink=sink)
+    budget = Budget.derive(cap, sink=sink, cache_slack=cache_slack)
     if method == "mit" and compress_every != 1:
         raise StreamkvError("method 'mit' is strict Start+Recent (compress_every 1); use start_recent for lazy pruning")
-    policy = StartRecent(budget.sink, budget.window, compress_every)
+    policy = StartRecent(budget.sink, budget.window, compress_every, budget.cache_slack, max_drop)
     layer_cls = MitLayer if method == "mit" else RealignedLayer
     return StreamingCache(layer_cls, n, policy, RotaryAligner(model))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import StreamkvError
-from .evaluate import METHODS, EvalParams, evaluate, failed_record, load_tokens
+from .params import METHODS, EvalParams
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,7 @@ def write_json(record: dict, path: str) -> None:
 
 
 def run_eval(args) -> int:
+    from .evaluation import evaluate, failed_record, load_tokens
     from .sources import load_model, load_text
 
     params = EvalParams(

@@ -9,8 +9,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-import torch
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress", "llama-cpp-python")
 
@@ -45,7 +43,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def device_name(device: torch.device | str) -> str:
+def device_name(device) -> str:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -60,7 +60,9 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu: {cpu}"
 
 
-def collect(device: torch.device | str, dtype: torch.dtype, seed: int) -> dict:
+def collect(device, dtype, seed: int) -> dict:
+    import torch
+
     return {
         "git_commit": git_commit(),
         "code_hash": code_hash(),

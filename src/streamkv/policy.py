@@ -39,20 +39,35 @@ class StartRecent:
     position is a multiple of K and the cache is over `sink + window`; between
     prunes the cache overshoots by at most K - 1 tokens.  `sink = 0` is the
     plain sliding window.
+
+    Softlite (the seeds' staged eviction): `max_drop` (delta > 0) caps what one
+    lazy prune drops, so eviction is spread over several prunes; `cache_slack`
+    (sigma > 0) sets a hard cap H = sink + window + sigma, and an emergency
+    prune fires whenever the incoming tokens would exceed it.  With sigma = 0
+    and delta = 0 this is plain lazy pruning.
     """
 
     sink: int
     window: int
     compress_every: int = 1
+    cache_slack: int = 0
+    max_drop: int = 0
 
     @property
     def soft(self) -> int:
         return self.sink + self.window
 
     @property
-    def max_kv(self) -> int:
-        """Largest number of keys a query attends to (own key included)."""
-        return self.soft + self.compress_every - 1
+    def hard(self) -> int | None:
+        return self.soft + self.cache_slack if self.cache_slack else None
+
+    @property
+    def max_kv(self) -> int | None:
+        """Largest number of keys a query attends to (own key included), where the policy promises one."""
+        lazy = self.soft + self.compress_every - 1
+        if self.cache_slack:
+            return min(lazy, self.hard) if not self.max_drop else self.hard
+        return None if self.max_drop else lazy
 
     def due(self, q: int, position: int) -> bool:
         """Whether a multiple of K lies among the incoming positions."""
@@ -63,11 +78,17 @@ class StartRecent:
         over = length + q - self.soft
         if over <= 0:
             return 0
+        evictable = length - min(length, self.sink)
+        staged = min(over, self.max_drop) if self.max_drop else over
+        if self.hard is not None and length + q > self.hard:  # emergency: the hard cap is at stake
+            return min(evictable, max(length + q - self.hard, staged))
+        if self.due(q, position):
+            return min(evictable, staged)
         # A chunk of several tokens may skip past a multiple of K and would
-        # then break the promised bound: prune whenever the bound is at stake.
-        if not (self.due(q, position) or length + q > self.max_kv):
-            return 0
-        return min(over, length - min(length, self.sink))
+        # then break the lazy bound: prune whenever that bound is at stake.
+        if not (self.cache_slack or self.max_drop) and length + q > self.soft + self.compress_every - 1:
+            return min(evictable, over)
+        return 0
 
     def commit(self, length: int, q: int, position: int, dropped: int) -> None:
         pass

@@ -16,6 +16,7 @@ fails at once with a message that names the embedded alternative.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -169,14 +170,65 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu", attn_imple
         folder = Path(rest)
         if not folder.is_dir():
             raise StreamkvError(f"model source '{src}': no such directory")
+        marker = _read_marker(folder)
+        if marker.get("attn_implementation") and not attn_implementation:
+            kwargs["attn_implementation"] = marker["attn_implementation"]
         ggufs = sorted(folder.glob("*.gguf"))
         if not (folder / "config.json").exists() and ggufs:
             kwargs["gguf_file"] = ggufs[0].name
-        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        tokenizer = load_tokenizer(folder, kwargs.get("gguf_file"))
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     else:  # hf
         model, tokenizer = _load_hub_model(src, rest, kwargs)
     return LoadedModel(model.to(device).eval(), tokenizer, src)
+
+
+PREPARED_MARKER = "streamkv_source.json"
+
+
+def load_tokenizer(folder: str | Path, gguf_file: str | None = None):
+    """The tokenizer saved in a model folder (the byte tokenizer for prepared tiny models)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if _read_marker(folder).get("tokenizer") == "bytes":
+        return ByteTokenizer()
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def _read_marker(folder: Path) -> dict:
+    path = folder / PREPARED_MARKER
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def prepare_model(src: str, folder: str | Path, dtype: str = "float32") -> dict:
+    """Save the model of `src` as a plain checkpoint in `folder`, so later loads are fast (`path:folder`).
+
+    The embedded GGUF takes ~20 s to de-quantise on every load; the saved
+    safetensors load in a second or two and hold the very same weights.
+    """
+    folder = Path(folder)
+    loaded = load_model(src, dtype=dtype)
+    model = loaded.model
+    quant = getattr(model.config, "quantization_config", None)
+    method = getattr(quant, "quant_method", None)
+    if quant is not None and getattr(method, "value", method) == "gguf":
+        # GGUF tensors are de-quantised on load: what is in memory is a plain
+        # checkpoint, only still flagged as quantised.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        del model.config.quantization_config
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if isinstance(loaded.tokenizer, ByteTokenizer):
+        tokenizer = "bytes"
+    else:
+        loaded.tokenizer.save_pretrained(folder)
+        tokenizer = "saved"
+    marker = {"source": src, "dtype": dtype, "tokenizer": tokenizer,
+              "attn_implementation": loaded.model.config._attn_implementation}
+    (folder / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
 
 
 def _load_hub_model(src: str, repo: str, kwargs: dict):

@@ -16,8 +16,10 @@ def load_results(paths) -> pd.DataFrame:
     rows = []
     for path in paths:
         record = json.loads(Path(path).read_text())
+        meta = record.get("meta") or {}
         row = {**record["params"], **record["metrics"], "status": record["status"], "error": record["error"],
-               "file": str(path)}
+               "file": str(path), **{f"meta_{k}": v for k, v in meta.items() if k != "versions"},
+               "meta_versions": json.dumps(meta.get("versions", {}), sort_keys=True)}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -49,5 +51,40 @@ def method_table(frame: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A plain markdown table (pandas' own needs a newer tabulate than snakemake allows)."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.3f}"
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def markdown(paths) -> str:
-    return method_table(load_results(paths)).to_markdown(index=False, floatfmt=".3f")
+    return to_markdown(method_table(load_results(paths)))
+
+
+def pipeline_summary(rows) -> pd.DataFrame:
+    """The pipeline's summary: one row per report row (a result can fill several), baseline columns merged.
+
+    `rows` holds `[path, model_key, text_key, labels]` with labels `(group, name, order)`;
+    the row of group "baseline" of each (model, text) is what the others are compared with.
+    """
+    results = load_results([r[0] for r in rows]).set_index("file")
+    out = []
+    for path, model_key, text_key, labels in rows:
+        for group, name, order in labels:
+            out.append({"model_key": model_key, "text_key": text_key, "group": group, "name": name, "order": order,
+                        **results.loc[str(path)].to_dict(), "file": str(path)})
+    frame = pd.DataFrame(out)
+    base = frame[frame.group == "baseline"][["model_key", "text_key", "ppl", "tpot_ms", "status"]]
+    base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms", "status": "baseline_status"})
+    frame = frame.merge(base, on=["model_key", "text_key"], how="left")
+    frame["delta_ppl_pct"] = (frame.ppl / frame.baseline_ppl - 1) * 100
+    frame["speedup"] = frame.baseline_tpot_ms / frame.tpot_ms
+    frame["label"] = frame.apply(label, axis=1)
+    return frame.sort_values(["model_key", "text_key", "group", "order"], kind="stable").reset_index(drop=True)

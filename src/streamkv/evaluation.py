@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import pandas as pd
@@ -23,74 +23,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import meta
-from .budget import Budget
-from .cache import CACHE_METHODS, make_cache
+from .cache import make_cache
 from .errors import StreamkvError
+from .params import METHODS, EvalParams
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
 
-METHODS = (*CACHE_METHODS, "recompute")
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
 TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped")
 METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
                "kv_len_max", "n_prunes", "tokens_dropped")
-
-
-@dataclass
-class EvalParams:
-    model: str
-    text: str
-    method: str
-    cap: int = 256
-    sink: int | None = None  # None: the method's default (4; 0 for window; unused by dense)
-    compress_every: int = 1
-    cache_slack: int = 0
-    max_drop: int = 0
-    overlap: int = 0
-    refresh: int = 0
-    max_tokens: int = 1024
-    prefill: int = 1
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-
-    def resolved(self) -> "EvalParams":
-        """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
-        if self.method not in METHODS:
-            raise StreamkvError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
-        p = EvalParams(**asdict(self))
-        for name in ("cache_slack", "max_drop", "overlap", "refresh"):
-            if getattr(p, name):
-                raise StreamkvError(f"{name.replace('_', '-')} is not available in this version of streamkv; leave it at 0")
-        if p.method == "window":
-            if p.sink not in (None, 0):
-                raise StreamkvError("method 'window' keeps no sink tokens; leave --sink out or use start_recent")
-            p.sink = 0
-        elif p.sink is None:
-            p.sink = 4
-        if p.compress_every < 1:
-            raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in ("start_recent", "window"):
-            raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
-        Budget.derive(p.cap, sink=p.sink)  # cap >= 1, sink < cap
-        if p.max_tokens < 2:
-            raise StreamkvError(f"max-tokens must be >= 2 (one context token and one target), got {p.max_tokens}")
-        if p.prefill < 1:
-            raise StreamkvError(f"prefill must be >= 1, got {p.prefill}")
-        if p.prefill >= p.max_tokens:
-            raise StreamkvError(f"prefill ({p.prefill}) must be smaller than max-tokens ({p.max_tokens})")
-        if p.method != "dense" and p.prefill > p.cap:
-            raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
-        if p.seed < 0:
-            raise StreamkvError(f"seed must be >= 0, got {p.seed}")
-        return p
-
-    def record(self) -> dict:
-        """Every parameter, with the derived window."""
-        rec = asdict(self)
-        rec["window"] = None if self.method == "dense" else self.cap - (self.sink or 0)
-        return rec
 
 
 class CachedStepper:
@@ -118,7 +61,8 @@ class CachedStepper:
 def make_stepper(model: torch.nn.Module, p: EvalParams):
     if p.method == "recompute":
         return RecomputeStepper(model, p.sink, p.cap - p.sink)
-    return CachedStepper(model, make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every))
+    return CachedStepper(model, make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
+                                           cache_slack=p.cache_slack, max_drop=p.max_drop))
 
 
 def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = None) -> list[int]:
@@ -154,6 +98,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     n, pre = p.max_tokens, p.prefill
     ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
     stepper = make_stepper(model, p)
+    provenance = meta.collect(device, next(model.parameters()).dtype, p.seed)  # the code as loaded, before the run
     started = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -224,7 +169,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "error": error,
         "params": p.record(),
         "metrics": metrics,
-        "meta": meta.collect(device, next(model.parameters()).dtype, p.seed),
+        "meta": provenance,
     }
     return record, trace
 

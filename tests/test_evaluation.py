@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY, full_forward_nll
 from streamkv import EvalParams, evaluate
-from streamkv.evaluate import METRIC_KEYS, TRACE_COLUMNS
+from streamkv.evaluation import METRIC_KEYS, TRACE_COLUMNS
 
 
 def run(loaded, tokens, method, **kw):

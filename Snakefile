@@ -1,0 +1,42 @@
+# streamkv: streaming LLM decoding with attention sinks, measured against a fixed baseline.
+#
+#   prepare_model -> tokenize -> baseline (recompute, once per model x text)
+#                             -> evaluate (one job per configuration, needs its baseline)
+#   -> aggregate (results/summary.csv) -> report (report/paper_tables.md + figures)
+#
+# Run: snakemake --cores 1 report/paper_tables.md      (profiles/default is picked up automatically)
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# --configfile replaces the default config instead of being merged into it.
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/sources.smk"
+include: "rules/baseline.smk"
+include: "rules/evaluate.smk"
+include: "rules/aggregate.smk"
+include: "rules/report.smk"
+
+
+# Cheap rules stay on the submitting machine when a cluster executor is used.
+localrules:
+    all,
+    tokenize,
+    aggregate,
+    figures,
+    paper_tables,
+
+
+rule all:
+    input:
+        "report/paper_tables.md",

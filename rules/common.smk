@@ -1,0 +1,41 @@
+# Helpers shared by the rules: the job grid, paths and parameters, all from the validated config.
+
+import sys
+
+from streamkv.errors import StreamkvError
+from streamkv.meta import code_hash
+from streamkv import pipeline
+
+try:
+    pipeline.check(config)
+except StreamkvError as exc:
+    sys.exit(f"Invalid config: {exc}")
+
+JOBS = pipeline.jobs(config)
+JOB_BY_PATH = {job.path(): job for job in JOBS}
+BASELINES = [job for job in JOBS if job.kind == "baselines"]
+RUNS = [job for job in JOBS if job.kind == "runs"]
+# Results depend on the library code as much as on the scripts: with
+# rerun_on_library_change, a library edit re-runs every evaluation.
+LIBRARY = code_hash() if config["rerun_on_library_change"] else "not tracked"
+
+
+def job_of(kind, wildcards):
+    path = f"results/{kind}/{wildcards.model}/{wildcards.text}/{wildcards.setting}/{wildcards.run}.json"
+    if path not in JOB_BY_PATH:
+        raise ValueError(f"{path} is not in the configured grid")
+    return JOB_BY_PATH[path]
+
+
+def eval_params(kind):
+    """All parameters of the job as a dict: passed through params:, so any change re-runs the job."""
+    return lambda wildcards: vars(pipeline.eval_params(config, job_of(kind, wildcards)))
+
+
+def baseline_file(wildcards):
+    job = job_of("runs", wildcards)
+    return pipeline.baseline_of(config, job).path()
+
+
+def model_dir(wildcards):
+    return f"results/models/{wildcards.model}"

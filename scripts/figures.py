@@ -1,0 +1,19 @@
+"""Snakemake: the Pareto figure and the NLL trace figure of one (model, text)."""
+
+import pandas as pd
+
+from streamkv.pipeline import log_to
+from streamkv.report import nll_trace_figure, pareto_figure
+
+with log_to(snakemake.log[0]):
+    model, text = snakemake.wildcards.model, snakemake.wildcards.text
+    summary = pd.read_parquet(snakemake.input.summary)
+    part = summary[(summary.model_key == model) & (summary.text_key == text)]
+    pareto_figure(part, snakemake.output.pareto, f"{model} · {text}: speed vs quality")
+    name = snakemake.params.trace_run
+    files = dict(zip(part.name, part.file))
+    baseline_file = part.loc[part.group == "baseline", "file"].iloc[0]
+    baseline = pd.read_parquet(baseline_file.removesuffix(".json") + ".parquet")
+    run = pd.read_parquet(files[name].removesuffix(".json") + ".parquet") if name in files else None
+    nll_trace_figure(baseline, run, name, snakemake.output.nll_trace, f"{model} · {text}: {name} vs baseline",
+                     smooth=snakemake.params.smooth)

@@ -1,0 +1,13 @@
+"""Snakemake: report/paper_tables.md from the summary and the tracked jinja2 template."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from streamkv.pipeline import log_to
+from streamkv.report import render
+
+with log_to(snakemake.log[0]):
+    frame = pd.read_parquet(snakemake.input.summary)
+    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config))
+    print(f"wrote {snakemake.output[0]}")

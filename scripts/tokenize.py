@@ -1,0 +1,16 @@
+"""Snakemake: tokenise the text once, so every evaluation scores the very same tokens."""
+
+import json
+from pathlib import Path
+
+from streamkv.pipeline import log_to
+from streamkv.sources import encode, load_text, load_tokenizer
+
+with log_to(snakemake.log[0]):
+    folder = Path(snakemake.input.model).parent
+    n = snakemake.params.max_tokens
+    text = load_text(snakemake.params.source, min_chars=16 * n)
+    ids = encode(load_tokenizer(folder), text)
+    Path(snakemake.output[0]).write_text(json.dumps({"source": snakemake.params.source, "n_available": len(ids),
+                                                     "ids": ids[:n]}) + "\n")
+    print(f"{snakemake.params.source}: {len(ids)} tokens, kept {min(n, len(ids))}")

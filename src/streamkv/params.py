@@ -1,0 +1,76 @@
+"""Parameters of one evaluation, checked against the method before anything heavy runs.
+
+Kept free of torch so that the pipeline can validate a whole grid quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .budget import Budget
+from .errors import StreamkvError
+
+CACHE_METHODS = ("dense", "window", "start_recent", "mit")
+METHODS = (*CACHE_METHODS, "recompute")
+
+
+@dataclass
+class EvalParams:
+    model: str
+    text: str
+    method: str
+    cap: int = 256
+    sink: int | None = None  # None: the method's default (4; 0 for window; unused by dense)
+    compress_every: int = 1
+    cache_slack: int = 0
+    max_drop: int = 0
+    overlap: int = 0
+    refresh: int = 0
+    max_tokens: int = 1024
+    prefill: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def resolved(self) -> "EvalParams":
+        """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
+        if self.method not in METHODS:
+            raise StreamkvError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        p = EvalParams(**asdict(self))
+        for name in ("overlap", "refresh"):
+            if getattr(p, name):
+                raise StreamkvError(f"{name} is not available in this version of streamkv; leave it at 0")
+        if (p.cache_slack or p.max_drop) and p.method != "start_recent":
+            raise StreamkvError(f"cache-slack and max-drop (softlite) apply to start_recent, not to '{p.method}'")
+        if p.max_drop < 0:
+            raise StreamkvError(f"max-drop must be >= 0, got {p.max_drop}")
+        if p.method == "window":
+            if p.sink not in (None, 0):
+                raise StreamkvError("method 'window' keeps no sink tokens; leave --sink out or use start_recent")
+            p.sink = 0
+        elif p.method == "dense":
+            p.sink = None  # nothing is evicted, so nothing is kept as a sink
+        elif p.sink is None:
+            p.sink = 4
+        if p.compress_every < 1:
+            raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
+        if p.compress_every != 1 and p.method not in ("start_recent", "window"):
+            raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
+        Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack)  # cap >= 1, sink < cap, a window remains
+        if p.max_tokens < 2:
+            raise StreamkvError(f"max-tokens must be >= 2 (one context token and one target), got {p.max_tokens}")
+        if p.prefill < 1:
+            raise StreamkvError(f"prefill must be >= 1, got {p.prefill}")
+        if p.prefill >= p.max_tokens:
+            raise StreamkvError(f"prefill ({p.prefill}) must be smaller than max-tokens ({p.max_tokens})")
+        if p.method != "dense" and p.prefill > p.cap:
+            raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
+        if p.seed < 0:
+            raise StreamkvError(f"seed must be >= 0, got {p.seed}")
+        return p
+
+    def record(self) -> dict:
+        """Every parameter, with the derived window."""
+        rec = asdict(self)
+        rec["window"] = None if self.method == "dense" else self.cap - (self.sink or 0) - self.cache_slack
+        return rec

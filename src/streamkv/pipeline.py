@@ -1,0 +1,161 @@
+"""The experiment grid of a pipeline config, as jobs with readable, parameter-encoding paths.
+
+A config names models and texts, one protocol (cap, tokens, prefill, ...),
+the baseline's sink count, a method table (`runs`, evaluated on every text)
+and ablations (one parameter swept over values).  Each distinct evaluation is
+one job whose output path spells out every parameter, so editing the grid
+invalidates exactly the changed configurations; two table rows with the same
+parameters share one job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .budget import Budget
+from .errors import StreamkvError
+from .params import EvalParams
+
+RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "overlap", "refresh")
+PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
+RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "overlap": 0, "refresh": 0}
+
+
+def normalise_run(run: dict) -> dict:
+    """The run's parameters with defaults filled in (sink: 4, or 0 for window, none for dense)."""
+    out = {**RUN_DEFAULTS, **{k: run[k] for k in RUN_KEYS if k in run}}
+    if out["method"] == "dense":
+        out["sink"] = None
+    elif out["method"] == "window":
+        out.setdefault("sink", 0)
+    else:
+        out.setdefault("sink", 4)
+    return out
+
+
+def run_id(run: dict) -> str:
+    """A readable file name holding every parameter that changes the run."""
+    r = normalise_run(run)
+    m = r["method"]
+    if m == "dense":
+        return "dense"
+    if m == "recompute":
+        return f"recompute_s{r['sink']}"
+    if m == "mit":
+        return f"mit_s{r['sink']}"
+    if m == "window":
+        return f"window_k{r['compress_every']}"
+    return (f"{m}_s{r['sink']}_k{r['compress_every']}_sl{r['cache_slack']}_md{r['max_drop']}"
+            f"_ov{r['overlap']}_rf{r['refresh']}")
+
+
+def text_source(config: dict, text: str) -> str:
+    spec = config["texts"][text]
+    return spec if isinstance(spec, str) else spec["source"]
+
+
+def max_tokens(config: dict, text: str) -> int:
+    """Tokens evaluated on `text`: its own `max_tokens` if it sets one, else the protocol's."""
+    spec = config["texts"][text]
+    return spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict) else config["protocol"]["max_tokens"]
+
+
+def setting_id(config: dict, text: str) -> str:
+    p = config["protocol"]
+    return f"cap{p['cap']}_n{max_tokens(config, text)}_p{p['prefill']}_{p['dtype']}_{p['device']}_seed{p['seed']}"
+
+
+@dataclass
+class Job:
+    model: str  # config key
+    text: str  # config key
+    setting: str
+    run: str  # run id
+    params: dict  # run parameters (normalised)
+    kind: str = "runs"  # or "baselines"
+    labels: list = field(default_factory=list)  # (group, name, order) rows of the report this job fills
+
+    def path(self, suffix: str = "json") -> str:
+        return f"results/{self.kind}/{self.model}/{self.text}/{self.setting}/{self.run}.{suffix}"
+
+
+def eval_params(config: dict, job: Job) -> EvalParams:
+    proto = config["protocol"]
+    r = job.params
+    return EvalParams(
+        model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=proto["cap"],
+        sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
+        overlap=r["overlap"], refresh=r["refresh"], max_tokens=max_tokens(config, job.text), prefill=proto["prefill"],
+        dtype=proto["dtype"], device=proto["device"], seed=proto["seed"],
+    )
+
+
+def _rows(config: dict):
+    """(group, name, order, texts, run) for the method table and every ablation value."""
+    all_texts = list(config["texts"])
+    for i, run in enumerate(config.get("runs", [])):
+        yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]"
+    for param, ab in (config.get("ablations") or {}).items():
+        for j, value in enumerate(ab["values"]):
+            run = {**ab.get("base", {}), param: value}
+            yield f"ablation:{param}", f"{param}={value}", j, ab.get("texts", all_texts), run, f"ablations.{param}.values[{j}]"
+
+
+def jobs(config: dict) -> list[Job]:
+    """Every evaluation the config asks for, baselines first, deduplicated by output path."""
+    found: dict[tuple, Job] = {}  # by (model, text, run id): a row equal to the baseline reuses it
+    baseline_run = normalise_run({"method": "recompute", "sink": config["baseline"]["sink"]})
+    for model in config["models"]:
+        for text in config["texts"]:
+            rid = run_id(baseline_run)
+            found[model, text, rid] = Job(model, text, setting_id(config, text), rid, baseline_run, "baselines",
+                                          [("baseline", "Baseline (recompute)", -1)])
+        for group, name, order, texts, run, _ in _rows(config):
+            params = normalise_run(run)
+            for text in texts:
+                rid = run_id(params)
+                job = found.setdefault((model, text, rid), Job(model, text, setting_id(config, text), rid, params))
+                job.labels.append((group, name, order))
+    return list(found.values())
+
+
+def baseline_of(config: dict, job: Job) -> Job:
+    return next(j for j in jobs(config) if j.kind == "baselines" and (j.model, j.text) == (job.model, job.text))
+
+
+def check(config: dict) -> None:
+    """Checks the JSON schema cannot express: texts named by rows exist, budgets fit, options suit methods."""
+    proto = config["protocol"]
+    for group, name, order, texts, run, where in _rows(config):
+        for text in texts:
+            if text not in config["texts"]:
+                raise StreamkvError(f"config key {where}.texts: unknown text '{text}' (known: {', '.join(config['texts'])})")
+        params = normalise_run(run)
+        try:
+            for text in texts:
+                EvalParams(model="-", text="-", **params, **{k: proto[k] for k in PROTOCOL_KEYS if k != "max_tokens"},
+                           max_tokens=max_tokens(config, text)).resolved()
+            if params["method"] not in ("dense",):
+                Budget.derive(proto["cap"], sink=params["sink"] or 0, cache_slack=params["cache_slack"],
+                              overlap=params["overlap"], refresh=params["refresh"])
+        except StreamkvError as exc:
+            raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
+    try:
+        Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
+    except StreamkvError as exc:
+        raise StreamkvError(f"config key baseline.sink: {exc}") from None
+
+
+@contextlib.contextmanager
+def log_to(path: str | Path):
+    """Send this job's stdout and stderr (progress bars, warnings, errors) to its log file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        saved = sys.stderr
+        try:
+            yield log
+        finally:
+            sys.stderr = saved
