@@ -13,8 +13,7 @@ except StreamkvError as exc:
 
 JOBS = pipeline.jobs(config)
 JOB_BY_PATH = {job.path(): job for job in JOBS}
-BASELINES = [job for job in JOBS if job.kind == "baselines"]
-RUNS = [job for job in JOBS if job.kind == "runs"]
+BASELINE_OF = {(job.model, job.text): job for job in JOBS if job.kind == "baselines"}
 # Results depend on the library code as much as on the scripts: with
 # rerun_on_library_change, a library edit re-runs every evaluation.
 LIBRARY = code_hash() if config["rerun_on_library_change"] else "not tracked"
@@ -33,9 +32,6 @@ def eval_params(kind):
 
 
 def baseline_file(wildcards):
+    """Every evaluation depends on its baseline: a baseline change re-runs what is compared with it."""
     job = job_of("runs", wildcards)
-    return pipeline.baseline_of(config, job).path()
-
-
-def model_dir(wildcards):
-    return f"results/models/{wildcards.model}"
+    return BASELINE_OF[job.model, job.text].path()

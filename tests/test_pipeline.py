@@ -112,6 +112,26 @@ def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done)
     assert "prepare_model" not in rules and "tokenize" not in rules
 
 
+def test_a_failed_configuration_is_reported_as_failed(done):
+    """A text too short for the protocol: its rows fail at run time, and the report shows them as failed."""
+    (done / "short.txt").write_text("Who's there? Nay, answer me: stand, and unfold yourself.")
+
+    def change(config):
+        config["texts"]["short"] = f"file:{done / 'short.txt'}"
+        config["ablations"]["compress_every"]["texts"] = ["hamlet"]
+
+    proc = snakemake(done, "report/paper_tables.md", config=edited(done, change))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = pd.read_csv(done / "results/summary.csv")
+    short = summary[summary.text_key == "short"]
+    assert len(short) == 7 and (short.status == "failed").all()
+    assert short.error.str.contains("has 56 tokens, fewer than protocol.max_tokens \\(120\\)").all()
+    assert (summary[summary.text_key != "short"].status == "ok").all()
+    report = (done / "report/paper_tables.md").read_text()
+    assert "| Ours (strict) | S=4, W=28 | FAILED |" in report
+    assert "| Ours (strict) | short | tiny_llama | StreamkvError: text 'file:" in report
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
     (lambda c: c["protocol"].update(cap="big"), "'big' is not of type 'integer'"),

@@ -11,7 +11,9 @@ parameters share one job.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +124,6 @@ def jobs(config: dict) -> list[Job]:
     return list(found.values())
 
 
-def baseline_of(config: dict, job: Job) -> Job:
-    return next(j for j in jobs(config) if j.kind == "baselines" and (j.model, j.text) == (job.model, job.text))
-
 
 def check(config: dict) -> None:
     """Checks the JSON schema cannot express: texts named by rows exist, budgets fit, options suit methods."""
@@ -151,11 +150,27 @@ def check(config: dict) -> None:
 
 @contextlib.contextmanager
 def log_to(path: str | Path):
-    """Send this job's stdout and stderr (progress bars, warnings, errors) to its log file."""
+    """Send everything this job prints to its log file: progress bars, warnings, C-level output, tracebacks.
+
+    The redirection is done on the file descriptors, so output from handlers
+    created before the job started (transformers' logging) lands there too.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        saved = sys.stderr
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
         try:
             yield log
+        except BaseException:
+            traceback.print_exc()
+            raise
         finally:
-            sys.stderr = saved
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .pipeline import max_tokens, text_source
+
 FAILED = "FAILED"
 
 
@@ -59,8 +61,6 @@ def sections(frame: pd.DataFrame, config: dict) -> list[dict]:
         ablations = []
         for group, ab in part[part.group.str.startswith("ablation:")].groupby("group", sort=False):
             ablations.append({"param": group.split(":", 1)[1], "rows": table_rows(ab.sort_values("order"))})
-        from .pipeline import max_tokens, text_source
-
         out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
                     "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key), "methods": table_rows(methods), "ablations": ablations,
                     "figures": {"pareto": f"figures/{model_key}/{text_key}/pareto.png",
@@ -106,6 +106,15 @@ def _plt():
     return plt, sns
 
 
+def _save(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 _SYMBOL = {"compress_every": "K", "sink": "S", "cache_slack": "σ", "max_drop": "δ"}
 
 
@@ -138,10 +147,7 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     ax.set_xlabel("TPOT (ms, log scale)")
     ax.set_ylabel("Δ PPL vs baseline (%)")
     ax.set_title(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name: str, path: str | Path,
@@ -164,7 +170,4 @@ def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name:
     bottom.set_ylabel("excess NLL")
     bottom.set_xlabel("position (red lines: prune events)")
     top.set_title(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
