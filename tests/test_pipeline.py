@@ -79,6 +79,13 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
 
 
+def test_snakemake_html_report_bundles_the_figures(done):
+    proc = snakemake(done, "--report", "report/report.html")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    html = (done / "report/report.html").read_text()
+    assert "pareto.png" in html and "nll_trace.png" in html
+
+
 def test_second_run_plans_nothing(done):
     assert planned(done) == []
 
