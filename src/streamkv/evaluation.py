@@ -175,8 +175,11 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
 
 
 def failed_record(params: EvalParams, error: str) -> dict:
-    """The record of a run that could not produce metrics."""
-    rec = asdict(params)
+    """The record of a run that could not produce metrics (with its resolved parameters where they resolve)."""
+    try:
+        rec = params.resolved().record()
+    except StreamkvError:
+        rec = asdict(params)
     return {"status": "failed", "error": error, "params": rec, "metrics": {k: None for k in METRIC_KEYS},
             "meta": meta.collect(params.device, getattr(torch, params.dtype, torch.float32), params.seed)}
 

@@ -17,14 +17,18 @@ def configuration(row) -> str:
     """The parameters that define a row, in the seeds' notation."""
     if row.method == "dense":
         return "full cache"
-    parts = [f"S={int(row.sink)}", f"W={int(row.window)}"]
+    parts = [f"S={_count(row.sink)}", f"W={_count(row.window)}"]
     if row.method in ("start_recent", "window") and row.compress_every != 1:
-        parts.append(f"K={int(row.compress_every)}")
+        parts.append(f"K={_count(row.compress_every)}")
     if row.cache_slack:
-        parts.append(f"σ={int(row.cache_slack)}")
+        parts.append(f"σ={_count(row.cache_slack)}")
     if row.max_drop:
-        parts.append(f"δ={int(row.max_drop)}")
+        parts.append(f"δ={_count(row.max_drop)}")
     return ", ".join(parts)
+
+
+def _count(value) -> str:
+    return "?" if value is None or (isinstance(value, float) and not math.isfinite(value)) else str(int(value))
 
 
 def _fmt(value, digits: int = 2) -> str:
