@@ -56,7 +56,8 @@ class EvalParams:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
         if p.compress_every != 1 and p.method not in ("start_recent", "window"):
             raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
-        Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack)  # cap >= 1, sink < cap, a window remains
+        # cap >= 1, sink < cap, and a window remains after every other term
+        Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
         if p.max_tokens < 2:
             raise StreamkvError(f"max-tokens must be >= 2 (one context token and one target), got {p.max_tokens}")
         if p.prefill < 1:

@@ -137,9 +137,6 @@ def check(config: dict) -> None:
             for text in texts:
                 EvalParams(model="-", text="-", **params, **{k: proto[k] for k in PROTOCOL_KEYS if k != "max_tokens"},
                            max_tokens=max_tokens(config, text)).resolved()
-            if params["method"] not in ("dense",):
-                Budget.derive(proto["cap"], sink=params["sink"] or 0, cache_slack=params["cache_slack"],
-                              overlap=params["overlap"], refresh=params["refresh"])
         except StreamkvError as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
     try:
