@@ -30,10 +30,14 @@ def with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     base = frame[(frame.method == "recompute") & (frame.status == "ok")]
     base = base[keys + ["ppl", "tpot_ms"]].rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms"})
     base = base.drop_duplicates(subset=keys, keep="last")
-    out = frame.merge(base, on=keys, how="left")
-    out["delta_ppl_pct"] = (out.ppl / out.baseline_ppl - 1) * 100
-    out["speedup"] = out.baseline_tpot_ms / out.tpot_ms
-    return out
+    return _add_deltas(frame.merge(base, on=keys, how="left"))
+
+
+def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
+    """delta PPL % and speedup from the merged `baseline_ppl` and `baseline_tpot_ms` columns."""
+    frame["delta_ppl_pct"] = (frame.ppl / frame.baseline_ppl - 1) * 100
+    frame["speedup"] = frame.baseline_tpot_ms / frame.tpot_ms
+    return frame
 
 
 def label(row) -> str:
@@ -83,8 +87,6 @@ def pipeline_summary(rows) -> pd.DataFrame:
     frame = pd.DataFrame(out)
     base = frame[frame.group == "baseline"][["model_key", "text_key", "ppl", "tpot_ms", "status"]]
     base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms", "status": "baseline_status"})
-    frame = frame.merge(base, on=["model_key", "text_key"], how="left")
-    frame["delta_ppl_pct"] = (frame.ppl / frame.baseline_ppl - 1) * 100
-    frame["speedup"] = frame.baseline_tpot_ms / frame.tpot_ms
+    frame = _add_deltas(frame.merge(base, on=["model_key", "text_key"], how="left"))
     frame["label"] = frame.apply(label, axis=1)
     return frame.sort_values(["model_key", "text_key", "group", "order"], kind="stable").reset_index(drop=True)
