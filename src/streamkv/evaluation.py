@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import meta
 from .cache import make_cache
 from .errors import StreamkvError
-from .params import METHODS, EvalParams
+from .params import EvalParams
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
 
@@ -183,5 +183,3 @@ def failed_record(params: EvalParams, error: str) -> dict:
     return {"status": "failed", "error": error, "params": rec, "metrics": {k: None for k in METRIC_KEYS},
             "meta": meta.collect(params.device, getattr(torch, params.dtype, torch.float32), params.seed)}
 
-
-PARAM_NAMES = tuple(f.name for f in fields(EvalParams))
