@@ -14,7 +14,7 @@ OUT ?= results/compare
 RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
 # `make run`: the pipeline (override: make run CONFIG=config/paper.yaml CORES=2).
 CONFIG ?= config/config.yaml
-CORES ?= 1
+CORES ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: setup test run compare clean
 

@@ -2,7 +2,9 @@
 #
 #   prepare_model -> tokenize -> baseline (recompute, once per model x text)
 #                             -> evaluate (one job per configuration, needs its baseline)
-#   -> aggregate (results/summary.csv) -> report (report/paper_tables.md + figures)
+#   -> aggregate (results/summary.csv + NLL spike diagnosis)
+#   -> probes (verify_max_drop_effect, verify_slack_effect, profile_prune_overhead, summarize_k_quality)
+#   -> report (report/paper_tables.md + figures: Pareto, NLL traces, spikes, ablations, probes)
 #
 # Run: snakemake --cores 1 report/paper_tables.md      (profiles/default is picked up automatically)
 
@@ -24,6 +26,7 @@ include: "rules/common.smk"
 include: "rules/sources.smk"
 include: "rules/baseline.smk"
 include: "rules/evaluate.smk"
+include: "rules/probes.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
 
@@ -34,6 +37,11 @@ localrules:
     tokenize,
     aggregate,
     figures,
+    ablation_figure,
+    verify_max_drop_effect,
+    verify_slack_effect,
+    profile_prune_overhead,
+    summarize_k_quality,
     paper_tables,
 
 

@@ -3,7 +3,7 @@
 import sys
 
 from streamkv.errors import StreamkvError
-from streamkv.meta import code_hash
+from streamkv.meta import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
 from streamkv import pipeline
 
 try:
@@ -14,9 +14,11 @@ except StreamkvError as exc:
 JOBS = pipeline.jobs(config)
 JOB_BY_PATH = {job.path(): job for job in JOBS}
 BASELINE_OF = {(job.model, job.text): job for job in JOBS if job.kind == "baselines"}
-# Results depend on the library code as much as on the scripts: with
-# rerun_on_library_change, a library edit re-runs every evaluation.
-LIBRARY = code_hash() if config["rerun_on_library_change"] else "not tracked"
+# Results depend on the library code as much as on the scripts: with rerun_on_library_change, an
+# edit of the decode loop's modules re-runs every evaluation, and an edit of the analysis modules
+# re-runs aggregation, probes and report (not the evaluations).
+LIBRARY = code_hash(EVALUATION_MODULES) if config["rerun_on_library_change"] else "not tracked"
+ANALYSIS = code_hash(ANALYSIS_MODULES) if config["rerun_on_library_change"] else "not tracked"
 
 
 def job_of(kind, wildcards):

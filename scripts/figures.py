@@ -1,9 +1,9 @@
-"""Snakemake: the Pareto figure and the NLL trace figure of one (model, text)."""
+"""Snakemake: the Pareto, NLL trace and spike figures of one (model, text)."""
 
 import pandas as pd
 
 from streamkv.pipeline import log_to
-from streamkv.report import nll_trace_figure, pareto_figure
+from streamkv.report import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
 
 with log_to(snakemake.log[0]):
     model, text = snakemake.wildcards.model, snakemake.wildcards.text
@@ -17,3 +17,5 @@ with log_to(snakemake.log[0]):
     run = pd.read_parquet(files[name].removesuffix(".json") + ".parquet") if name in files else None
     nll_trace_figure(baseline, run, name, snakemake.output.nll_trace, f"{model} · {text}: {name} vs baseline",
                      smooth=snakemake.params.smooth)
+    spike_curve_figure(pd.read_parquet(snakemake.input.spike_curves), spike_runs(part), snakemake.output.spikes,
+                       f"{model} · {text}: excess NLL after a prune")

@@ -26,7 +26,8 @@ def test_eval_writes_result_and_trace(tmp_path, capsys):
     assert record["status"] == "ok" and record["params"]["compress_every"] == 4
     assert record["metrics"]["kv_len_max"] == 32 + 4 - 1
     frame = pd.read_parquet(trace)
-    assert list(frame.columns) == ["step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped"]
+    assert list(frame.columns) == ["step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped",
+                                   "prune_kind", "update_ms"]
     assert len(frame) == 119
 
 

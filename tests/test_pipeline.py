@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from streamkv.pipeline import PROBES
+
 ROOT = Path(__file__).resolve().parents[1]
+# what a changed summary re-runs: figures per text, one figure per ablation, the probes, the tables
+DOWNSTREAM = ["aggregate", "figures", "figures", "ablation_figure", "ablation_figure", "ablation_figure", *PROBES,
+              "paper_tables"]
 PARTS = ("Snakefile", "rules", "scripts", "config", "profiles", "envs", "report/templates")
 
 
@@ -62,21 +67,40 @@ def done(tmp_path_factory):
 
 def test_end_to_end_produces_tables_figures_and_a_summary(done):
     report = (done / "report/paper_tables.md").read_text()
-    for heading in ("## hamlet — tiny_llama", "## tempest — tiny_llama", "### Method comparison",
-                    "### Ablation: compress_every", "## Failed configurations", "## Provenance"):
+    for heading in ("## hamlet — tiny_llama", "## tempest — tiny_llama", "### Method comparison", "### Ablations",
+                    "#### compress_every", "#### softlite", "### Probes", "### NLL spike diagnosis",
+                    "### Negative results, re-measured", "## Failed configurations", "## Provenance",
+                    *(f"#### {probe}:" for probe in PROBES)):
         assert heading in report
     assert "| Ours (lazy K=8) | S=4, W=28, K=8 |" in report
     for text in ("hamlet", "tempest"):
-        for fig in ("pareto", "nll_trace"):
+        for fig in ("pareto", "nll_trace", "spikes"):
             assert (done / f"report/figures/tiny_llama/{text}/{fig}.png").stat().st_size > 10_000
+    for fig in ("ablation_compress_every", "ablation_softlite", "ablation_refresh", *PROBES):
+        assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (summary.status == "ok").all()
-    assert len(summary) == 2 * (1 + 6) + 4  # per text: baseline + 6 rows; 4 ablation rows on hamlet
+    # per text: baseline + 6 rows; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
+    assert len(summary) == 2 * (1 + 6) + 10 + 15
+    assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
     assert (abs(strict.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
+
+
+def test_probe_rules_write_their_tables(done):
+    tables = {p: pd.read_csv(done / f"results/probes/{p}/tiny_llama/hamlet.csv") for p in PROBES}
+    max_drop = tables["verify_max_drop_effect"]
+    assert sorted(zip(max_drop["mode"], max_drop.max_drop)) == [("cooldown", 0), ("cooldown", 2), ("naive", 0), ("naive", 2)]
+    assert (max_drop.loc[max_drop["mode"] == "cooldown", "n_emergency"] == 0).all()
+    assert len(tables["verify_slack_effect"]) == 2  # sigma 0 and 2, each control vs staged
+    overhead = tables["profile_prune_overhead"]
+    assert overhead.compress_every.tolist() == [1, 4, 8] and (overhead.update_ms > 0).all()
+    assert (overhead.forward_ms + overhead.update_ms - overhead.tpot_ms).abs().max() < 1e-9
+    assert tables["summarize_k_quality"].compress_every.tolist() == [1, 4, 8, 16]
+    assert not (done / "results/probes/verify_slack_effect/tiny_llama/tempest.csv").exists()  # hamlet only
 
 
 def test_snakemake_html_report_bundles_the_figures(done):
@@ -96,7 +120,7 @@ def test_editing_one_config_reruns_only_that_config_and_the_report(done):
 
     jobs = planned(done, edited(done, change))
     rules = sorted(rule for rule, _ in jobs)
-    assert rules == ["aggregate", "evaluate", "figures", "figures", "paper_tables"]
+    assert rules == sorted(["evaluate", *DOWNSTREAM])
     assert [out for rule, out in jobs if rule == "evaluate"] == [
         "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0/start_recent_s4_k12_sl0_md0_ov0_rf0.json"]
 
@@ -105,8 +129,7 @@ def test_renaming_a_row_reruns_only_the_report(done):
     def change(config):
         config["runs"][0]["name"] = "MIT (reference)"
 
-    assert sorted(rule for rule, _ in planned(done, edited(done, change))) == [
-        "aggregate", "figures", "figures", "paper_tables"]
+    assert sorted(rule for rule, _ in planned(done, edited(done, change))) == sorted(DOWNSTREAM)
 
 
 def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done):
@@ -115,7 +138,7 @@ def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done)
 
     rules = [rule for rule, _ in planned(done, edited(done, change))]
     assert rules.count("baseline") == 2  # one per text
-    assert rules.count("evaluate") == 2 * 6 + 2  # every configuration: 6 rows x 2 texts, K=4 and K=16 on hamlet
+    assert rules.count("evaluate") == 2 * 6 + 7  # every configuration: 6 rows x 2 texts, 7 more on hamlet
     assert "prepare_model" not in rules and "tokenize" not in rules
 
 
@@ -148,6 +171,18 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
      "config key runs[6] ('lazy mit'): compress-every applies to start_recent and window, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
+    (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
+     "config key ablations.softlite.texts: unknown text 'macbeth'"),
+    (lambda c: c["probes"]["verify_slack_effect"].update(grid={"cache_slack": [0, 2]}),
+     "config key probes.verify_slack_effect.grid: the probe needs max_drop in its grid"),
+    (lambda c: c["ablations"].update(speed={"base": {"method": "start_recent"}, "values": [1]}),
+     "config key ablations.speed: 'speed' is not a run parameter"),
+    (lambda c: c["probes"]["verify_max_drop_effect"]["grid"].update(softlite_mode=["eager"]),
+     "'eager' is not one of ['naive', 'cooldown']"),
+    (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
+     "'verify_everything' is not one of"),
+    (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),
+     "config key ablations.softlite.grid ('compress_every=4, cache_slack=0, max_drop=0, refresh=30'): budget"),
 ])
 def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path, change, needle):
     workdir = copy_workflow(tmp_path)

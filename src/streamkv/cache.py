@@ -20,11 +20,19 @@ query itself needs no help from the cache:
   rotates all of them at their in-cache positions on every step.
 
 Both give the same attention; the tests hold them to it.
+
+`refresh` (the seeds' tail re-insertion) keeps up to R evicted tokens, chosen
+by a selection strategy, and puts them back at the tail of the cache at every
+prune, so they sit next to the newest tokens whatever their original position.
+It needs keys that can move freely, so it runs on the un-rotated (`mit`)
+storage.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,7 +41,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .budget import Budget
 from .errors import StreamkvError
 from .params import CACHE_METHODS
-from .policy import KeepAll, StartRecent
+from .policy import EMERGENCY, FORCED, KeepAll, Prune, StartRecent
 from .rope import RotaryAligner
 
 
@@ -45,6 +53,8 @@ class Step:
     q: int  # incoming tokens
     dropped: int  # tokens evicted before appending
     kv_len: int  # keys the queries attend to after the update
+    kind: str = ""  # the prune's kind (policy.PRUNE_KINDS)
+    update_s: float = 0.0  # time spent in the cache update, all layers
     memo: dict = field(default_factory=dict)  # per-step values shared by all layers
 
 
@@ -88,7 +98,9 @@ class StreamingLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def _evict_and_append(self, stored: torch.Tensor, new: torch.Tensor, dropped: int, sinks=None) -> torch.Tensor:
+    def _evict_and_append(self, stored: torch.Tensor, new: torch.Tensor, dropped: int, sinks=None, keep=None) -> torch.Tensor:
+        if keep is not None:  # an explicit layout (refresh): the slots to keep, in their new order
+            return torch.cat((stored.index_select(-2, keep), new), dim=-2)
         if not dropped:
             return torch.cat((stored, new), dim=-2)
         s = self.owner.policy.sink
@@ -127,25 +139,52 @@ class MitLayer(StreamingLayer):
             first = step.position + step.q - step.kv_len
             step.memo["rotate"] = aligner.angles(first + torch.arange(step.kv_len))
         raw = aligner.rotate(key_states, *step.memo["unrotate"])
-        self.keys = self._evict_and_append(self.keys, raw, step.dropped)
-        self.values = self._evict_and_append(self.values, value_states, step.dropped)
+        keep = step.memo.get("keep")
+        self.keys = self._evict_and_append(self.keys, raw, step.dropped, keep=keep)
+        self.values = self._evict_and_append(self.values, value_states, step.dropped, keep=keep)
         return aligner.rotate(self.keys, *step.memo["rotate"]), self.values
+
+
+def select_uniform(positions: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of `budget` candidates evenly spaced in rank (the seeds' uniform strategy)."""
+    n = positions.numel()
+    if n <= budget:
+        return torch.arange(n)
+    return ((torch.arange(budget) * 2 + 1) * n // (2 * budget)).long()
+
+
+def select_recent(positions: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the `budget` most recently evicted candidates."""
+    return torch.arange(max(0, positions.numel() - budget), positions.numel())
+
+
+REFRESH_SELECTORS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "uniform": select_uniform,
+    "recent": select_recent,
+}
 
 
 class StreamingCache(Cache):
     """A `transformers` Cache that keeps a bounded KV by an eviction policy.
 
     Pass it to a model's forward or to `generate` as `past_key_values`.
-    `n_prunes`, `tokens_dropped`, `last_step` and `nbytes()` expose what it did.
+    `n_prunes`, `tokens_dropped`, `n_emergency`, `n_forced`, `last_step`
+    (with the update time of the last forward) and `nbytes()` expose what it did.
     """
 
-    def __init__(self, layer_cls: type[StreamingLayer], num_layers: int, policy, aligner: RotaryAligner | None):
+    def __init__(self, layer_cls: type[StreamingLayer], num_layers: int, policy, aligner: RotaryAligner | None,
+                 refresh: int = 0, select: Callable[[torch.Tensor, int], torch.Tensor] = select_uniform):
         self.policy = policy
         self.aligner = aligner
+        self.refresh = refresh
+        self.select = select
+        self.sync: Callable[[], None] | None = None  # set to a device synchronise to time updates exactly on GPU
         self.seen = 0
-        self.n_prunes = 0
-        self.tokens_dropped = 0
+        self.n_prunes = self.tokens_dropped = self.n_emergency = self.n_forced = 0
         self.last_step: Step | None = None
+        # refresh layout: [sinks][recent, older part][refreshed tokens][recent, newer part]
+        self.n_before = self.n_refresh = 0
+        self.slot_pos = torch.empty(0, dtype=torch.long)  # original position of every stored slot (refresh only)
         super().__init__(layers=[layer_cls(self) for _ in range(num_layers)])
 
     @property
@@ -156,32 +195,64 @@ class StreamingCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def _plan(self, q: int) -> tuple[Prune, int]:
+        """The prune this forward makes and the number of keys it attends to."""
+        length = self.kv_length - self.n_refresh  # the refreshed tokens are outside the policy's count
+        prune = self.policy.plan(length, q, self.seen)
+        refreshed = min(self.refresh, self.n_refresh + prune.dropped) if prune.dropped else self.n_refresh
+        return prune, length - prune.dropped + q + refreshed
+
     def mask_sizes(self, q: int) -> tuple[int, int]:
         # The mask is built before the layers run, from the same plan the
         # update will follow: `kv_length` keys, the last of them the newest.
-        length = self.kv_length
-        kv_length = length - self.policy.plan(length, q, self.seen) + q
+        kv_length = self._plan(q)[1]
         return kv_length, self.seen + q - kv_length
 
+    def _refresh_layout(self, step: Step) -> None:
+        """Evict the oldest recent tokens, re-select the refreshed ones and put them at the tail."""
+        s, a, r = self.policy.sink, self.n_before, self.n_refresh
+        total = self.slot_pos.numel()
+        if step.dropped:
+            recent = torch.cat((torch.arange(s, s + a), torch.arange(s + a + r, total)))
+            candidates = torch.cat((torch.arange(s + a, s + a + r), recent[: step.dropped]))
+            candidates = candidates[torch.argsort(self.slot_pos[candidates])]
+            chosen = candidates[self.select(self.slot_pos[candidates], self.refresh)]
+            keep = torch.cat((torch.arange(s), recent[step.dropped :], chosen))
+            step.memo["keep"] = keep.to(self.layers[0].keys.device)
+            self.slot_pos = self.slot_pos[keep]
+            self.n_before, self.n_refresh = recent.numel() - step.dropped, chosen.numel()
+        self.slot_pos = torch.cat((self.slot_pos, step.position + torch.arange(step.q)))
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
         if layer_idx == 0:
             q = key_states.shape[-2]
-            length = self.kv_length
-            dropped = self.policy.plan(length, q, self.seen)
-            self.policy.commit(length, q, self.seen, dropped)
-            self.last_step = Step(self.seen, q, dropped, length - dropped + q)
+            prune, kv_len = self._plan(q)
+            self.last_step = Step(self.seen, q, prune.dropped, kv_len, prune.kind)
+            if self.refresh:
+                self._refresh_layout(self.last_step)
             self.seen += q
-            if dropped:
+            if prune.dropped:
                 self.n_prunes += 1
-                self.tokens_dropped += dropped
-        return self.layers[layer_idx].update(key_states, value_states, self.last_step)
+                self.tokens_dropped += prune.dropped
+                self.n_emergency += prune.kind == EMERGENCY
+                self.n_forced += prune.kind == FORCED
+        out = self.layers[layer_idx].update(key_states, value_states, self.last_step)
+        if self.sync is not None:
+            self.sync()
+        self.last_step.update_s += time.perf_counter() - t0
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
     def reset(self):
         super().reset()
-        self.seen = self.n_prunes = self.tokens_dropped = 0
+        self.seen = self.n_prunes = self.tokens_dropped = self.n_emergency = self.n_forced = 0
+        self.n_before = self.n_refresh = 0
+        self.slot_pos = torch.empty(0, dtype=torch.long)
         self.last_step = None
 
 
@@ -197,15 +268,23 @@ def make_cache(
     compress_every: int = 1,
     cache_slack: int = 0,
     max_drop: int = 0,
+    softlite_mode: str = "naive",
+    overlap: int = 0,
+    refresh: int = 0,
+    refresh_select: str | Callable[[torch.Tensor, int], torch.Tensor] = "uniform",
 ) -> StreamingCache:
     """Build the cache of `method` for `model`.
 
     `dense` keeps everything (`cap` unused); `window` keeps the last `cap`
-    tokens; `start_recent` keeps `sink` + `cap - sink` recent tokens and prunes
-    every `compress_every` positions (with softlite `cache_slack` / `max_drop`,
-    the window shrinks by the slack: see `StartRecent`); `mit` is strict Start+Recent as MIT
-    StreamingLLM does it.  Use with `model.generate(..., past_key_values=cache)`
-    or in a forward loop.
+    tokens; `start_recent` keeps `sink` sinks and a recent window and prunes
+    every `compress_every` positions; `mit` is strict Start+Recent as MIT
+    StreamingLLM does it.  Every term is charged to `cap` (Auto-cap): the
+    window is `cap - sink - cache_slack - overlap - refresh`, and `overlap`
+    extra recent tokens are kept on top of it.  Softlite (`cache_slack`,
+    `max_drop`, `softlite_mode`): see `StartRecent`.  `refresh` re-inserts that
+    many evicted tokens at the tail, chosen by `refresh_select` ("uniform",
+    "recent" or a callable `(positions, budget) -> indices`).  Use with
+    `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
     if method == "dense":
@@ -216,14 +295,19 @@ def make_cache(
         raise StreamkvError(f"compress_every must be >= 1, got {compress_every}")
     if max_drop < 0:
         raise StreamkvError(f"max_drop must be >= 0, got {max_drop}")
-    if (cache_slack or max_drop) and method != "start_recent":
-        raise StreamkvError(f"cache_slack and max_drop (softlite) apply to start_recent, not to '{method}'")
+    if (cache_slack or max_drop or overlap or refresh) and method != "start_recent":
+        raise StreamkvError(f"cache_slack, max_drop, overlap and refresh apply to start_recent, not to '{method}'")
     if method == "window":
         budget = Budget.derive(cap, sink=0)
         return StreamingCache(RealignedLayer, n, StartRecent(0, budget.window, compress_every), None)
-    budget = Budget.derive(cap, sink=sink, cache_slack=cache_slack)
+    budget = Budget.derive(cap, sink=sink, cache_slack=cache_slack, overlap=overlap, refresh=refresh)
     if method == "mit" and compress_every != 1:
         raise StreamkvError("method 'mit' is strict Start+Recent (compress_every 1); use start_recent for lazy pruning")
-    policy = StartRecent(budget.sink, budget.window, compress_every, budget.cache_slack, max_drop)
-    layer_cls = MitLayer if method == "mit" else RealignedLayer
-    return StreamingCache(layer_cls, n, policy, RotaryAligner(model))
+    if isinstance(refresh_select, str):
+        if refresh_select not in REFRESH_SELECTORS:
+            raise StreamkvError(f"unknown refresh selection '{refresh_select}'; choose one of: {', '.join(REFRESH_SELECTORS)}")
+        refresh_select = REFRESH_SELECTORS[refresh_select]
+    policy = StartRecent(budget.sink, budget.window + budget.overlap, compress_every, budget.cache_slack, max_drop,
+                         softlite_mode)
+    layer_cls = MitLayer if method == "mit" or refresh else RealignedLayer
+    return StreamingCache(layer_cls, n, policy, RotaryAligner(model), refresh, refresh_select)

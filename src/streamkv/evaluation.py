@@ -26,14 +26,16 @@ from . import meta
 from .cache import make_cache
 from .errors import StreamkvError
 from .params import EvalParams
+from .policy import EMERGENCY, FORCED
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
 
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
-TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped")
+TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped", "prune_kind", "update_ms")
 METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
-               "kv_len_max", "n_prunes", "tokens_dropped")
+               "kv_len_max", "n_prunes", "tokens_dropped", "n_emergency_prunes", "n_forced_prunes", "drop_max",
+               "update_ms_mean", "update_ms_prune", "update_ms_noprune")
 
 
 class CachedStepper:
@@ -54,6 +56,14 @@ class CachedStepper:
     def dropped(self) -> int:
         return self.cache.last_step.dropped
 
+    @property
+    def kind(self) -> str:
+        return self.cache.last_step.kind
+
+    @property
+    def update_ms(self) -> float:
+        return self.cache.last_step.update_s * 1e3
+
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
 
@@ -61,8 +71,13 @@ class CachedStepper:
 def make_stepper(model: torch.nn.Module, p: EvalParams):
     if p.method == "recompute":
         return RecomputeStepper(model, p.sink, p.cap - p.sink)
-    return CachedStepper(model, make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
-                                           cache_slack=p.cache_slack, max_drop=p.max_drop))
+    cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
+                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
+                       overlap=p.overlap, refresh=p.refresh)
+    device = next(model.parameters()).device
+    if p.profile and device.type == "cuda":
+        cache.sync = lambda: torch.cuda.synchronize(device)
+    return CachedStepper(model, cache)
 
 
 def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = None) -> list[int]:
@@ -79,6 +94,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """Mean of the finite values, None if there are none (e.g. the recompute baseline has no cache updates)."""
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
 
 
 def _finite(x: float) -> float | None:
@@ -110,7 +131,9 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     step_ms = np.empty(n_dec)
     kv_len = np.empty(n_dec, dtype=np.int64)
     dropped = np.empty(n_dec, dtype=np.int64)
-    prefill_dropped = stepper.dropped
+    update_ms = np.empty(n_dec)
+    kinds = np.empty(n_dec, dtype=object)
+    prefill_dropped, prefill_kind = stepper.dropped, stepper.kind
     kv_bytes_peak = stepper.kv_bytes()
 
     for i, t in enumerate(tqdm(range(pre, n - 1), desc=f"{p.method}", disable=not progress, mininterval=2.0, leave=False)):
@@ -121,6 +144,8 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         nll.append(F.cross_entropy(logits[0, -1:].float(), ids[0, t + 1 : t + 2]).item())
         kv_len[i] = stepper.kv_len
         dropped[i] = stepper.dropped
+        kinds[i] = stepper.kind
+        update_ms[i] = stepper.update_ms
         kv_bytes_peak = max(kv_bytes_peak, stepper.kv_bytes())
     total_sec = time.perf_counter() - started
 
@@ -134,9 +159,11 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "kv_len": np.concatenate([np.full(pre, pre, dtype=np.int64), kv_len]),
         "pruned": np.concatenate([np.zeros(pre, dtype=bool), dropped > 0]),
         "dropped": np.concatenate([np.zeros(pre, dtype=np.int64), dropped]),
+        "prune_kind": np.concatenate([np.full(pre, "", dtype=object), kinds]).astype(str),
+        "update_ms": np.concatenate([np.full(pre, np.nan), update_ms]),
     })
     if prefill_dropped:
-        trace.loc[pre - 1, ["pruned", "dropped"]] = [True, prefill_dropped]
+        trace.loc[pre - 1, ["pruned", "dropped", "prune_kind"]] = [True, prefill_dropped, prefill_kind]
     nll_mean = float(nll_arr.mean())
     steady = step_ms[STEADY_SKIP:]
     kv_decode = kv_len if n_dec else np.array([pre])
@@ -158,6 +185,12 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "kv_len_max": int(kv_decode.max()),
         "n_prunes": int((dropped > 0).sum() + (prefill_dropped > 0)),
         "tokens_dropped": int(dropped.sum() + prefill_dropped),
+        "n_emergency_prunes": int((kinds == EMERGENCY).sum() + (prefill_kind == EMERGENCY)),
+        "n_forced_prunes": int((kinds == FORCED).sum() + (prefill_kind == FORCED)),
+        "drop_max": int(max(dropped.max(initial=0), prefill_dropped)),
+        "update_ms_mean": _mean(update_ms),
+        "update_ms_prune": _mean(update_ms[dropped > 0]),
+        "update_ms_noprune": _mean(update_ms[dropped == 0]),
     }
     status, error = "ok", None
     bad = np.flatnonzero(~np.isfinite(nll_arr))

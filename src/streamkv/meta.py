@@ -13,10 +13,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress", "llama-cpp-python")
 
 
-def code_hash() -> str:
-    """sha256 over the library's source files: changes whenever the library changes."""
+# The modules a result depends on (the decode loop and everything it calls) and the ones that only
+# read results (aggregation, diagnosis, probes, report): editing the latter must not re-run evaluations.
+EVALUATION_MODULES = ("budget", "cache", "errors", "evaluation", "params", "policy", "recompute", "rope", "sources")
+ANALYSIS_MODULES = ("pipeline", "probes", "report", "spikes", "summary")
+
+
+def code_hash(modules: tuple[str, ...] | None = None) -> str:
+    """sha256 over the library's source files (or the named modules): changes whenever they change."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    paths = sorted(PACKAGE_DIR.rglob("*.py")) if modules is None else [PACKAGE_DIR / f"{m}.py" for m in sorted(modules)]
+    for path in paths:
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -65,7 +72,7 @@ def collect(device, dtype, seed: int) -> dict:
 
     return {
         "git_commit": git_commit(),
-        "code_hash": code_hash(),
+        "code_hash": code_hash(EVALUATION_MODULES),
         "versions": versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from .budget import Budget
 from .errors import StreamkvError
+from .policy import SOFTLITE_MODES
 
 CACHE_METHODS = ("dense", "window", "start_recent", "mit")
 METHODS = (*CACHE_METHODS, "recompute")
@@ -24,6 +25,7 @@ class EvalParams:
     compress_every: int = 1
     cache_slack: int = 0
     max_drop: int = 0
+    softlite_mode: str = "naive"  # or "cooldown": see policy.StartRecent
     overlap: int = 0
     refresh: int = 0
     max_tokens: int = 1024
@@ -31,19 +33,21 @@ class EvalParams:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    profile: bool = False  # synchronise the device around cache updates, so update times are exact on GPU
 
     def resolved(self) -> "EvalParams":
         """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
         if self.method not in METHODS:
             raise StreamkvError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         p = EvalParams(**asdict(self))
-        for name in ("overlap", "refresh"):
-            if getattr(p, name):
-                raise StreamkvError(f"{name} is not available in this version of streamkv; leave it at 0")
-        if (p.cache_slack or p.max_drop) and p.method != "start_recent":
-            raise StreamkvError(f"cache-slack and max-drop (softlite) apply to start_recent, not to '{p.method}'")
-        if p.max_drop < 0:
-            raise StreamkvError(f"max-drop must be >= 0, got {p.max_drop}")
+        for name in ("cache_slack", "max_drop", "overlap", "refresh"):
+            if getattr(p, name) < 0:
+                raise StreamkvError(f"{name.replace('_', '-')} must be >= 0, got {getattr(p, name)}")
+        for name in ("cache_slack", "max_drop", "overlap", "refresh"):
+            if getattr(p, name) and p.method != "start_recent":
+                raise StreamkvError(f"{name.replace('_', '-')} applies to start_recent, not to '{p.method}'")
+        if p.softlite_mode not in SOFTLITE_MODES:
+            raise StreamkvError(f"unknown softlite-mode '{p.softlite_mode}'; choose one of: {', '.join(SOFTLITE_MODES)}")
         if p.method == "window":
             if p.sink not in (None, 0):
                 raise StreamkvError("method 'window' keeps no sink tokens; leave --sink out or use start_recent")
@@ -73,5 +77,6 @@ class EvalParams:
     def record(self) -> dict:
         """Every parameter, with the derived window."""
         rec = asdict(self)
-        rec["window"] = None if self.method == "dense" else self.cap - (self.sink or 0) - self.cache_slack
+        rec["window"] = None if self.method == "dense" else (
+            self.cap - (self.sink or 0) - self.cache_slack - self.overlap - self.refresh)
         return rec

@@ -1,8 +1,9 @@
 """The experiment grid of a pipeline config, as jobs with readable, parameter-encoding paths.
 
 A config names models and texts, one protocol (cap, tokens, prefill, ...),
-the baseline's sink count, a method table (`runs`, evaluated on every text)
-and ablations (one parameter swept over values).  Each distinct evaluation is
+the baseline's sink count, a method table (`runs`, evaluated on every text),
+ablations (one parameter swept over `values`, or a `grid` of several) and
+probes (grids with a fixed purpose and their own tables).  Each distinct evaluation is
 one job whose output path spells out every parameter, so editing the grid
 invalidates exactly the changed configurations; two table rows with the same
 parameters share one job.
@@ -11,6 +12,7 @@ parameters share one job.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import traceback
@@ -21,14 +23,26 @@ from .budget import Budget
 from .errors import StreamkvError
 from .params import EvalParams
 
-RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "overlap", "refresh")
+RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
+            "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
-RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "overlap": 0, "refresh": 0}
+RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "softlite_mode": "naive", "overlap": 0,
+                "refresh": 0, "profile": False}
+# Each probe compares rows that differ in these parameters; its grid must sweep them.
+PROBE_SWEEPS = {
+    "verify_max_drop_effect": ("max_drop",),
+    "verify_slack_effect": ("cache_slack", "max_drop"),
+    "profile_prune_overhead": ("compress_every",),
+    "summarize_k_quality": ("compress_every",),
+}
+PROBES = tuple(PROBE_SWEEPS)
 
 
 def normalise_run(run: dict) -> dict:
     """The run's parameters with defaults filled in (sink: 4, or 0 for window, none for dense)."""
     out = {**RUN_DEFAULTS, **{k: run[k] for k in RUN_KEYS if k in run}}
+    if not (out["cache_slack"] or out["max_drop"]):
+        out["softlite_mode"] = "naive"  # the modes differ only under softlite: one job for both
     if out["method"] == "dense":
         out["sink"] = None
     elif out["method"] == "window":
@@ -42,16 +56,18 @@ def run_id(run: dict) -> str:
     """A readable file name holding every parameter that changes the run."""
     r = normalise_run(run)
     m = r["method"]
+    suffix = "_prof" if r["profile"] else ""
     if m == "dense":
-        return "dense"
+        return "dense" + suffix
     if m == "recompute":
-        return f"recompute_s{r['sink']}"
+        return f"recompute_s{r['sink']}" + suffix
     if m == "mit":
-        return f"mit_s{r['sink']}"
+        return f"mit_s{r['sink']}" + suffix
     if m == "window":
-        return f"window_k{r['compress_every']}"
+        return f"window_k{r['compress_every']}" + suffix
+    mode = "_cooldown" if r["softlite_mode"] == "cooldown" else ""
     return (f"{m}_s{r['sink']}_k{r['compress_every']}_sl{r['cache_slack']}_md{r['max_drop']}"
-            f"_ov{r['overlap']}_rf{r['refresh']}")
+            f"_ov{r['overlap']}_rf{r['refresh']}{mode}{suffix}")
 
 
 def text_source(config: dict, text: str) -> str:
@@ -90,20 +106,32 @@ def eval_params(config: dict, job: Job) -> EvalParams:
     return EvalParams(
         model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=proto["cap"],
         sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
-        overlap=r["overlap"], refresh=r["refresh"], max_tokens=max_tokens(config, job.text), prefill=proto["prefill"],
-        dtype=proto["dtype"], device=proto["device"], seed=proto["seed"],
+        softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"],
+        max_tokens=max_tokens(config, job.text), prefill=proto["prefill"], dtype=proto["dtype"], device=proto["device"],
+        seed=proto["seed"], profile=r["profile"],
     )
 
 
+def grid_points(spec: dict, key: str) -> list[tuple[str, dict, str]]:
+    """(row name, swept values, config location) of a sweep: `values` of the parameter named `key`, or a `grid`."""
+    if "grid" in spec:
+        params = list(spec["grid"])
+        points = itertools.product(*(spec["grid"][p] for p in params))
+        return [(", ".join(f"{p}={v}" for p, v in zip(params, values)), dict(zip(params, values)), f"{key}.grid")
+                for values in points]
+    return [(f"{key}={v}", {key: v}, f"{key}.values[{j}]") for j, v in enumerate(spec["values"])]
+
+
 def _rows(config: dict):
-    """(group, name, order, texts, run) for the method table and every ablation value."""
+    """(group, name, order, texts, run, where) for the method table, every ablation point and every probe point."""
     all_texts = list(config["texts"])
     for i, run in enumerate(config.get("runs", [])):
         yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]"
-    for param, ab in (config.get("ablations") or {}).items():
-        for j, value in enumerate(ab["values"]):
-            run = {**ab.get("base", {}), param: value}
-            yield f"ablation:{param}", f"{param}={value}", j, ab.get("texts", all_texts), run, f"ablations.{param}.values[{j}]"
+    for section in ("ablations", "probes"):
+        for key, spec in (config.get(section) or {}).items():
+            for j, (name, swept, where) in enumerate(grid_points(spec, key)):
+                run = {**spec.get("base", {}), **swept}
+                yield f"{section[:-1]}:{key}", name, j, spec.get("texts", all_texts), run, f"{section}.{where}"
 
 
 def jobs(config: dict) -> list[Job]:
@@ -128,16 +156,27 @@ def jobs(config: dict) -> list[Job]:
 def check(config: dict) -> None:
     """Checks the JSON schema cannot express: texts named by rows exist, budgets fit, options suit methods."""
     proto = config["protocol"]
+    for probe, spec in (config.get("probes") or {}).items():
+        swept = set(spec.get("grid", {})) or {probe}
+        missing = [p for p in PROBE_SWEEPS[probe] if p not in swept]
+        if missing:
+            raise StreamkvError(f"config key probes.{probe}.grid: the probe needs {' and '.join(missing)} in its grid "
+                                f"(it compares rows that differ in {', '.join(PROBE_SWEEPS[probe])})")
+    for key, spec in (config.get("ablations") or {}).items():
+        if "values" in spec and key not in RUN_KEYS:
+            raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot sweep it; "
+                                f"name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
     for group, name, order, texts, run, where in _rows(config):
         for text in texts:
             if text not in config["texts"]:
-                raise StreamkvError(f"config key {where}.texts: unknown text '{text}' (known: {', '.join(config['texts'])})")
+                place = where + ".texts" if where.startswith("runs") else where.rsplit(".", 1)[0] + ".texts"
+                raise StreamkvError(f"config key {place}: unknown text '{text}' (known: {', '.join(config['texts'])})")
         params = normalise_run(run)
         try:
             for text in texts:
                 EvalParams(model="-", text="-", **params, **{k: proto[k] for k in PROTOCOL_KEYS if k != "max_tokens"},
                            max_tokens=max_tokens(config, text)).resolved()
-        except StreamkvError as exc:
+        except (StreamkvError, TypeError) as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])

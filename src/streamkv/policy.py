@@ -3,14 +3,31 @@
 A policy only counts; it never touches tensors.  Before each forward the cache
 asks `plan(length, q, position)`: how many of the oldest non-sink tokens must
 go before `q` new tokens (the first at absolute `position`) are appended to a
-cache that holds `length`.  The answer must be a pure function of its inputs
-and of state changed only in `commit`, because the attention mask is sized
-from the same plan before the layers run.
+cache that holds `length`, and what kind of prune that is.  The answer is a
+pure function of its inputs, because the attention mask is sized from the same
+plan before the layers run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .errors import StreamkvError
+
+# Kinds of prune, as recorded in traces.
+NONE = ""
+LAZY = "lazy"  # on the rhythm (a multiple of K), the staged amount
+FORCED = "forced"  # on the rhythm, but more than the staged amount, so the hard cap holds
+EMERGENCY = "emergency"  # off the rhythm: the hard cap was reached between scheduled prunes
+PRUNE_KINDS = (NONE, LAZY, FORCED, EMERGENCY)
+
+SOFTLITE_MODES = ("naive", "cooldown")
+
+
+@dataclass(frozen=True)
+class Prune:
+    dropped: int = 0
+    kind: str = NONE
 
 
 @dataclass
@@ -19,11 +36,8 @@ class KeepAll:
 
     sink: int = 0
 
-    def plan(self, length: int, q: int, position: int) -> int:
-        return 0
-
-    def commit(self, length: int, q: int, position: int, dropped: int) -> None:
-        pass
+    def plan(self, length: int, q: int, position: int) -> Prune:
+        return Prune()
 
     @property
     def max_kv(self) -> int | None:
@@ -32,19 +46,28 @@ class KeepAll:
 
 @dataclass
 class StartRecent:
-    """Keep `sink` first tokens and the recent `window`; prune lazily every `compress_every` positions.
+    """Keep `sink` first tokens and the recent `window`; prune lazily every `compress_every` (K) positions.
 
-    Strict (K = 1) prunes on every step, so a query sees at most `sink + window`
-    keys, its own included.  Lazy (K > 1) prunes only when the incoming
-    position is a multiple of K and the cache is over `sink + window`; between
-    prunes the cache overshoots by at most K - 1 tokens.  `sink = 0` is the
-    plain sliding window.
+    Soft size C = sink + window: what a prune goes back to.  Hard cap H: the
+    most keys a query may see, C + sigma with a `cache_slack` sigma > 0, else
+    the lazy bound C + K - 1.  A scheduled prune fires when a multiple of K is
+    among the incoming positions and the cache would exceed C; it drops what is
+    over C, at most `max_drop` (delta > 0) tokens.  An emergency prune fires
+    whenever the incoming tokens would exceed H off the rhythm.
 
-    Softlite (the seeds' staged eviction): `max_drop` (delta > 0) caps what one
-    lazy prune drops, so eviction is spread over several prunes; `cache_slack`
-    (sigma > 0) sets a hard cap H = sink + window + sigma, and an emergency
-    prune fires whenever the incoming tokens would exceed it.  With sigma = 0
-    and delta = 0 this is plain lazy pruning.
+    Strict (K = 1) prunes on every step.  With sigma = 0 and delta = 0 this is
+    plain lazy pruning (the cache overshoots C by at most K - 1).  `sink = 0`
+    is the plain sliding window.
+
+    `mode` says how softlite (sigma, delta > 0) sizes a scheduled prune:
+
+    * `naive` (the seeds' rule): drop min(over C, delta).  When delta < K the
+      cache climbs to H and emergency prunes take over, every few steps: the
+      "frequency trap" (more prunes, not fewer).
+    * `cooldown`: keep the lazy rhythm.  A scheduled prune drops at least
+      enough that the cache cannot reach H before the next multiple of K, so no
+      emergency prune fires in between; when that needs more than delta the
+      prune is marked `forced`.
     """
 
     sink: int
@@ -52,43 +75,51 @@ class StartRecent:
     compress_every: int = 1
     cache_slack: int = 0
     max_drop: int = 0
+    mode: str = "naive"
+
+    def __post_init__(self):
+        if self.mode not in SOFTLITE_MODES:
+            raise StreamkvError(f"unknown softlite mode '{self.mode}'; choose one of: {', '.join(SOFTLITE_MODES)}")
 
     @property
     def soft(self) -> int:
         return self.sink + self.window
 
     @property
-    def hard(self) -> int | None:
-        return self.soft + self.cache_slack if self.cache_slack else None
+    def hard(self) -> int:
+        return self.soft + (self.cache_slack if self.cache_slack else self.compress_every - 1)
 
     @property
-    def max_kv(self) -> int | None:
-        """Largest number of keys a query attends to (own key included), where the policy promises one."""
-        lazy = self.soft + self.compress_every - 1
-        if self.cache_slack:
-            return min(lazy, self.hard) if not self.max_drop else self.hard
-        return None if self.max_drop else lazy
+    def max_kv(self) -> int:
+        """Largest number of keys a decode step attends to (own key included)."""
+        if self.max_drop:
+            return self.hard
+        return min(self.hard, self.soft + self.compress_every - 1)
 
     def due(self, q: int, position: int) -> bool:
         """Whether a multiple of K lies among the incoming positions."""
         k = self.compress_every
         return (position + q - 1) // k > (position - 1) // k
 
-    def plan(self, length: int, q: int, position: int) -> int:
-        over = length + q - self.soft
-        if over <= 0:
-            return 0
-        evictable = length - min(length, self.sink)
-        staged = min(over, self.max_drop) if self.max_drop else over
-        if self.hard is not None and length + q > self.hard:  # emergency: the hard cap is at stake
-            return min(evictable, max(length + q - self.hard, staged))
-        if self.due(q, position):
-            return min(evictable, staged)
-        # A chunk of several tokens may skip past a multiple of K and would
-        # then break the lazy bound: prune whenever that bound is at stake.
-        if not (self.cache_slack or self.max_drop) and length + q > self.soft + self.compress_every - 1:
-            return min(evictable, over)
-        return 0
+    def next_due(self, q: int, position: int) -> int:
+        """The first multiple of K after the incoming positions."""
+        k = self.compress_every
+        return ((position + q - 1) // k + 1) * k
 
-    def commit(self, length: int, q: int, position: int, dropped: int) -> None:
-        pass
+    def plan(self, length: int, q: int, position: int) -> Prune:
+        over = length + q - self.soft  # above the soft size once the tokens are in
+        need = length + q - self.hard  # above the hard cap once the tokens are in
+        due = self.due(q, position)
+        if not due and need <= 0:
+            return Prune()
+        staged = max(0, min(over, self.max_drop) if self.max_drop else over)
+        drop = max(staged, need)
+        if self.mode == "cooldown":
+            # what keeps the cache under H until the next scheduled prune
+            drop = max(drop, length + self.next_due(q, position) - position - self.hard)
+        drop = min(drop, max(0, length - self.sink))  # only tokens already cached, never the sinks
+        if drop <= 0:
+            return Prune()
+        if not due:
+            return Prune(drop, EMERGENCY)
+        return Prune(drop, LAZY if drop <= staged else FORCED)

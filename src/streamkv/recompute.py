@@ -36,9 +36,9 @@ class RecomputeStepper:
         q = ids.shape[-1]
         return self.model(input_ids=ctx, use_cache=False, logits_to_keep=q).logits
 
-    @property
-    def dropped(self) -> int:
-        return 0  # nothing persists between steps, so nothing is evicted
+    dropped = 0  # nothing persists between steps, so nothing is evicted
+    kind = ""
+    update_ms = float("nan")  # no cache to update
 
     def kv_bytes(self) -> int:
         """Bytes of the keys and values the last forward computed (held only during it)."""

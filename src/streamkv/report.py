@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .pipeline import max_tokens, text_source
@@ -24,6 +25,12 @@ def configuration(row) -> str:
         parts.append(f"σ={_count(row.cache_slack)}")
     if row.max_drop:
         parts.append(f"δ={_count(row.max_drop)}")
+    if (row.cache_slack or row.max_drop) and getattr(row, "softlite_mode", "naive") == "cooldown":
+        parts.append("cooldown")
+    if getattr(row, "overlap", 0):
+        parts.append(f"O={_count(row.overlap)}")
+    if getattr(row, "refresh", 0):
+        parts.append(f"R={_count(row.refresh)}")
     return ", ".join(parts)
 
 
@@ -35,6 +42,13 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def _marked(row) -> str:
+    """Emergency and forced prunes, where there were any."""
+    marks = [f"{int(n)} {what}" for n, what in ((getattr(row, "n_emergency_prunes", 0), "emergency"),
+                                                 (getattr(row, "n_forced_prunes", 0), "forced")) if n and n == n]
+    return f" ({', '.join(marks)})" if marks else ""
 
 
 def table_rows(frame: pd.DataFrame) -> list[dict]:
@@ -50,25 +64,161 @@ def table_rows(frame: pd.DataFrame) -> list[dict]:
             "speedup": f"{row.speedup:.2f}×" if ok and math.isfinite(row.speedup) else "–",
             "kv": f"{int(row.kv_len_min)} / {row.kv_len_mean:.1f} / {int(row.kv_len_max)}" if ok else "–",
             "kv_mib": _fmt(row.kv_bytes_peak / 2**20) if ok else "–",
-            "prunes": f"{int(row.n_prunes)} / {int(row.tokens_dropped)}" if ok else "–",
+            "prunes": (f"{int(row.n_prunes)} / {int(row.tokens_dropped)}" + _marked(row)) if ok else "–",
             "error": row.error if not ok else "",
-            "value": row.name.split("=", 1)[-1],
+            "value": _short(row.name),
         })
     return rows
 
 
-def sections(frame: pd.DataFrame, config: dict) -> list[dict]:
-    """One section per (model, text): the method table and each ablation table."""
+def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes") -> list[dict]:
+    """One section per (model, text): method table, ablations, probes, spike diagnosis, negative results."""
     out = []
     for (model_key, text_key), part in frame.groupby(["model_key", "text_key"], sort=False):
         methods = part[part.group.isin(["baseline", "methods"])]
         ablations = []
         for group, ab in part[part.group.str.startswith("ablation:")].groupby("group", sort=False):
-            ablations.append({"param": group.split(":", 1)[1], "rows": table_rows(ab.sort_values("order"))})
+            key = group.split(":", 1)[1]
+            ablations.append({"param": key, "rows": table_rows(ab.sort_values("order")),
+                              "figure": f"figures/{model_key}/{text_key}/ablation_{key}.png"})
+        probes = []
+        for probe in PROBE_TITLES:
+            path = Path(probes_dir) / probe / model_key / f"{text_key}.csv"
+            if (part.group == f"probe:{probe}").any() and path.exists():
+                table = pd.read_csv(path) if path.stat().st_size > 1 else pd.DataFrame()
+                probes.append({"name": probe, "title": PROBE_TITLES[probe], "table": probe_markdown(table),
+                               "finding": probe_finding(probe, table),
+                               "figure": f"figures/{model_key}/{text_key}/{probe}.png"})
         out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
-                    "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key), "methods": table_rows(methods), "ablations": ablations,
-                    "figures": {"pareto": f"figures/{model_key}/{text_key}/pareto.png",
-                                "nll_trace": f"figures/{model_key}/{text_key}/nll_trace.png"}})
+                    "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key),
+                    "methods": table_rows(methods), "ablations": ablations, "probes": probes,
+                    "spikes": spike_rows(part), "negative": negative_results(part),
+                    "figures": {kind: f"figures/{model_key}/{text_key}/{kind}.png"
+                                for kind in ("pareto", "nll_trace", "spikes")}})
+    return out
+
+
+PROBE_TITLES = {
+    "verify_max_drop_effect": "verify_max_drop_effect: delta on/off, naive and cooldown, at fixed K and sigma",
+    "verify_slack_effect": "verify_slack_effect: sigma swept (window derived), control delta = 0 vs staged delta > 0",
+    "profile_prune_overhead": "profile_prune_overhead: forward vs cache update per decode step, against K",
+    "summarize_k_quality": "summarize_k_quality: quality and speed against K",
+}
+
+_COLUMN_NAMES = {"compress_every": "K", "cache_slack": "σ", "max_drop": "δ", "delta_ppl_pct": "ΔPPL %",
+                 "tpot_ms": "TPOT ms", "speedup": "speedup", "spike_events": "events", "spike_peak": "peak",
+                 "spike_width": "width", "spike_area": "area", "kv_len_max": "KV max"}
+
+
+def probe_markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "(no finished runs)"
+    return to_markdown_table(table.rename(columns=_COLUMN_NAMES))
+
+
+def to_markdown_table(frame: pd.DataFrame) -> str:
+    def cell(v):
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else "no"
+        if isinstance(v, (float, np.floating)):
+            if not math.isfinite(v):
+                return "–"
+            return f"{v:.0f}" if float(v).is_integer() else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:+.2f} %"
+
+
+def probe_finding(probe: str, t: pd.DataFrame) -> str:
+    """The probe's result in one or two sentences, numbers only (no verdict the numbers do not carry)."""
+    if t.empty:
+        return "No finished runs."
+    if probe == "verify_max_drop_effect":
+        parts = []
+        for mode, g in t.groupby("mode", sort=False):
+            off, on = g[g.max_drop == 0], g[g.max_drop > 0]
+            for r in on.itertuples():
+                base = off.iloc[0] if len(off) else None
+                if base is None:
+                    continue
+                parts.append(
+                    f"{mode}, δ={r.max_drop} vs δ=0: {int(base.n_prunes)} → {int(r.n_prunes)} prunes "
+                    f"({int(r.n_emergency)} emergency, {int(r.n_forced)} forced), drop sizes [{base.drops}] → [{r.drops}], "
+                    f"mean spike area {_num(base.spike_area)} → {_num(r.spike_area)}, "
+                    f"ΔPPL {_pct(base.delta_ppl_pct)} → {_pct(r.delta_ppl_pct)}, TPOT {base.tpot_ms:.1f} → {r.tpot_ms:.1f} ms")
+        return "; ".join(parts) + "." if parts else "No δ = 0 / δ > 0 pair finished."
+    if probe == "verify_slack_effect":
+        same = int(t.same_drops.sum())
+        return (f"At {same} of {len(t)} σ values the staged run (δ > 0) dropped exactly the same tokens at the same steps "
+                f"as its control (δ = 0). Staged minus control: PPL {t.ppl_diff_pct.min():+.2f} % to "
+                f"{t.ppl_diff_pct.max():+.2f} %, prune events {int((t.prunes_staged - t.prunes_control).min()):+d} to "
+                f"{int((t.prunes_staged - t.prunes_control).max()):+d}, TPOT {t.tpot_diff_pct.min():+.1f} % to "
+                f"{t.tpot_diff_pct.max():+.1f} %.")
+    if probe == "profile_prune_overhead":
+        first, last = t.iloc[0], t.iloc[-1]
+        costs = t.prune_cost_ms.dropna()
+        return (f"A prune step spends {_num(costs.min())}–{_num(costs.max())} ms more in the cache update than a step "
+                f"without one. The update takes {_num(first.update_share_pct)} % of the step at K={int(first.compress_every)} "
+                f"and {_num(last.update_share_pct)} % at K={int(last.compress_every)}; TPOT goes from "
+                f"{first.tpot_ms:.1f} to {last.tpot_ms:.1f} ms.")
+    if probe == "summarize_k_quality":
+        first, last = t.iloc[0], t.iloc[-1]
+        return (f"From K={int(first.compress_every)} to K={int(last.compress_every)}: ΔPPL {_pct(first.delta_ppl_pct)} → "
+                f"{_pct(last.delta_ppl_pct)}, speedup {first.speedup:.2f}× → {last.speedup:.2f}×, "
+                f"KV max {int(first.kv_len_max)} → {int(last.kv_len_max)}.")
+    return ""
+
+
+def _num(v, digits: int = 2) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def spike_rows(part: pd.DataFrame) -> list[dict]:
+    """Spike metrics of every finished run that pruned after the prefill, each run once."""
+    if "spike_events" not in part:
+        return []
+    ok = part[(part.status == "ok") & (part.spike_events > 0)]
+    ok = ok.assign(rank=ok.group.map(lambda g: 0 if g == "methods" else 1)).sort_values(["rank", "group", "order"])
+    rows = []
+    for r in ok.drop_duplicates("file").itertuples():
+        rows.append({"name": r.name if r.group == "methods" else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
+                     "configuration": configuration(r), "events": int(r.spike_events), "peak": _num(r.spike_peak),
+                     "width": _num(r.spike_width, 1), "area": _num(r.spike_area), "excess": _num(r.excess_nll_mean, 3),
+                     "delta_ppl": _pct(r.delta_ppl_pct)})
+    return rows
+
+
+def negative_results(part: pd.DataFrame) -> list[str]:
+    """The seeds' negative results, re-measured: overlap and refresh against the same run without them."""
+    out = []
+    ok = part[part.status == "ok"]
+    for key, symbol in (("refresh", "R"), ("overlap", "O")):
+        ab = ok[ok.group == f"ablation:{key}"]
+        base = ab[ab[key] == 0]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        for r in ab[ab[key] > 0].itertuples():
+            verdict = ("identical PPL" if abs(r.ppl - b.ppl) < 1e-9 else
+                       f"PPL {'worse' if r.ppl > b.ppl else 'better'} by {abs(r.ppl / b.ppl - 1) * 100:.2f} %")
+            out.append(f"{key} {symbol}={int(getattr(r, key))} vs {symbol}=0 ({configuration(b)}): ΔPPL "
+                       f"{_pct(b.delta_ppl_pct)} → {_pct(r.delta_ppl_pct)} ({verdict}); TPOT {b.tpot_ms:.1f} → "
+                       f"{r.tpot_ms:.1f} ms.")
+    md = ok[ok.group == "probe:verify_max_drop_effect"]
+    naive_on = md[(md.softlite_mode == "naive") & (md.max_drop > 0)]
+    naive_off = md[(md.softlite_mode == "naive") & (md.max_drop == 0)]
+    if len(naive_on) and len(naive_off):
+        a, b = naive_off.iloc[0], naive_on.iloc[0]
+        out.append(f"max_drop, naive rule (K={int(b.compress_every)}, σ={int(b.cache_slack)}): δ={int(b.max_drop)} makes "
+                   f"{int(b.n_prunes)} prunes against {int(a.n_prunes)} with δ=0 ({int(b.n_emergency_prunes)} of them "
+                   f"emergency prunes); TPOT {a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, ΔPPL {_pct(a.delta_ppl_pct)} → "
+                   f"{_pct(b.delta_ppl_pct)}.")
     return out
 
 
@@ -93,7 +243,8 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict) -> str:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     failed = frame[frame.status != "ok"]
     return env.get_template(Path(template).name).render(
-        protocol=config["protocol"], baseline=config["baseline"], sections=sections(frame, config),
+        protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
+        sections=sections(frame, config),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error} for r in failed.itertuples()],
         meta=provenance(frame),
     )
@@ -119,13 +270,27 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-_SYMBOL = {"compress_every": "K", "sink": "S", "cache_slack": "σ", "max_drop": "δ"}
+_SYMBOL = {"compress_every": "K", "sink": "S", "cache_slack": "σ", "max_drop": "δ", "softlite_mode": "mode",
+           "overlap": "O", "refresh": "R"}
 
 
 def _short(name: str) -> str:
-    """Ablation rows as `K=16`; method-table names as they are."""
-    param, eq, value = name.partition("=")
-    return f"{_SYMBOL.get(param, param)}={value}" if eq and param in _SYMBOL else name
+    """Sweep rows as `K=16, σ=2`; method-table names as they are."""
+    parts = [part.strip().partition("=") for part in name.split(",")]
+    if not all(eq and param in _SYMBOL for param, eq, _ in parts):
+        return name
+    return ", ".join(f"{_SYMBOL[param]}={value}" for param, _, value in parts)
+
+
+def spike_runs(part: pd.DataFrame) -> dict:
+    """The runs the spike figure draws, {file: label}: the K sweep (lazy runs), else the method rows that prune."""
+    ok = part[(part.status == "ok") & (part.n_prunes > 0)]
+    sweep = ok[ok.group.isin(["probe:summarize_k_quality", "ablation:compress_every"]) & (ok.compress_every > 1)]
+    if len(sweep):
+        sweep = sweep.drop_duplicates("file").sort_values("compress_every")
+        return {r.file: f"K={int(r.compress_every)}" for r in sweep.itertuples()}
+    rows = ok[ok.group == "methods"].drop_duplicates("file")
+    return {r.file: r.name for r in rows.itertuples()}
 
 
 def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
@@ -134,16 +299,19 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     ok = part[(part.status == "ok") & part.delta_ppl_pct.notna()].copy()
-    # an ablation value that repeats a method-table row is the same job: draw it once, under the row's name
-    ok = ok[ok.group.isin(["baseline", "methods"]) | ~ok.file.isin(ok.loc[ok.group == "methods", "file"])]
-    ok = ok.drop_duplicates(subset=["group", "file"])
-    ok["kind"] = ok.group.map(lambda g: "baseline" if g == "baseline" else ("method" if g == "methods" else g.split(":")[1] + " ablation"))
+    # a run that fills several rows (a method row repeated by an ablation or probe) is drawn once,
+    # under its most prominent name: method table, then ablations, then probes
+    rank = ok.group.map(lambda g: 0 if g in ("baseline", "methods") else (1 if g.startswith("ablation:") else 2))
+    ok = ok.assign(rank=rank).sort_values(["rank", "order"], kind="stable").drop_duplicates("file")
+    ok["kind"] = ok.group.map(lambda g: g if g in ("baseline", "methods") else g.replace(":", " "))
     ok["short"] = [_short(row.name) for row in ok.itertuples()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(ok):
-        sns.scatterplot(data=ok, x="tpot_ms", y="delta_ppl_pct", hue="kind", style="kind", s=70, ax=ax)
+        sns.scatterplot(data=ok, x="tpot_ms", y="delta_ppl_pct", hue="kind", style="kind", s=60, ax=ax)
         for row in ok.itertuples():
-            ax.annotate(row.short, (row.tpot_ms, row.delta_ppl_pct), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.annotate(row.short, (row.tpot_ms, row.delta_ppl_pct), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7 if row.rank == 0 else 5, alpha=1 if row.rank == 0 else 0.7)
+        ax.legend(fontsize=7, loc="best")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(ScalarFormatter())
@@ -174,4 +342,131 @@ def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name:
     bottom.set_ylabel("excess NLL")
     bottom.set_xlabel("position (red lines: prune events)")
     top.set_title(title)
+    _save(fig, path)
+
+
+def _log2(ax) -> None:
+    """A log-2 x axis labelled with plain numbers (K = 1, 2, 4, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=2))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _lines(ax, data, x, y, hue=None, label=None):
+    import seaborn as sns
+
+    sns.lineplot(data=data, x=x, y=y, hue=hue, marker="o", ax=ax, label=label if hue is None else None)
+
+
+def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) -> None:
+    """An ablation: delta PPL and speedup against the swept value (one line per other swept parameter)."""
+    plt, sns = _plt()
+    ok = part[part.status == "ok"].drop_duplicates("file").copy()
+    swept = _swept(ok)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    if len(ok) and swept:
+        x, hue = swept[0], (swept[1] if len(swept) > 1 else None)
+        if len(swept) > 2:  # a grid of three or more: one line per combination of the others
+            ok["combo"] = ok[swept[1:]].astype(str).agg(lambda r: ", ".join(f"{_SYMBOL.get(c, c)}={v}" for c, v in zip(swept[1:], r)), axis=1)
+            hue = "combo"
+        for ax, y, label in ((axes[0], "delta_ppl_pct", "Δ PPL vs baseline (%)"), (axes[1], "speedup", "speedup (×)")):
+            _lines(ax, ok.sort_values(x), x, y, hue)
+            ax.set_xlabel(_SYMBOL.get(x, x))
+            ax.set_ylabel(label)
+            if ok[x].dtype.kind in "iu" and ok[x].min() > 0 and ok[x].max() / ok[x].min() >= 8:
+                _log2(ax)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def _swept(ok: pd.DataFrame) -> list[str]:
+    """Run parameters that vary among the rows, most values first."""
+    cols = [c for c in ("compress_every", "sink", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh")
+            if c in ok and ok[c].nunique() > 1]
+    return sorted(cols, key=lambda c: -ok[c].nunique())
+
+
+def softlite_heatmap(part: pd.DataFrame, path: str | Path, title: str) -> None:
+    """Softlite grid: one heatmap of delta PPL per K over sigma x delta, cells annotated with the speedup."""
+    plt, sns = _plt()
+    ok = part[part.status == "ok"].drop_duplicates("file")
+    ks = sorted(ok.compress_every.unique()) if len(ok) else []
+    fig, axes = plt.subplots(1, max(1, len(ks)), figsize=(4.2 * max(1, len(ks)), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        cell = ok[ok.compress_every == k]
+        dppl = cell.pivot_table(index="cache_slack", columns="max_drop", values="delta_ppl_pct")
+        speed = cell.pivot_table(index="cache_slack", columns="max_drop", values="speedup")
+        notes = dppl.map(lambda v: f"{v:+.2f}%") + "\n" + speed.map(lambda v: f"{v:.2f}×")
+        sns.heatmap(dppl, annot=notes, fmt="", cmap="RdYlGn_r", center=0, cbar=False, ax=ax, annot_kws={"fontsize": 8})
+        ax.set_title(f"K={k}: Δ PPL % / speedup")
+        ax.set_xlabel("δ (max_drop)")
+        ax.set_ylabel("σ (cache_slack)")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def spike_curve_figure(curves: pd.DataFrame, names: dict, path: str | Path, title: str) -> None:
+    """Mean excess NLL over the baseline against steps since the latest prune, one line per run."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    data = curves[curves.file.isin(list(names))].copy()
+    if len(data):
+        data["run"] = data.file.map(names)
+        sns.lineplot(data=data, x="since", y="mean", hue="run", ax=ax, lw=1.2)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("steps since the latest prune (0 = the prune step)")
+    ax.set_ylabel("mean excess NLL (nats)")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def probe_figure(probe: str, table: pd.DataFrame, path: str | Path, title: str) -> None:
+    """One figure per probe, drawn from its table."""
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    if len(table):
+        t = table.copy()
+        if probe == "verify_max_drop_effect":
+            t["setting"] = t["mode"] + ", δ=" + t.max_drop.astype(str)
+            t["lazy"] = t.n_prunes - t.n_emergency - t.n_forced
+            t.set_index("setting")[["lazy", "n_forced", "n_emergency"]].rename(
+                columns={"n_forced": "forced", "n_emergency": "emergency"}).plot.bar(stacked=True, ax=axes[0], rot=0)
+            axes[0].set_ylabel("prune events")
+            axes[0].tick_params(axis="x", labelsize=7)
+            sns.barplot(data=t, x="setting", y="delta_ppl_pct", ax=axes[1], color="C1")
+            axes[1].set_ylabel("Δ PPL vs baseline (%)")
+            axes[1].tick_params(axis="x", labelsize=7)
+        elif probe == "verify_slack_effect":
+            long = pd.concat([
+                t.assign(arm="control (δ=0)", prunes=t.prunes_control, dppl=t.delta_ppl_control),
+                t.assign(arm="staged (δ=" + t.max_drop.astype(str) + ")", prunes=t.prunes_staged, dppl=t.delta_ppl_staged),
+            ])
+            long["arm"] = long.arm + ", " + long["mode"]
+            sns.lineplot(data=long, x="cache_slack", y="prunes", hue="arm", marker="o", ax=axes[0])
+            sns.lineplot(data=long, x="cache_slack", y="dppl", hue="arm", marker="o", ax=axes[1], legend=False)
+            axes[0].set_ylabel("prune events")
+            axes[1].set_ylabel("Δ PPL vs baseline (%)")
+            for ax in axes:
+                ax.set_xlabel("σ (cache_slack; window derived by Auto-cap)")
+        elif probe == "profile_prune_overhead":
+            t.set_index("compress_every")[["forward_ms", "update_ms"]].plot.bar(stacked=True, ax=axes[0], rot=0)
+            axes[0].set_xlabel("K")
+            axes[0].set_ylabel("ms per decode step")
+            sns.lineplot(data=t, x="compress_every", y="prune_cost_ms", marker="o", ax=axes[1], label="update on a prune step - other steps")
+            sns.lineplot(data=t, x="compress_every", y="update_ms", marker="o", ax=axes[1], label="update per step (mean)")
+            _log2(axes[1])
+            axes[1].set_xlabel("K")
+            axes[1].set_ylabel("ms")
+        elif probe == "summarize_k_quality":
+            sns.lineplot(data=t, x="compress_every", y="delta_ppl_pct", marker="o", ax=axes[0])
+            axes[0].set_ylabel("Δ PPL vs baseline (%)")
+            sns.lineplot(data=t, x="compress_every", y="speedup", marker="o", ax=axes[1])
+            axes[1].set_ylabel("speedup (×)")
+            for ax in axes:
+                _log2(ax)
+                ax.set_xlabel("K")
+    fig.suptitle(title)
     _save(fig, path)

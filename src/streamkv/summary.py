@@ -90,3 +90,39 @@ def pipeline_summary(rows) -> pd.DataFrame:
     frame = _add_deltas(frame.merge(base, on=["model_key", "text_key"], how="left"))
     frame["label"] = frame.apply(label, axis=1)
     return frame.sort_values(["model_key", "text_key", "group", "order"], kind="stable").reset_index(drop=True)
+
+
+def trace_path(result_file: str) -> str:
+    return str(result_file).removesuffix(".json") + ".parquet"
+
+
+def spike_diagnosis(frame: pd.DataFrame, horizon: int = 32, threshold: float = 0.1):
+    """Spike metrics of every finished run against its baseline's per-token NLL.
+
+    Returns the frame with the `spikes.SPIKE_COLUMNS` added, the per-event table and the
+    mean-excess-by-steps-since-prune curves (both keyed by result `file`).
+    """
+    from .spikes import SPIKE_COLUMNS, diagnose
+
+    baselines = {(r.model_key, r.text_key): r.file for r in frame[frame.group == "baseline"].itertuples()}
+    metrics, events, curves, traces = {}, [], [], {}
+
+    def trace(path):
+        if path not in traces:
+            traces[path] = pd.read_parquet(trace_path(path))
+        return traces[path]
+
+    for row in frame.drop_duplicates("file").itertuples():
+        base = baselines.get((row.model_key, row.text_key))
+        if row.status != "ok" or row.group == "baseline" or base is None or row.baseline_status != "ok":
+            continue
+        summary, ev, curve = diagnose(trace(row.file), trace(base), horizon, threshold)
+        metrics[row.file] = summary
+        events.append(ev.assign(file=row.file))
+        curves.append(curve.assign(file=row.file))
+    spikes = pd.DataFrame.from_dict(metrics, orient="index", columns=list(SPIKE_COLUMNS))
+    frame = frame.drop(columns=[c for c in SPIKE_COLUMNS if c in frame]).merge(
+        spikes, left_on="file", right_index=True, how="left")
+    events = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=["file"])
+    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["file"])
+    return frame, events, curves

@@ -1,0 +1,15 @@
+"""Snakemake: one probe's table (CSV) and figure for one model x text."""
+
+import pandas as pd
+
+from streamkv.pipeline import log_to
+from streamkv.probes import probe_table
+from streamkv.report import probe_figure
+
+with log_to(snakemake.log[0]):
+    probe, model, text = snakemake.params.probe, snakemake.wildcards.model, snakemake.wildcards.text
+    table = probe_table(probe, pd.read_parquet(snakemake.input.summary), pd.read_parquet(snakemake.input.events),
+                        model, text)
+    table.to_csv(snakemake.output.table, index=False)
+    probe_figure(probe, table, snakemake.output.figure, f"{model} · {text}: {probe}")
+    print(f"{probe}: {len(table)} rows")
