@@ -1,6 +1,9 @@
+import itertools
+
 import pytest
 
-from streamkv import Budget, StreamkvError
+from streamkv import Budget, EvalParams, StreamkvError
+from streamkv.policy import StartRecent
 
 
 def test_window_is_derived_from_cap():
@@ -34,3 +37,15 @@ def test_no_window_left():
 def test_bad_terms(cap, sink, msg):
     with pytest.raises(StreamkvError, match=msg):
         Budget.derive(cap, sink=sink)
+
+
+@pytest.mark.parametrize("sink,slack,overlap,refresh", list(itertools.product((0, 4), (0, 2), (0, 8), (0, 16))))
+def test_window_is_derived_for_every_term_combination(sink, slack, overlap, refresh):
+    """The budget, the recorded parameters and the cache's policy agree on the window."""
+    b = Budget.derive(128, sink=sink, cache_slack=slack, overlap=overlap, refresh=refresh)
+    assert b.window == 128 - sink - slack - overlap - refresh
+    p = EvalParams("m", "t", "start_recent", cap=128, sink=sink, cache_slack=slack, overlap=overlap, refresh=refresh)
+    assert p.resolved().record()["window"] == b.window
+    policy = StartRecent(b.sink, b.window + b.overlap, 8, b.cache_slack)
+    # at its hard limit a configuration sees cap - refresh keys in the policy's count, the refreshed ones on top
+    assert (policy.hard if slack else policy.soft) + refresh == 128

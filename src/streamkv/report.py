@@ -141,14 +141,14 @@ def probe_finding(probe: str, t: pd.DataFrame) -> str:
         return "No finished runs."
     if probe == "verify_max_drop_effect":
         parts = []
-        for mode, g in t.groupby("mode", sort=False):
+        for (sigma, mode), g in t.groupby(["cache_slack", "mode"], sort=False):
             off, on = g[g.max_drop == 0], g[g.max_drop > 0]
             for r in on.itertuples():
                 base = off.iloc[0] if len(off) else None
                 if base is None:
                     continue
                 parts.append(
-                    f"{mode}, δ={r.max_drop} vs δ=0: {int(base.n_prunes)} → {int(r.n_prunes)} prunes "
+                    f"σ={sigma} {mode}, δ={r.max_drop} vs δ=0: {int(base.n_prunes)} → {int(r.n_prunes)} prunes "
                     f"({int(r.n_emergency)} emergency, {int(r.n_forced)} forced), drop sizes [{base.drops}] → [{r.drops}], "
                     f"mean spike area {_num(base.spike_area)} → {_num(r.spike_area)}, "
                     f"ΔPPL {_pct(base.delta_ppl_pct)} → {_pct(r.delta_ppl_pct)}, TPOT {base.tpot_ms:.1f} → {r.tpot_ms:.1f} ms")
@@ -210,15 +210,16 @@ def negative_results(part: pd.DataFrame) -> list[str]:
             out.append(f"{key} {symbol}={int(getattr(r, key))} vs {symbol}=0 ({configuration(b)}): ΔPPL "
                        f"{_pct(b.delta_ppl_pct)} → {_pct(r.delta_ppl_pct)} ({verdict}); TPOT {b.tpot_ms:.1f} → "
                        f"{r.tpot_ms:.1f} ms.")
-    md = ok[ok.group == "probe:verify_max_drop_effect"]
-    naive_on = md[(md.softlite_mode == "naive") & (md.max_drop > 0)]
-    naive_off = md[(md.softlite_mode == "naive") & (md.max_drop == 0)]
-    if len(naive_on) and len(naive_off):
+    md = ok[(ok.group == "probe:verify_max_drop_effect") & (ok.softlite_mode == "naive")]
+    for _, g in md.groupby("cache_slack"):
+        naive_on, naive_off = g[g.max_drop > 0], g[g.max_drop == 0]
+        if not (len(naive_on) and len(naive_off)):
+            continue
         a, b = naive_off.iloc[0], naive_on.iloc[0]
         out.append(f"max_drop, naive rule (K={int(b.compress_every)}, σ={int(b.cache_slack)}): δ={int(b.max_drop)} makes "
                    f"{int(b.n_prunes)} prunes against {int(a.n_prunes)} with δ=0 ({int(b.n_emergency_prunes)} of them "
-                   f"emergency prunes); TPOT {a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, ΔPPL {_pct(a.delta_ppl_pct)} → "
-                   f"{_pct(b.delta_ppl_pct)}.")
+                   f"emergency prunes); mean spike area {_num(a.spike_area)} → {_num(b.spike_area)}; TPOT "
+                   f"{a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, ΔPPL {_pct(a.delta_ppl_pct)} → {_pct(b.delta_ppl_pct)}.")
     return out
 
 
@@ -294,10 +295,12 @@ def spike_runs(part: pd.DataFrame) -> dict:
 
 
 def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
-    """TPOT vs delta PPL for every configuration that finished; lower left is better."""
-    plt, sns = _plt()
-    from matplotlib.ticker import ScalarFormatter
+    """TPOT vs delta PPL for every configuration that finished; lower left is better.
 
+    Left: every configuration and the baseline.  Right: the streaming configurations within a few
+    percent of the baseline's PPL, where most of them crowd, on a linear scale.
+    """
+    plt, sns = _plt()
     ok = part[(part.status == "ok") & part.delta_ppl_pct.notna()].copy()
     # a run that fills several rows (a method row repeated by an ablation or probe) is drawn once,
     # under its most prominent name: method table, then ablations, then probes
@@ -305,21 +308,36 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     ok = ok.assign(rank=rank).sort_values(["rank", "order"], kind="stable").drop_duplicates("file")
     ok["kind"] = ok.group.map(lambda g: g if g in ("baseline", "methods") else g.replace(":", " "))
     ok["short"] = [_short(row.name) for row in ok.itertuples()]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len(ok):
-        sns.scatterplot(data=ok, x="tpot_ms", y="delta_ppl_pct", hue="kind", style="kind", s=60, ax=ax)
-        for row in ok.itertuples():
+    kinds = list(dict.fromkeys(ok.kind))
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(1, 1.3))
+    near = ok[(ok.group != "baseline") & (ok.delta_ppl_pct.abs() <= ZOOM_PCT)]
+    for ax, data, labels in ((full, ok, ok[ok["rank"] == 0]), (zoom, near, near)):
+        if not len(data):
+            continue
+        sns.scatterplot(data=data, x="tpot_ms", y="delta_ppl_pct", hue="kind", style="kind", hue_order=kinds,
+                        style_order=kinds, s=55, ax=ax, legend=ax is full)
+        for row in labels.itertuples():
             ax.annotate(row.short, (row.tpot_ms, row.delta_ppl_pct), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7 if row.rank == 0 else 5, alpha=1 if row.rank == 0 else 0.7)
-        ax.legend(fontsize=7, loc="best")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
-        ax.tick_params(axis="x", which="minor", labelsize=6)
-    ax.set_xlabel("TPOT (ms, log scale)")
-    ax.set_ylabel("Δ PPL vs baseline (%)")
-    ax.set_title(title)
+                        fontsize=7 if row.rank == 0 else 5.5, alpha=1 if row.rank == 0 else 0.75)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("TPOT (ms)")
+        ax.set_ylabel("Δ PPL vs baseline (%)")
+    if len(ok):
+        from matplotlib.ticker import ScalarFormatter
+
+        full.set_xscale("log")
+        full.xaxis.set_major_formatter(ScalarFormatter())
+        full.xaxis.set_minor_formatter(ScalarFormatter())
+        full.tick_params(axis="x", which="minor", labelsize=6)
+        full.set_xlabel("TPOT (ms, log scale)")
+        full.legend(fontsize=7, loc="best")
+    full.set_title("every configuration")
+    zoom.set_title(f"streaming configurations within ±{ZOOM_PCT:g} % of the baseline PPL")
+    fig.suptitle(title)
     _save(fig, path)
+
+
+ZOOM_PCT = 5.0
 
 
 def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name: str, path: str | Path,
@@ -430,7 +448,7 @@ def probe_figure(probe: str, table: pd.DataFrame, path: str | Path, title: str) 
     if len(table):
         t = table.copy()
         if probe == "verify_max_drop_effect":
-            t["setting"] = t["mode"] + ", δ=" + t.max_drop.astype(str)
+            t["setting"] = "σ=" + t.cache_slack.astype(str) + "\n" + t["mode"] + ", δ=" + t.max_drop.astype(str)
             t["lazy"] = t.n_prunes - t.n_emergency - t.n_forced
             t.set_index("setting")[["lazy", "n_forced", "n_emergency"]].rename(
                 columns={"n_forced": "forced", "n_emergency": "emergency"}).plot.bar(stacked=True, ax=axes[0], rot=0)
