@@ -178,7 +178,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c["ablations"].update(speed={"base": {"method": "start_recent"}, "values": [1]}),
      "config key ablations.speed: 'speed' is not a run parameter"),
     (lambda c: c["probes"]["verify_max_drop_effect"]["grid"].update(softlite_mode=["eager"]),
-     "'eager' is not one of ['naive', 'cooldown']"),
+     "config key probes.verify_max_drop_effect.grid ('softlite_mode=eager, max_drop=0'): unknown softlite-mode 'eager'"),
     (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
      "'verify_everything' is not one of"),
     (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),

@@ -217,6 +217,9 @@ class StreamingCache(Cache):
             candidates = torch.cat((torch.arange(s + a, s + a + r), recent[: step.dropped]))
             candidates = candidates[torch.argsort(self.slot_pos[candidates])]
             chosen = candidates[self.select(self.slot_pos[candidates], self.refresh)]
+            if chosen.numel() != min(self.refresh, candidates.numel()):  # the mask was sized for that many
+                raise StreamkvError(f"refresh selection returned {chosen.numel()} tokens; it must return "
+                                    f"min(budget, candidates) = {min(self.refresh, candidates.numel())}")
             keep = torch.cat((torch.arange(s), recent[step.dropped :], chosen))
             step.memo["keep"] = keep.to(self.layers[0].keys.device)
             self.slot_pos = self.slot_pos[keep]
@@ -283,7 +286,8 @@ def make_cache(
     extra recent tokens are kept on top of it.  Softlite (`cache_slack`,
     `max_drop`, `softlite_mode`): see `StartRecent`.  `refresh` re-inserts that
     many evicted tokens at the tail, chosen by `refresh_select` ("uniform",
-    "recent" or a callable `(positions, budget) -> indices`).  Use with
+    "recent" or a callable `(positions, budget) -> indices` that returns
+    min(budget, len(positions)) distinct indices into the candidates, sorted by position).  Use with
     `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
