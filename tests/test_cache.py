@@ -21,7 +21,7 @@ def feed(model, cache, tokens, chunk=1):
 
 @pytest.mark.parametrize("method,k,slack,delta,bound", [
     ("start_recent", 1, 0, 0, 40), ("mit", 1, 0, 0, 40), ("window", 1, 0, 0, 40), ("start_recent", 8, 0, 0, 47),
-    ("start_recent", 5, 0, 0, 44), ("start_recent", 16, 8, 4, 40), ("start_recent", 4, 8, 0, 35)])
+    ("start_recent", 5, 0, 0, 44), ("start_recent", 16, 8, 4, 40), ("start_recent", 4, 8, 0, 35), ("ring", 1, 0, 0, 40)])
 def test_kv_length_never_exceeds_the_promise(tiny, hamlet_bytes, method, k, slack, delta, bound):
     model = tiny("tiny:llama").model
     cache = make_cache(method, model, cap=40, sink=4, compress_every=k, cache_slack=slack, max_drop=delta)
@@ -45,7 +45,7 @@ def test_lazy_prunes_only_on_multiples_of_k(tiny, hamlet_bytes):
 
 
 @pytest.mark.parametrize("name", ["tiny:llama", "tiny:gpt_neox"])
-@pytest.mark.parametrize("method", ["dense", "start_recent", "mit", "window"])
+@pytest.mark.parametrize("method", ["dense", "start_recent", "mit", "window", "ring"])
 def test_chunks_with_eager_attention_match_a_full_forward_when_nothing_is_evicted(tiny, hamlet_bytes, name, method):
     """Multi-token chunks exercise the mask sizes (sdpa with one token would skip the mask)."""
     model = tiny(name).model
@@ -67,7 +67,7 @@ def test_chunks_that_evict_keep_the_mask_consistent(tiny, hamlet_bytes):
     assert torch.allclose(a, b, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["start_recent", "mit", "window"])
+@pytest.mark.parametrize("method", ["start_recent", "mit", "window", "ring"])
 def test_generate_streams_past_the_cap(tiny, method):
     model = tiny("tiny:llama").model
     model.generation_config.pad_token_id = 0
@@ -100,4 +100,4 @@ def test_is_a_transformers_cache(tiny):
 def test_unknown_cache_method(tiny):
     with pytest.raises(StreamkvError) as err:
         make_cache("h2o", tiny("tiny:llama").model)
-    assert str(err.value) == "unknown cache method 'h2o'; choose one of: dense, window, start_recent, mit"
+    assert str(err.value) == "unknown cache method 'h2o'; choose one of: dense, window, start_recent, mit, ring"

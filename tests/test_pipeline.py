@@ -80,12 +80,14 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (summary.status == "ok").all()
-    # per text: baseline + 6 rows; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
-    assert len(summary) == 2 * (1 + 6) + 10 + 15
+    # per text: baseline + 7 rows; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
+    assert len(summary) == 2 * (1 + 7) + 10 + 15
     assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
+    ring = summary[summary.name == "Ours (ring)"]
     assert (abs(strict.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
+    assert (abs(ring.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
 
@@ -138,7 +140,7 @@ def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done)
 
     rules = [rule for rule, _ in planned(done, edited(done, change))]
     assert rules.count("baseline") == 2  # one per text
-    assert rules.count("evaluate") == 2 * 6 + 7  # every configuration: 6 rows x 2 texts, 7 more on hamlet
+    assert rules.count("evaluate") == 2 * 7 + 7  # every configuration: 7 rows x 2 texts, 7 more on hamlet
     assert "prepare_model" not in rules and "tokenize" not in rules
 
 
@@ -154,7 +156,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = pd.read_csv(done / "results/summary.csv")
     short = summary[summary.text_key == "short"]
-    assert len(short) == 7 and (short.status == "failed").all()
+    assert len(short) == 8 and (short.status == "failed").all()
     assert short.error.str.contains("has 56 tokens, fewer than protocol.max_tokens \\(120\\)").all()
     assert (summary[summary.text_key != "short"].status == "ok").all()
     report = (done / "report/paper_tables.md").read_text()
@@ -167,9 +169,9 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c["protocol"].update(cap="big"), "'big' is not of type 'integer'"),
     (lambda c: c["models"].update(bad="s3://bucket/model"), "'s3://bucket/model' does not match"),
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
-     "config key runs[6] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
+     "config key runs[7] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[6] ('lazy mit'): compress-every applies to start_recent and window, not to 'mit'"),
+     "config key runs[7] ('lazy mit'): compress-every applies to start_recent and window, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),

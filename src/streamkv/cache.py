@@ -275,10 +275,14 @@ def make_cache(
     overlap: int = 0,
     refresh: int = 0,
     refresh_select: str | Callable[[torch.Tensor, int], torch.Tensor] = "uniform",
+    rebase_every: int | None = None,
 ) -> StreamingCache:
     """Build the cache of `method` for `model`.
 
-    `dense` keeps everything (`cap` unused); `window` keeps the last `cap`
+    `dense` keeps everything (`cap` unused); `ring` is strict Start+Recent in
+    preallocated buffers (see `streamkv.ring`; `rebase_every` keeps its positions
+    small in forward loops without `position_ids`, never under `generate`);
+    `window` keeps the last `cap`
     tokens; `start_recent` keeps `sink` sinks and a recent window and prunes
     every `compress_every` positions; `mit` is strict Start+Recent as MIT
     StreamingLLM does it.  Every term is charged to `cap` (Auto-cap): the
@@ -293,6 +297,14 @@ def make_cache(
     n = num_attention_layers(model)
     if method == "dense":
         return StreamingCache(RealignedLayer, n, KeepAll(), None)
+    if method == "ring":
+        from .ring import RingCache
+
+        if compress_every != 1 or cache_slack or max_drop or overlap or refresh:
+            raise StreamkvError("method 'ring' is strict Start+Recent in a fixed ring: compress_every, cache_slack, "
+                                "max_drop, overlap and refresh do not apply")
+        budget = Budget.derive(cap, sink=sink)
+        return RingCache(n, budget.cap, budget.sink, RotaryAligner(model), rebase_every)
     if method not in CACHE_METHODS:
         raise StreamkvError(f"unknown cache method '{method}'; choose one of: {', '.join(CACHE_METHODS)}")
     if compress_every < 1:

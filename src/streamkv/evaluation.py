@@ -30,6 +30,7 @@ from .policy import EMERGENCY, FORCED
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
 
+RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
 TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped", "prune_kind", "update_ms")
 METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
@@ -73,7 +74,9 @@ def make_stepper(model: torch.nn.Module, p: EvalParams):
         return RecomputeStepper(model, p.sink, p.cap - p.sink)
     cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
                        cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
-                       overlap=p.overlap, refresh=p.refresh)
+                       overlap=p.overlap, refresh=p.refresh,
+                       # this loop passes no position_ids, so the ring may keep its positions small
+                       rebase_every=RING_REBASE if p.method == "ring" else None)
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)

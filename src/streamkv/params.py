@@ -11,7 +11,7 @@ from .budget import Budget
 from .errors import StreamkvError
 from .policy import SOFTLITE_MODES
 
-CACHE_METHODS = ("dense", "window", "start_recent", "mit")
+CACHE_METHODS = ("dense", "window", "start_recent", "mit", "ring")
 METHODS = (*CACHE_METHODS, "recompute")
 
 
@@ -58,7 +58,7 @@ class EvalParams:
             p.sink = 4
         if p.compress_every < 1:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in ("start_recent", "window"):
+        if p.compress_every != 1 and p.method not in ("start_recent", "window"):  # mit and ring are strict
             raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)

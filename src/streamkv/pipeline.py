@@ -61,8 +61,8 @@ def run_id(run: dict) -> str:
         return "dense" + suffix
     if m == "recompute":
         return f"recompute_s{r['sink']}" + suffix
-    if m == "mit":
-        return f"mit_s{r['sink']}" + suffix
+    if m in ("mit", "ring"):
+        return f"{m}_s{r['sink']}" + suffix
     if m == "window":
         return f"window_k{r['compress_every']}" + suffix
     mode = "_cooldown" if r["softlite_mode"] == "cooldown" else ""

@@ -1,0 +1,197 @@
+"""The ring cache: strict Start+Recent in preallocated buffers, evicting by overwrite.
+
+Each layer owns one key and one value buffer of exactly `cap` slots: the
+first `sink` slots hold the sinks, the other `window` slots are a ring.  The
+incoming token overwrites the oldest window slot in place: no `torch.cat`, no
+copy of the window, no allocation after the first forward, and the buffers the
+attention reads are always the same tensors (fixed shapes once full).
+
+Positions: window keys keep the rotation the model gave them (their absolute
+position); the query sits at its absolute position; only the `sink` keys are
+re-rotated on each step, from un-rotated copies, to the positions just before
+the window.  Query-key distances are then exactly those of MIT strict
+Start+Recent, whatever order the slots are in (attention does not care about
+slot order once every key is visible).
+
+Absolute positions grow with the stream and float32 angles lose precision
+(FACTS: ~1e-4 at position 20k).  With `rebase_every`, once the stream is that
+far past the last base the cache subtracts an offset from every position: the
+window keys are rotated back once and `get_seq_length()` reports positions
+from the new base, so a forward without explicit `position_ids` places the
+query there too.  `generate` feeds absolute `position_ids` of its own, so keep
+`rebase_every=None` (the default) under `generate`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .cache import Step, StreamingCache, StreamingLayer
+from .errors import StreamkvError
+from .policy import LAZY, Prune
+
+
+class RingLayer(StreamingLayer):
+    """Preallocated keys and values; sinks kept un-rotated on the side."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        cap = self.owner.cap
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.buf_k = key_states.new_zeros((b, h, cap, d))
+        self.buf_v = value_states.new_zeros((b, h, cap, value_states.shape[-1]))
+        self.raw_sinks = key_states.new_zeros((b, h, self.owner.sink, d))
+        self.keys, self.values = self.buf_k[:, :, :0], self.buf_v[:, :, :0]
+        self.is_initialized = True
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.is_initialized else self.owner.stored
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.buf_k.nbytes + self.buf_v.nbytes + self.raw_sinks.nbytes
+
+    def reset(self) -> None:
+        super().reset()
+        self.buf_k = self.buf_v = self.raw_sinks = None
+
+    def update(self, key_states, value_states, step: Step):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner, memo = self.owner, step.memo
+        if "rebase" in memo:  # positions moved back since the last step: rotate the window once
+            w = self.buf_k[:, :, owner.sink : owner.cap]
+            w.copy_(owner.aligner.rotate(w, *memo["rebase"]))
+        slots, src, sink_idx = memo["slots"], memo["src"], memo["sink_idx"]
+        kept_k = key_states if src is None else key_states.index_select(2, src)
+        kept_v = value_states if src is None else value_states.index_select(2, src)
+        self.buf_k.index_copy_(2, slots, kept_k)
+        self.buf_v.index_copy_(2, slots, kept_v)
+        if sink_idx is not None:  # new sink tokens: keep them un-rotated as well
+            raw = owner.aligner.rotate(key_states.index_select(2, memo["sink_src"]), *memo["unrotate"])
+            self.raw_sinks.index_copy_(2, sink_idx, raw)
+        if "sinks" in memo:  # once tokens are evicted, the sinks sit just before the oldest window key
+            self.buf_k[:, :, : owner.sink] = owner.aligner.rotate(self.raw_sinks, *memo["sinks"])
+        n = step.kv_len
+        if src is not None:  # a first chunk longer than the ring: it attends to itself, the ring keeps its ends
+            return key_states, value_states
+        if memo["order"] is not None:  # a chunk after the ring wrapped: causal masking needs position order
+            return self.buf_k.index_select(2, memo["order"]), self.buf_v.index_select(2, memo["order"])
+        return self.buf_k[:, :, :n], self.buf_v[:, :, :n]
+
+
+class RingCache(StreamingCache):
+    """Strict Start+Recent with `sink` sinks in a `cap`-slot ring; see the module docstring."""
+
+    def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None):
+        if rebase_every is not None and rebase_every < cap:
+            raise StreamkvError(f"rebase_every ({rebase_every}) must be at least cap ({cap})")
+        self.cap, self.sink, self.window = cap, sink, cap - sink
+        self.rebase_every = rebase_every
+        self.base = 0  # positions are reported relative to this
+        self.pending_rebase = 0
+        super().__init__(RingLayer, num_layers, _RingPolicy(sink, cap - sink), aligner)
+
+    @property
+    def stored(self) -> int:  # (after the first chunk, however long it was)
+        return min(self.seen, self.cap)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen - self.base
+
+    def _kv_len(self, q: int) -> int:
+        if self.seen == 0:  # the first chunk attends to all of itself, however long
+            return q
+        return min(self.seen + q, self.cap)
+
+    def mask_sizes(self, q: int) -> tuple[int, int]:
+        kv_len = self._kv_len(q)
+        return kv_len, self.seen - self.base + q - kv_len
+
+    def _slot(self, position: int) -> int:
+        if position < self.sink:
+            return position
+        return self.sink + (position - self.sink) % self.window
+
+    def _begin_step(self, q: int) -> Step:
+        """Work out, once per forward, where the tokens go and how the sinks are rotated."""
+        if self.seen and self.seen + q > self.cap and q > self.window:
+            raise StreamkvError(f"a chunk of {q} tokens does not fit the ring's window ({self.window}); "
+                                "after the first forward, feed chunks of at most the window")
+        kv_len = self._kv_len(q)
+        src = None
+        if self.seen == 0 and q > self.cap:  # keep the sinks and the last `window` tokens of the chunk
+            src = list(range(self.sink)) + list(range(q - self.window, q))
+        positions = range(self.seen, self.seen + q) if src is None else [self.seen + i for i in src]
+        dropped = max(0, self.seen + q - self.cap) - max(0, self.seen - self.cap)
+        step = Step(self.seen, q, dropped, kv_len, LAZY if dropped else "")
+        device = self.layers[0].buf_k.device if self.layers[0].is_initialized else None
+        memo = step.memo
+        memo["slots"] = torch.tensor([self._slot(p) for p in positions], device=device)
+        memo["src"] = None if src is None else torch.tensor(src, device=device)
+        sinks_new = [i for i, p in enumerate(positions) if p < self.sink]
+        memo["sink_idx"] = memo["sink_src"] = None
+        if sinks_new:  # (the sinks come first among the kept tokens, so i is also their index in the chunk)
+            memo["sink_idx"] = torch.tensor([positions[i] for i in sinks_new], device=device)
+            memo["sink_src"] = torch.tensor(sinks_new, device=device)
+            memo["unrotate"] = self.aligner.angles(-(torch.tensor([positions[i] for i in sinks_new]) - self.base))
+        if self.pending_rebase:
+            memo["rebase"] = self.aligner.angles(torch.tensor([-self.pending_rebase]))
+            self.pending_rebase = 0
+        evicted = max(0, self.seen + q - self.cap)
+        if evicted:
+            first = evicted - self.base  # the sinks' new (rebased) positions: just before the window
+            memo["sinks"] = self.aligner.angles(first + torch.arange(self.sink))
+        memo["order"] = None
+        if q > 1 and evicted and src is None:  # sinks, then the window from its oldest token on
+            window = [self._slot(p) for p in range(self.seen + q - self.window, self.seen + q)]
+            memo["order"] = torch.tensor(list(range(self.sink)) + window, device=device)
+        return step
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
+        if layer_idx == 0:
+            if not self.layers[0].is_initialized:
+                self.layers[0].lazy_initialization(key_states, value_states)
+            q = key_states.shape[-2]
+            self.last_step = self._begin_step(q)
+            self.seen += q
+            if self.last_step.dropped:
+                self.n_prunes += 1
+                self.tokens_dropped += self.last_step.dropped
+            # This forward's positions are already set; the next one's come from get_seq_length(), so
+            # the base moves now and the window keys follow at the next forward (memo "rebase").
+            if self.rebase_every and self.seen - self.base >= self.rebase_every:
+                shift = self.seen - self.base - self.cap
+                self.base += shift
+                self.pending_rebase = shift
+        out = self.layers[layer_idx].update(key_states, value_states, self.last_step)
+        if self.sync is not None:
+            self.sync()
+        self.last_step.update_s += time.perf_counter() - t0
+        return out
+
+    def reset(self):
+        super().reset()
+        self.base = self.pending_rebase = 0
+
+
+class _RingPolicy:
+    """Strict Start+Recent, as the ring does it (for code that asks a cache for its policy)."""
+
+    def __init__(self, sink: int, window: int):
+        self.sink, self.window, self.compress_every, self.cache_slack, self.max_drop = sink, window, 1, 0, 0
+
+    @property
+    def max_kv(self) -> int:
+        return self.sink + self.window
+
+    def plan(self, length: int, q: int, position: int) -> Prune:
+        return Prune(max(0, length + q - self.sink - self.window), LAZY)
+
