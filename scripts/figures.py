@@ -4,6 +4,7 @@ import pandas as pd
 
 from streamkv.pipeline import log_to
 from streamkv.report import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
+from streamkv.summary import trace_path
 
 with log_to(snakemake.log[0]):
     model, text = snakemake.wildcards.model, snakemake.wildcards.text
@@ -13,8 +14,8 @@ with log_to(snakemake.log[0]):
     name = snakemake.params.trace_run
     files = dict(zip(part.name, part.file))
     baseline_file = part.loc[part.group == "baseline", "file"].iloc[0]
-    baseline = pd.read_parquet(baseline_file.removesuffix(".json") + ".parquet")
-    run = pd.read_parquet(files[name].removesuffix(".json") + ".parquet") if name in files else None
+    baseline = pd.read_parquet(trace_path(baseline_file))
+    run = pd.read_parquet(trace_path(files[name])) if name in files else None
     nll_trace_figure(baseline, run, name, snakemake.output.nll_trace, f"{model} · {text}: {name} vs baseline",
                      smooth=snakemake.params.smooth)
     spike_curve_figure(pd.read_parquet(snakemake.input.spike_curves), spike_runs(part), snakemake.output.spikes,

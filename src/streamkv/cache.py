@@ -226,22 +226,31 @@ class StreamingCache(Cache):
             self.n_before, self.n_refresh = recent.numel() - step.dropped, chosen.numel()
         self.slot_pos = torch.cat((self.slot_pos, step.position + torch.arange(step.q)))
 
+    def _begin_step(self, key_states, value_states) -> Step:
+        """What this forward does to the cache, decided once (at layer 0) for every layer."""
+        q = key_states.shape[-2]
+        prune, kv_len = self._plan(q)
+        step = Step(self.seen, q, prune.dropped, kv_len, prune.kind)
+        if self.refresh:
+            self._refresh_layout(step)
+        return step
+
+    def _after_begin(self) -> None:
+        """Called once per forward, after `seen` counts its tokens (subclasses hook in here)."""
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.sync is not None:
             self.sync()
         t0 = time.perf_counter()
         if layer_idx == 0:
-            q = key_states.shape[-2]
-            prune, kv_len = self._plan(q)
-            self.last_step = Step(self.seen, q, prune.dropped, kv_len, prune.kind)
-            if self.refresh:
-                self._refresh_layout(self.last_step)
-            self.seen += q
-            if prune.dropped:
+            step = self.last_step = self._begin_step(key_states, value_states)
+            self.seen += step.q
+            if step.dropped:
                 self.n_prunes += 1
-                self.tokens_dropped += prune.dropped
-                self.n_emergency += prune.kind == EMERGENCY
-                self.n_forced += prune.kind == FORCED
+                self.tokens_dropped += step.dropped
+                self.n_emergency += step.kind == EMERGENCY
+                self.n_forced += step.kind == FORCED
+            self._after_begin()
         out = self.layers[layer_idx].update(key_states, value_states, self.last_step)
         if self.sync is not None:
             self.sync()

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .pipeline import max_tokens, text_source
+from .summary import to_markdown
 
 FAILED = "FAILED"
 
@@ -113,22 +114,17 @@ _COLUMN_NAMES = {"compress_every": "K", "cache_slack": "σ", "max_drop": "δ", "
 def probe_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no finished runs)"
-    return to_markdown_table(table.rename(columns=_COLUMN_NAMES))
+    return to_markdown(table.rename(columns=_COLUMN_NAMES), cell=_probe_cell)
 
 
-def to_markdown_table(frame: pd.DataFrame) -> str:
-    def cell(v):
-        if isinstance(v, (bool, np.bool_)):
-            return "yes" if v else "no"
-        if isinstance(v, (float, np.floating)):
-            if not math.isfinite(v):
-                return "–"
-            return f"{v:.0f}" if float(v).is_integer() else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+def _probe_cell(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.0f}" if float(v).is_integer() else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
+    return str(v).replace("|", "\\|")
 
 
 def _pct(v) -> str:
@@ -150,7 +146,7 @@ def probe_finding(probe: str, t: pd.DataFrame) -> str:
                 parts.append(
                     f"σ={sigma} {mode}, δ={r.max_drop} vs δ=0: {int(base.n_prunes)} → {int(r.n_prunes)} prunes "
                     f"({int(r.n_emergency)} emergency, {int(r.n_forced)} forced), drop sizes [{base.drops}] → [{r.drops}], "
-                    f"mean spike area {_num(base.spike_area)} → {_num(r.spike_area)}, "
+                    f"mean spike area {_fmt(base.spike_area)} → {_fmt(r.spike_area)}, "
                     f"ΔPPL {_pct(base.delta_ppl_pct)} → {_pct(r.delta_ppl_pct)}, TPOT {base.tpot_ms:.1f} → {r.tpot_ms:.1f} ms")
         return "; ".join(parts) + "." if parts else "No δ = 0 / δ > 0 pair finished."
     if probe == "verify_slack_effect":
@@ -163,9 +159,9 @@ def probe_finding(probe: str, t: pd.DataFrame) -> str:
     if probe == "profile_prune_overhead":
         first, last = t.iloc[0], t.iloc[-1]
         costs = t.prune_cost_ms.dropna()
-        return (f"A prune step spends {_num(costs.min())}–{_num(costs.max())} ms more in the cache update than a step "
-                f"without one. The update takes {_num(first.update_share_pct)} % of the step at K={int(first.compress_every)} "
-                f"and {_num(last.update_share_pct)} % at K={int(last.compress_every)}; TPOT goes from "
+        return (f"A prune step spends {_fmt(costs.min())}–{_fmt(costs.max())} ms more in the cache update than a step "
+                f"without one. The update takes {_fmt(first.update_share_pct)} % of the step at K={int(first.compress_every)} "
+                f"and {_fmt(last.update_share_pct)} % at K={int(last.compress_every)}; TPOT goes from "
                 f"{first.tpot_ms:.1f} to {last.tpot_ms:.1f} ms.")
     if probe == "summarize_k_quality":
         first, last = t.iloc[0], t.iloc[-1]
@@ -173,10 +169,6 @@ def probe_finding(probe: str, t: pd.DataFrame) -> str:
                 f"{_pct(last.delta_ppl_pct)}, speedup {first.speedup:.2f}× → {last.speedup:.2f}×, "
                 f"KV max {int(first.kv_len_max)} → {int(last.kv_len_max)}.")
     return ""
-
-
-def _num(v, digits: int = 2) -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
 def spike_rows(part: pd.DataFrame) -> list[dict]:
@@ -188,8 +180,8 @@ def spike_rows(part: pd.DataFrame) -> list[dict]:
     rows = []
     for r in ok.drop_duplicates("file").itertuples():
         rows.append({"name": r.name if r.group == "methods" else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
-                     "configuration": configuration(r), "events": int(r.spike_events), "peak": _num(r.spike_peak),
-                     "width": _num(r.spike_width, 1), "area": _num(r.spike_area), "excess": _num(r.excess_nll_mean, 3),
+                     "configuration": configuration(r), "events": int(r.spike_events), "peak": _fmt(r.spike_peak),
+                     "width": _fmt(r.spike_width, 1), "area": _fmt(r.spike_area), "excess": _fmt(r.excess_nll_mean, 3),
                      "delta_ppl": _pct(r.delta_ppl_pct)})
     return rows
 
@@ -218,7 +210,7 @@ def negative_results(part: pd.DataFrame) -> list[str]:
         a, b = naive_off.iloc[0], naive_on.iloc[0]
         out.append(f"max_drop, naive rule (K={int(b.compress_every)}, σ={int(b.cache_slack)}): δ={int(b.max_drop)} makes "
                    f"{int(b.n_prunes)} prunes against {int(a.n_prunes)} with δ=0 ({int(b.n_emergency_prunes)} of them "
-                   f"emergency prunes); mean spike area {_num(a.spike_area)} → {_num(b.spike_area)}; TPOT "
+                   f"emergency prunes); mean spike area {_fmt(a.spike_area)} → {_fmt(b.spike_area)}; TPOT "
                    f"{a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, ΔPPL {_pct(a.delta_ppl_pct)} → {_pct(b.delta_ppl_pct)}.")
     return out
 

@@ -24,13 +24,11 @@ query there too.  `generate` feeds absolute `position_ids` of its own, so keep
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .cache import Step, StreamingCache, StreamingLayer
 from .errors import StreamkvError
-from .policy import LAZY, Prune
+from .policy import LAZY, StartRecent
 
 
 class RingLayer(StreamingLayer):
@@ -94,7 +92,7 @@ class RingCache(StreamingCache):
         self.rebase_every = rebase_every
         self.base = 0  # positions are reported relative to this
         self.pending_rebase = 0
-        super().__init__(RingLayer, num_layers, _RingPolicy(sink, cap - sink), aligner)
+        super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink), aligner)  # strict: K = 1
 
     @property
     def stored(self) -> int:  # (after the first chunk, however long it was)
@@ -117,8 +115,11 @@ class RingCache(StreamingCache):
             return position
         return self.sink + (position - self.sink) % self.window
 
-    def _begin_step(self, q: int) -> Step:
+    def _begin_step(self, key_states, value_states) -> Step:
         """Work out, once per forward, where the tokens go and how the sinks are rotated."""
+        if not self.layers[0].is_initialized:  # the buffers' device is needed for the slot indices
+            self.layers[0].lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
         if self.seen and self.seen + q > self.cap and q > self.window:
             raise StreamkvError(f"a chunk of {q} tokens does not fit the ring's window ({self.window}); "
                                 "after the first forward, feed chunks of at most the window")
@@ -152,46 +153,14 @@ class RingCache(StreamingCache):
             memo["order"] = torch.tensor(list(range(self.sink)) + window, device=device)
         return step
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.sync is not None:
-            self.sync()
-        t0 = time.perf_counter()
-        if layer_idx == 0:
-            if not self.layers[0].is_initialized:
-                self.layers[0].lazy_initialization(key_states, value_states)
-            q = key_states.shape[-2]
-            self.last_step = self._begin_step(q)
-            self.seen += q
-            if self.last_step.dropped:
-                self.n_prunes += 1
-                self.tokens_dropped += self.last_step.dropped
-            # This forward's positions are already set; the next one's come from get_seq_length(), so
-            # the base moves now and the window keys follow at the next forward (memo "rebase").
-            if self.rebase_every and self.seen - self.base >= self.rebase_every:
-                shift = self.seen - self.base - self.cap
-                self.base += shift
-                self.pending_rebase = shift
-        out = self.layers[layer_idx].update(key_states, value_states, self.last_step)
-        if self.sync is not None:
-            self.sync()
-        self.last_step.update_s += time.perf_counter() - t0
-        return out
+    def _after_begin(self) -> None:
+        # This forward's positions are already set; the next one's come from get_seq_length(), so
+        # the base moves now and the window keys follow at the next forward (memo "rebase").
+        if self.rebase_every and self.seen - self.base >= self.rebase_every:
+            shift = self.seen - self.base - self.cap
+            self.base += shift
+            self.pending_rebase = shift
 
     def reset(self):
         super().reset()
         self.base = self.pending_rebase = 0
-
-
-class _RingPolicy:
-    """Strict Start+Recent, as the ring does it (for code that asks a cache for its policy)."""
-
-    def __init__(self, sink: int, window: int):
-        self.sink, self.window, self.compress_every, self.cache_slack, self.max_drop = sink, window, 1, 0, 0
-
-    @property
-    def max_kv(self) -> int:
-        return self.sink + self.window
-
-    def plan(self, length: int, q: int, position: int) -> Prune:
-        return Prune(max(0, length + q - self.sink - self.window), LAZY)
-

@@ -55,15 +55,15 @@ def method_table(frame: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A plain markdown table (pandas' own needs a newer tabulate than snakemake allows)."""
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:.3f}"
+    return "" if v is None else str(v).replace("|", "\\|")
 
-    def cell(v):
-        if isinstance(v, float):
-            return "" if pd.isna(v) else f"{v:.3f}"
-        return "" if v is None else str(v).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+def to_markdown(frame: pd.DataFrame, cell=_cell) -> str:
+    """A plain markdown table (pandas' own needs a newer tabulate than snakemake allows); `cell` formats a value."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
