@@ -4,6 +4,7 @@
 #                             -> evaluate (one job per configuration, needs its baseline)
 #   -> aggregate (results/summary.csv + NLL spike diagnosis)
 #   -> probes (verify_max_drop_effect, verify_slack_effect, profile_prune_overhead, summarize_k_quality)
+#   prepare_model -> bench (streamkv bench: overhead, speedup, compile, memory as ratios; one timed job)
 #   -> report (report/paper_tables.md + figures: Pareto, NLL traces, spikes, ablations, probes)
 #
 # Run: snakemake --cores 1 report/paper_tables.md      (profiles/default is picked up automatically)
@@ -27,6 +28,7 @@ include: "rules/sources.smk"
 include: "rules/baseline.smk"
 include: "rules/evaluate.smk"
 include: "rules/probes.smk"
+include: "rules/bench.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
 

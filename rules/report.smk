@@ -85,6 +85,7 @@ rule paper_tables:
         template="report/templates/paper_tables.md.j2",
         figures=FIGURES + ABLATION_FIGURES + PROBE_FIGURES,
         probes=PROBE_TABLES,
+        bench=bench_files(),
     output:
         "report/paper_tables.md",
     params:

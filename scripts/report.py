@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import json
+
 import pandas as pd
 
 from streamkv.pipeline import log_to
@@ -9,5 +11,6 @@ from streamkv.report import render
 
 with log_to(snakemake.log[0]):
     frame = pd.read_parquet(snakemake.input.summary)
-    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config))
+    bench = [json.loads(Path(path).read_text()) for path in snakemake.input.bench]
+    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config, bench))
     print(f"wrote {snakemake.output[0]}")

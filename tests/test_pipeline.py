@@ -69,7 +69,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     report = (done / "report/paper_tables.md").read_text()
     for heading in ("## hamlet — tiny_llama", "## tempest — tiny_llama", "### Method comparison", "### Ablations",
                     "#### compress_every", "#### softlite", "### Probes", "### NLL spike diagnosis",
-                    "### Negative results, re-measured", "## Failed configurations", "## Provenance",
+                    "### Negative results, re-measured", "## Performance", "### tiny_llama on hamlet",
+                    "## Failed configurations", "## Provenance",
                     *(f"#### {probe}:" for probe in PROBES)):
         assert heading in report
     assert "| Ours (lazy K=8) | S=4, W=28, K=8 |" in report
@@ -90,6 +91,9 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (abs(ring.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
+    assert "| 32 | ring | " in report and "x no-eviction" in report
+    assert "ring over 200 tokens: KV bytes max/min 1.000" in report
+    assert (done / "logs/bench/tiny_llama/hamlet.log").read_text().count("| ring |") >= 1
 
 
 def test_probe_rules_write_their_tables(done):
@@ -125,6 +129,13 @@ def test_editing_one_config_reruns_only_that_config_and_the_report(done):
     assert rules == sorted(["evaluate", *DOWNSTREAM])
     assert [out for rule, out in jobs if rule == "evaluate"] == [
         "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0/start_recent_s4_k12_sl0_md0_ov0_rf0.json"]
+
+
+def test_editing_the_bench_reruns_only_it_and_the_tables(done):
+    def change(config):
+        config["bench"]["blocks"] = 3
+
+    assert sorted(rule for rule, _ in planned(done, edited(done, change))) == ["bench", "paper_tables"]
 
 
 def test_renaming_a_row_reruns_only_the_report(done):
@@ -183,6 +194,9 @@ def test_a_failed_configuration_is_reported_as_failed(done):
      "config key probes.verify_max_drop_effect.grid ('softlite_mode=eager, max_drop=0'): unknown softlite-mode 'eager'"),
     (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
      "'verify_everything' is not one of"),
+    (lambda c: c["bench"].update(model="pythia"), "config key bench.model: unknown model 'pythia' (known: tiny_llama)"),
+    (lambda c: c["bench"].update(block=4), "config key bench: block (4) must be at least lazy_k (8)"),
+    (lambda c: c["bench"].update(stream_methods=["ring", "h2o"]), "'h2o' is not one of"),
     (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),
      "config key ablations.softlite.grid ('compress_every=4, cache_slack=0, max_drop=0, refresh=30'): budget"),
 ])

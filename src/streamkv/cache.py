@@ -54,7 +54,8 @@ class Step:
     dropped: int  # tokens evicted before appending
     kv_len: int  # keys the queries attend to after the update
     kind: str = ""  # the prune's kind (policy.PRUNE_KINDS)
-    update_s: float = 0.0  # time spent in the cache update, all layers
+    update_s: float = 0.0  # time spent in the cache update, all layers (plan_s included)
+    plan_s: float = 0.0  # of which deciding the step (policy, layout, counters), once per forward
     memo: dict = field(default_factory=dict)  # per-step values shared by all layers
 
 
@@ -251,6 +252,7 @@ class StreamingCache(Cache):
                 self.n_emergency += step.kind == EMERGENCY
                 self.n_forced += step.kind == FORCED
             self._after_begin()
+            step.plan_s = time.perf_counter() - t0
         out = self.layers[layer_idx].update(key_states, value_states, self.last_step)
         if self.sync is not None:
             self.sync()

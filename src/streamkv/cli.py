@@ -54,6 +54,37 @@ def _add_summarize(sub) -> None:
     s.add_argument("results", nargs="+", help="result JSON files")
 
 
+def _add_bench(sub) -> None:
+    from .params import BENCH_SECTIONS, BenchConfig
+
+    d = BenchConfig()
+    b = sub.add_parser("bench", help="eviction overhead, speedup, compile and memory as ratios from one run")
+    b.add_argument("--model", default="embedded:smollm2-135m", help="model source (default embedded:smollm2-135m)")
+    b.add_argument("--text", default="embedded:shakespeare/hamlet", help="text source (default embedded:shakespeare/hamlet)")
+    b.add_argument("--caps", type=int, nargs="+", default=list(d.caps), help="KV budgets of the overhead table (default 256)")
+    b.add_argument("--sink", type=int, default=d.sink)
+    b.add_argument("--lazy-k", type=int, default=d.lazy_k, help=f"K of the lazy row (default {d.lazy_k})")
+    b.add_argument("--blocks", type=int, default=d.blocks, help=f"timed blocks per method (default {d.blocks})")
+    b.add_argument("--block", type=int, default=d.block, help=f"steps per block, at least --lazy-k (default {d.block})")
+    b.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default {d.warmup})")
+    b.add_argument("--recompute-every", type=int, default=d.recompute_every,
+                   help=f"time recompute on every n-th step only (default {d.recompute_every})")
+    b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
+    b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    b.add_argument("--compile-steps", type=int, default=d.compile_steps)
+    b.add_argument("--stream-tokens", type=int, default=d.stream_tokens, help=f"memory stream length (default {d.stream_tokens})")
+    b.add_argument("--stream-methods", nargs="+", default=list(d.stream_methods),
+                   help=f"methods of the memory stream (default {' '.join(d.stream_methods)})")
+    b.add_argument("--dense-tokens", type=int, default=None, help="a shorter stream for dense (default: --stream-tokens)")
+    b.add_argument("--rss-from", type=int, default=d.rss_from, help=f"RSS growth is measured from this step (default {d.rss_from})")
+    b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--out", default=None, help="result JSON file (the tables are printed either way)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def write_trace(trace, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if path.endswith(".parquet"):
@@ -98,11 +129,38 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .params import BenchConfig
+    from .report import bench_markdown
+    from .sources import load_model
+
+    cfg = BenchConfig(
+        caps=tuple(args.caps), sink=args.sink, lazy_k=args.lazy_k, blocks=args.blocks, block=args.block,
+        warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, compile_mode=args.compile_mode,
+        compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
+        dense_tokens=args.dense_tokens, rss_from=args.rss_from, sections=tuple(args.sections),
+    ).check()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokens = bench.stream_tokens(loaded, args.text, bench.tokens_needed(cfg))
+    result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet)
+    result["config"].update(model=args.model, text=args.text, dtype=args.dtype, device=args.device)
+    if args.out:
+        write_json(result, args.out)
+    print(bench_markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="streamkv", description="Streaming LLM decoding with attention sinks, measured honestly.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_eval(sub)
     _add_summarize(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
@@ -110,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(markdown(args.results))
             return 0
+        if args.command == "bench":
+            return run_bench(args)
         return run_eval(args)
     except StreamkvError as exc:
         print(f"streamkv: error: {exc}", file=sys.stderr)

@@ -65,6 +65,10 @@ class CachedStepper:
     def update_ms(self) -> float:
         return self.cache.last_step.update_s * 1e3
 
+    @property
+    def plan_ms(self) -> float:
+        return self.cache.last_step.plan_s * 1e3
+
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
 

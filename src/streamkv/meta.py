@@ -15,8 +15,8 @@ _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets"
 
 # The modules a result depends on (the decode loop and everything it calls) and the ones that only
 # read results (aggregation, diagnosis, probes, report): editing the latter must not re-run evaluations.
-EVALUATION_MODULES = ("budget", "cache", "errors", "evaluation", "params", "policy", "recompute", "ring", "rope",
-                      "sources")
+EVALUATION_MODULES = ("bench", "budget", "cache", "compiled", "errors", "evaluation", "params", "policy", "recompute",
+                      "ring", "rope", "sources")
 ANALYSIS_MODULES = ("pipeline", "probes", "report", "spikes", "summary")
 
 

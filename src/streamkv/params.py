@@ -80,3 +80,45 @@ class EvalParams:
         rec["window"] = None if self.method == "dense" else (
             self.cap - (self.sink or 0) - self.cache_slack - self.overlap - self.refresh)
         return rec
+
+
+BENCH_SECTIONS = ("overhead", "compile", "memory")
+STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
+
+
+@dataclass
+class BenchConfig:
+    """The settings of `streamkv bench` (see `streamkv.bench`)."""
+
+    caps: tuple[int, ...] = (256,)
+    sink: int = 4
+    lazy_k: int = 32
+    blocks: int = 8  # timed blocks per method (after the warm-up)
+    block: int = 32  # steps per block (at least lazy_k, so a block holds a lazy prune)
+    warmup: int = 16
+    recompute_every: int = 4  # recompute is timed on every n-th step (its history gets every token)
+    compile: bool = True
+    compile_mode: str | None = None  # torch.compile mode ("reduce-overhead": CUDA graphs)
+    compile_steps: int = 128
+    stream_tokens: int = 20000
+    stream_methods: tuple[str, ...] = ("ring", "start_recent", "dense")
+    dense_tokens: int | None = None  # dense grows: a shorter stream shows it (None: stream_tokens)
+    rss_from: int = 2000
+    sections: tuple[str, ...] = BENCH_SECTIONS
+
+    def check(self) -> "BenchConfig":
+        if self.block < self.lazy_k:
+            raise StreamkvError(f"block ({self.block}) must be at least lazy_k ({self.lazy_k}): a block holds a whole lazy period")
+        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k"):
+            if getattr(self, name) < 1:
+                raise StreamkvError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = [s for s in self.sections if s not in BENCH_SECTIONS]
+        if bad:
+            raise StreamkvError(f"unknown bench section(s) {', '.join(bad)}; choose from: {', '.join(BENCH_SECTIONS)}")
+        bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
+        if bad:
+            raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")
+        for cap in self.caps:
+            if cap <= self.sink + self.lazy_k:
+                raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and lazy_k {self.lazy_k}")
+        return self

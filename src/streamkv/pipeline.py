@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .budget import Budget
 from .errors import StreamkvError
-from .params import EvalParams
+from .params import BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "profile")
@@ -182,6 +182,21 @@ def check(config: dict) -> None:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:
         raise StreamkvError(f"config key baseline.sink: {exc}") from None
+    _check_bench(config)
+
+
+def _check_bench(config: dict) -> None:
+    spec = config.get("bench")
+    if not spec:
+        return
+    for key, known in (("model", "models"), ("text", "texts")):
+        if spec[key] not in config[known]:
+            raise StreamkvError(f"config key bench.{key}: unknown {key} '{spec[key]}' (known: {', '.join(config[known])})")
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k not in ("model", "text")}
+    try:
+        BenchConfig(**settings).check()
+    except StreamkvError as exc:
+        raise StreamkvError(f"config key bench: {exc}") from None
 
 
 @contextlib.contextmanager

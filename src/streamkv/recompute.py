@@ -29,6 +29,10 @@ class RecomputeStepper:
             return h
         return torch.cat((h[:, : self.sink], h[:, -self.window :]), dim=-1)
 
+    def skip(self, ids: torch.Tensor) -> None:
+        """Append tokens to the history without a forward (a benchmark times every n-th step only)."""
+        self.history = ids if self.history is None else torch.cat((self.history, ids), dim=-1)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self.history = ids if self.history is None else torch.cat((self.history, ids), dim=-1)
         ctx = self.context()

@@ -229,7 +229,8 @@ def provenance(frame: pd.DataFrame) -> dict:
             "first": min(distinct("meta_host_time"), default="–"), "last": max(distinct("meta_host_time"), default="–")}
 
 
-def render(frame: pd.DataFrame, template: str | Path, config: dict) -> str:
+def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[dict] | None = None) -> str:
+    """The report; `bench`: `streamkv bench` results for the Performance section."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)), undefined=jinja2.StrictUndefined,
@@ -240,6 +241,9 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict) -> str:
         sections=sections(frame, config),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error} for r in failed.itertuples()],
         meta=provenance(frame),
+        performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
+                      "text": b["config"].get("text_key", b["config"].get("text")),
+                      "findings": bench_findings(b), "tables": bench_markdown(b)} for b in bench or []],
     )
 
 
@@ -480,3 +484,85 @@ def probe_figure(probe: str, table: pd.DataFrame, path: str | Path, title: str) 
                 ax.set_xlabel("K")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def _bench_cell(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v).replace("|", "\\|")
+
+
+def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame = frame.assign(met=frame.met.astype(object).where(frame.met.notna(), None))
+    return frame[["cap", "method", "tpot_ms", "overhead", "speedup", "forward_ms", "update_ms", "plan_ms", "goal", "met"]].rename(
+        columns={"tpot_ms": "TPOT ms", "overhead": "x no-eviction", "speedup": "speedup vs recompute",
+                 "forward_ms": "forward ms", "update_ms": "cache update ms", "plan_ms": "planning ms"})
+
+
+def bench_compile_table(rows: list[dict]) -> pd.DataFrame:
+    cols = ["cap", "mode", "status", "eager_ms", "compiled_ms", "ratio", "nll_max_abs_diff", "compile_sec",
+            "graphs_first_steps", "graphs_after_warmup", "error"]
+    frame = pd.DataFrame(rows).reindex(columns=cols)
+    return frame.rename(columns={"eager_ms": "eager TPOT ms", "compiled_ms": "compiled TPOT ms",
+                                 "ratio": "compiled / eager", "nll_max_abs_diff": "max abs dNLL",
+                                 "compile_sec": "first step s", "graphs_first_steps": "graphs (warm-up)",
+                                 "graphs_after_warmup": "graphs after warm-up"})
+
+
+def bench_memory_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["rss_growth"] = frame.rss_growth * 100
+    frame["kv_bytes_min"] = frame.kv_bytes_min / 2**20
+    frame["kv_bytes_max"] = frame.kv_bytes_max / 2**20
+    return frame[["method", "cap", "tokens", "kv_bytes_min", "kv_bytes_max", "kv_max_over_min", "rss_from_step",
+                  "rss_start_mb", "rss_end_mb", "rss_growth", "step_ms_first", "step_ms_last"]].rename(
+        columns={"kv_bytes_min": "KV MiB min", "kv_bytes_max": "KV MiB max", "kv_max_over_min": "KV max/min",
+                 "rss_from_step": "RSS from step", "rss_start_mb": "RSS then MiB", "rss_end_mb": "RSS end MiB",
+                 "rss_growth": "RSS growth %", "step_ms_first": "step ms (first 256)",
+                 "step_ms_last": "step ms (last 256)"})
+
+
+def bench_markdown(result: dict) -> str:
+    """The tables of a `streamkv bench` result as markdown (what the command prints, the Performance section)."""
+    parts = []
+    if result["overhead"]:
+        parts += ["Eviction overhead, speedup and time split (medians of block means, methods interleaved):", "",
+                  to_markdown(bench_overhead_table(result["overhead"]), _bench_cell), ""]
+    if result["compile"]:
+        parts += ["The ring's fixed-shape step, torch.compile vs eager:", "",
+                  to_markdown(bench_compile_table(result["compile"]), _bench_cell), ""]
+    if result["memory"]:
+        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS):", "",
+                  to_markdown(bench_memory_table(result["memory"]), _bench_cell), ""]
+    return "\n".join(parts)
+
+
+def bench_findings(result: dict) -> list[str]:
+    """One line per goal of the benchmark, in numbers."""
+    lines = []
+    for cap in sorted({row["cap"] for row in result["overhead"]}):
+        rows = {row["method"]: row for row in result["overhead"] if row["cap"] == cap}
+        ideal = rows.get("no eviction (reference)", {}).get("speedup")
+        for method, row in rows.items():
+            if not row.get("goal"):
+                continue
+            verdict = {True: "met", False: "missed", None: ""}[row.get("met")]
+            lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} the no-eviction forward, "
+                         f"{row['speedup']:.2f}x faster than recompute (ideal {ideal:.2f}x); goal {row['goal']}: {verdict}")
+    for c in result["compile"]:
+        if c["status"] == "ok":
+            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step at cap {c['cap']}: TPOT "
+                         f"x{c['ratio']:.3f} of eager, max |dNLL| {c['nll_max_abs_diff']:.1e}, "
+                         f"{c['graphs_after_warmup']} graphs compiled after warm-up (first step {c['compile_sec']:.0f} s)")
+        else:
+            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step failed: {c['error']}")
+    for m in result["memory"]:
+        growth = "n/a" if m["rss_growth"] is None else f"{m['rss_growth'] * 100:+.2f} %"
+        lines.append(f"{m['method']} over {m['tokens']} tokens: KV bytes max/min {m['kv_max_over_min']:.3f}, "
+                     f"RSS {growth} from step {m['rss_from_step']} to the end")
+    return lines

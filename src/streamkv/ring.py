@@ -20,6 +20,14 @@ window keys are rotated back once and `get_seq_length()` reports positions
 from the new base, so a forward without explicit `position_ids` places the
 query there too.  `generate` feeds absolute `position_ids` of its own, so keep
 `rebase_every=None` (the default) under `generate`.
+
+Static mode (`make_static`, used by `RingDecoder`): once the ring is full,
+a single-token step needs nothing but tensors of fixed shape -- the incoming
+token's position and slot live in 0-d device tensors, the update is one
+`index_copy_` per buffer plus the sinks' rotation, the attention reads all
+`cap` slots and the mask sizes are constants -- so a compiled decode step
+sees the same graph on every step.  The Python counters move outside the
+forward, in `advance()`.
 """
 
 from __future__ import annotations
@@ -32,15 +40,18 @@ from .policy import LAZY, StartRecent
 
 
 class RingLayer(StreamingLayer):
-    """Preallocated keys and values; sinks kept un-rotated on the side."""
+    """One layer's view of the cache's stacked buffers; sinks kept un-rotated on the side."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        cap = self.owner.cap
-        b, h, _, d = key_states.shape
+        owner = self.owner
+        if owner.store_k is None:
+            owner.allocate(key_states, value_states)
+        if key_states.shape[:2] != owner.store_k.shape[1:3] or key_states.shape[-1] != owner.store_k.shape[-1]:
+            raise StreamkvError(f"the ring stacks every layer's keys in one buffer, so all layers need the same KV shape; "
+                                f"got {tuple(key_states.shape)} after {tuple(owner.store_k.shape[1:])}")
+        i = next(i for i, layer in enumerate(owner.layers) if layer is self)
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.buf_k = key_states.new_zeros((b, h, cap, d))
-        self.buf_v = value_states.new_zeros((b, h, cap, value_states.shape[-1]))
-        self.raw_sinks = key_states.new_zeros((b, h, self.owner.sink, d))
+        self.buf_k, self.buf_v, self.raw_sinks = owner.store_k[i], owner.store_v[i], owner.raw_sinks[i]
         self.keys, self.values = self.buf_k[:, :, :0], self.buf_v[:, :, :0]
         self.is_initialized = True
 
@@ -61,9 +72,9 @@ class RingLayer(StreamingLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         owner, memo = self.owner, step.memo
-        if "rebase" in memo:  # positions moved back since the last step: rotate the window once
-            w = self.buf_k[:, :, owner.sink : owner.cap]
-            w.copy_(owner.aligner.rotate(w, *memo["rebase"]))
+        if "rebase" in memo and "rebased" not in memo:  # positions moved back: rotate every window once
+            owner.rotate_windows(*memo["rebase"])
+            memo["rebased"] = True
         slots, src, sink_idx = memo["slots"], memo["src"], memo["sink_idx"]
         kept_k = key_states if src is None else key_states.index_select(2, src)
         kept_v = value_states if src is None else value_states.index_select(2, src)
@@ -73,13 +84,26 @@ class RingLayer(StreamingLayer):
             raw = owner.aligner.rotate(key_states.index_select(2, memo["sink_src"]), *memo["unrotate"])
             self.raw_sinks.index_copy_(2, sink_idx, raw)
         if "sinks" in memo:  # once tokens are evicted, the sinks sit just before the oldest window key
-            self.buf_k[:, :, : owner.sink] = owner.aligner.rotate(self.raw_sinks, *memo["sinks"])
+            if sink_idx is not None:  # this layer's sinks just arrived
+                self.buf_k[:, :, : owner.sink] = owner.aligner.rotate(self.raw_sinks, *memo["sinks"])
+            elif "sinks_done" not in memo:  # every layer's sinks are stored: one rotation for all of them
+                owner.rotate_sinks(*memo["sinks"])
+                memo["sinks_done"] = True
         n = step.kv_len
         if src is not None:  # a first chunk longer than the ring: it attends to itself, the ring keeps its ends
             return key_states, value_states
         if memo["order"] is not None:  # a chunk after the ring wrapped: causal masking needs position order
             return self.buf_k.index_select(2, memo["order"]), self.buf_v.index_select(2, memo["order"])
         return self.buf_k[:, :, :n], self.buf_v[:, :, :n]
+
+    def update_static(self, key_states, value_states, first_layer: bool):
+        """A full ring, one token: write its slot (the sinks of every layer move at the first layer); return all slots."""
+        owner = self.owner
+        if first_layer:  # pos_t + 1 - cap: the sinks' positions, just before the window
+            owner.rotate_sinks(*owner.aligner.angles(owner.pos_t + (1 - owner.cap) + owner.sink_offsets))
+        self.buf_k.index_copy_(2, owner.slot_t, key_states)
+        self.buf_v.index_copy_(2, owner.slot_t, value_states)
+        return self.buf_k, self.buf_v
 
 
 class RingCache(StreamingCache):
@@ -92,14 +116,80 @@ class RingCache(StreamingCache):
         self.rebase_every = rebase_every
         self.base = 0  # positions are reported relative to this
         self.pending_rebase = 0
+        self.static = False  # see make_static()
+        self.pos_t = self.slot_t = self.sink_offsets = None
+        # Every layer's keys and values in one tensor each ([layer, batch, heads, cap, dim]): the sinks of all
+        # layers are re-rotated by one operation per step instead of one per layer.
+        self.store_k = self.store_v = self.raw_sinks = None
         super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink), aligner)  # strict: K = 1
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        n, (b, h, _, d) = len(self.layers), key_states.shape
+        self.store_k = key_states.new_zeros((n, b, h, self.cap, d))
+        self.store_v = value_states.new_zeros((n, b, h, self.cap, value_states.shape[-1]))
+        self.raw_sinks = key_states.new_zeros((n, b, h, self.sink, d))
+
+    def rotate_sinks(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Every layer's sinks, from their un-rotated copies, to the angles given."""
+        if self.sink:
+            self.store_k[..., : self.sink, :] = self.aligner.rotate(self.raw_sinks, cos, sin)
+
+    def rotate_windows(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        w = self.store_k[..., self.sink : self.cap, :]
+        w.copy_(self.aligner.rotate(w, cos, sin))
 
     @property
     def stored(self) -> int:  # (after the first chunk, however long it was)
         return min(self.seen, self.cap)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def get_seq_length(self, layer_idx: int = 0):
+        if self.static:  # a tensor, as transformers' StaticLayer does: a compiled step must not specialise on it
+            return self.pos_t
         return self.seen - self.base
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.static:
+            if key_states.shape[-2] != 1:
+                raise StreamkvError("a static ring takes one token per forward; call make_dynamic() to feed chunks")
+            return self.layers[layer_idx].update_static(key_states, value_states, layer_idx == 0)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def make_static(self) -> None:
+        """Switch to fixed-shape single-token steps (the ring must be full); call `advance()` after each forward."""
+        if self.seen < self.cap:
+            raise StreamkvError(f"the ring holds {self.seen} of {self.cap} tokens; make_static() needs a full ring")
+        if self.pending_rebase:
+            self._rebase_now()
+        device = self.layers[0].buf_k.device
+        self.pos_t = torch.tensor(self.seen - self.base, device=device)
+        self.slot_t = torch.tensor([self._slot(self.seen)], device=device)
+        self.sink_offsets = torch.arange(self.sink, device=device)
+        if not torch.compiler.is_compiling():  # fixed addresses: what CUDA graphs need
+            for t in (self.store_k, self.store_v, self.raw_sinks, self.pos_t, self.slot_t):
+                torch._dynamo.mark_static_address(t)
+        self.static = True
+
+    def make_dynamic(self) -> None:
+        """Back to the general update (any chunk size); the counters are already up to date."""
+        self.static = False
+
+    def advance(self) -> None:
+        """The bookkeeping of one static step, outside the (compiled) forward."""
+        self.last_step = Step(self.seen, 1, 1, self.cap, LAZY)
+        self.seen += 1
+        self.n_prunes += 1
+        self.tokens_dropped += 1
+        if self.rebase_every and self.seen - self.base >= self.rebase_every:
+            self.pending_rebase = self.seen - self.base - self.cap
+            self.base += self.pending_rebase
+            self._rebase_now()
+        self.pos_t.fill_(self.seen - self.base)
+        self.slot_t.fill_(self._slot(self.seen))
+
+    def _rebase_now(self) -> None:
+        """Rotate every window key back by the pending offset (the base already moved)."""
+        self.rotate_windows(*self.aligner.angles(torch.tensor([-self.pending_rebase])))
+        self.pending_rebase = 0
 
     def _kv_len(self, q: int) -> int:
         if self.seen == 0:  # the first chunk attends to all of itself, however long
@@ -107,6 +197,8 @@ class RingCache(StreamingCache):
         return min(self.seen + q, self.cap)
 
     def mask_sizes(self, q: int) -> tuple[int, int]:
+        if self.static:  # every slot is visible to the one query
+            return self.cap, 0
         kv_len = self._kv_len(q)
         return kv_len, self.seen - self.base + q - kv_len
 
@@ -164,3 +256,5 @@ class RingCache(StreamingCache):
     def reset(self):
         super().reset()
         self.base = self.pending_rebase = 0
+        self.static = False
+        self.store_k = self.store_v = self.raw_sinks = None

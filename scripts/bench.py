@@ -1,0 +1,25 @@
+"""Snakemake: one `streamkv bench` run on the prepared model; the tables go to the log as well."""
+
+from pathlib import Path
+
+from streamkv import bench
+from streamkv.cli import write_json
+from streamkv.params import BenchConfig
+from streamkv.pipeline import log_to
+from streamkv.report import bench_markdown
+from streamkv.sources import load_model
+
+with log_to(snakemake.log[0]):
+    settings = dict(snakemake.params.settings)
+    for key in ("caps", "stream_methods", "sections"):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    cfg = BenchConfig(**settings).check()
+    p = snakemake.params
+    loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=p.dtype, device=p.device)
+    tokens = bench.stream_tokens(loaded, p.text, bench.tokens_needed(cfg))
+    result = bench.run(loaded.model, tokens, cfg)
+    result["config"].update(model=snakemake.wildcards.model, text=snakemake.wildcards.text, text_source=p.text,
+                            dtype=p.dtype, device=p.device)
+    write_json(result, snakemake.output[0])
+    print(bench_markdown(result))

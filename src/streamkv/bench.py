@@ -1,0 +1,361 @@
+"""`streamkv bench`: what eviction costs, as ratios measured side by side in one run.
+
+Step times on a shared machine drift by +-10 % between runs, so every figure
+here is a ratio of two things timed in the same run with their steps
+interleaved (step t of every method, in a rotating order, then step t+1).  A
+method's step time is the median, over blocks of `block` consecutive steps, of
+the block's mean: a block holds a whole lazy period, so a lazy prune is
+charged to the method instead of being hidden by a median of single steps.
+
+* overhead: TPOT(method) / TPOT(reference).  The reference is the same forward
+  at the same KV length with no eviction work (`SameLengthCache`: `cap` slots,
+  each new token written into the last one; its logits are meaningless, its
+  cost is the floor every cache pays);
+* speedup: TPOT(recompute) / TPOT(method); the ideal is TPOT(recompute) /
+  TPOT(reference), a forward over the whole budget against one token;
+* time split: the forward (everything but the cache), the cache update and
+  its planning (policy, layout, counters), from the cache's own timers;
+* compile: the ring's fixed-shape step through `torch.compile` against the
+  same step eager (TPOT ratio, largest NLL difference, graphs compiled after
+  warm-up), or the exact error if the stack refuses it;
+* memory: over a long stream, the cache's bytes (min and max once it is
+  full) and the process RSS from step `rss_from` to the end, per method.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+import traceback
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import meta
+from .cache import make_cache
+from .compiled import RingDecoder
+from .errors import StreamkvError
+from .evaluation import CachedStepper
+from .params import BenchConfig
+from .recompute import RecomputeStepper
+
+REFERENCE = "no eviction (reference)"
+RECOMPUTE = "recompute"
+# The goals the ratios are read against: (column, bound, "<=" or ">=").
+GOALS = {
+    "start_recent strict": ("overhead", 1.03, "<="),
+    "start_recent lazy": ("overhead", 1.01, "<="),
+    "ring": ("overhead", 1.01, "<="),
+    "ring (fixed shapes)": ("overhead", 1.01, "<="),
+}
+SPEEDUP_GOAL = {256: 9.5}  # vs recompute, for the streaming methods at this cap
+class _SameLengthLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: "SameLengthCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        cap = self.owner.cap
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((*key_states.shape[:2], cap, key_states.shape[-1]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], cap, value_states.shape[-1]))
+        self.last = torch.tensor([cap - 1], device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if q == 1:
+            self.keys.index_copy_(2, self.last, key_states)
+            self.values.index_copy_(2, self.last, value_states)
+        else:  # the prefill fills the slots
+            self.keys[:, :, :q] = key_states
+            self.values[:, :, :q] = value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.cap, self.owner.seen + query_length - self.owner.cap
+
+    def get_max_length(self) -> int:
+        return self.owner.cap
+
+
+class SameLengthCache(Cache):
+    """The timing reference: attention over `cap` keys, one slot written per step, nothing evicted or rotated."""
+
+    def __init__(self, num_layers: int, cap: int):
+        self.cap, self.seen = cap, 0
+        super().__init__(layers=[_SameLengthLayer(self) for _ in range(num_layers)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            if self.seen == 0 and key_states.shape[-2] != self.cap:
+                raise StreamkvError(f"the reference cache is filled by one prefill of exactly cap ({self.cap}) tokens")
+            self.seen += key_states.shape[-2]
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+
+class _Decoder:
+    """A RingDecoder with the stepper interface of the decode loop (no cache timers inside a fixed-shape step)."""
+
+    update_ms = plan_ms = float("nan")
+
+    def __init__(self, decoder: RingDecoder):
+        self.decoder, self.cache = decoder, decoder.cache
+
+    def forward(self, ids):
+        return self.decoder(ids)
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes()
+
+
+def contenders(model, cap: int, sink: int, lazy_k: int) -> dict:
+    """Every method of the overhead table, each with its own state."""
+    from .cache import num_attention_layers
+
+    ring_static = make_cache("ring", model, cap=cap, sink=sink)
+    return {
+        REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
+        "start_recent strict": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink)),
+        "start_recent lazy": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink,
+                                                             compress_every=lazy_k)),
+        "mit": CachedStepper(model, make_cache("mit", model, cap=cap, sink=sink)),
+        "ring": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink)),
+        "ring (fixed shapes)": _Decoder(RingDecoder(model, ring_static)),
+        RECOMPUTE: RecomputeStepper(model, sink, cap - sink),
+    }
+
+
+def _sync_of(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _block_median(values: np.ndarray, block: int) -> float:
+    """Median over blocks of the block's mean (NaN entries, untimed steps, ignored)."""
+    blocks = values[: len(values) // block * block].reshape(-1, block)
+    means = np.array([np.nanmean(b) for b in blocks if np.isfinite(b).any()])
+    return float(np.median(means)) if means.size else float("nan")
+
+
+def _stepper_ms(stepper, name: str) -> float:
+    return float(getattr(stepper, name, float("nan")))
+
+
+@torch.inference_mode()
+def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True) -> pd.DataFrame:
+    """The overhead, speedup and time-split table at one cap."""
+    device = next(model.parameters()).device
+    sync = _sync_of(device)
+    n = cfg.warmup + cfg.blocks * cfg.block
+    if len(tokens) < cap + n:
+        raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
+    ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
+    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k)
+    names = list(steppers)
+    for stepper in steppers.values():
+        stepper.forward(ids[:, :cap])
+    step_ms = {m: np.full(n, np.nan) for m in names}
+    update_ms = {m: np.full(n, np.nan) for m in names}
+    plan_ms = {m: np.full(n, np.nan) for m in names}
+    for i in tqdm(range(n), desc=f"overhead cap {cap}", disable=not progress, mininterval=2.0, leave=False):
+        token = ids[:, cap + i : cap + i + 1]
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order: no method always first
+            stepper = steppers[name]
+            if name == RECOMPUTE and i % cfg.recompute_every:
+                stepper.skip(token)
+                continue
+            sync()
+            t0 = time.perf_counter()
+            stepper.forward(token)
+            sync()
+            step_ms[name][i] = (time.perf_counter() - t0) * 1e3
+            update_ms[name][i] = _stepper_ms(stepper, "update_ms")
+            plan_ms[name][i] = _stepper_ms(stepper, "plan_ms")
+    rows = []
+    for name in names:
+        tpot = _block_median(step_ms[name][cfg.warmup:], cfg.block)
+        update = _block_median(update_ms[name][cfg.warmup:], cfg.block)
+        plan = _block_median(plan_ms[name][cfg.warmup:], cfg.block)
+        rows.append({"cap": cap, "method": name, "tpot_ms": tpot, "forward_ms": tpot - update if np.isfinite(update) else tpot,
+                     "update_ms": update - plan if np.isfinite(update) else float("nan"), "plan_ms": plan,
+                     "kv_bytes": steppers[name].kv_bytes(),
+                     "timed_steps": int(np.isfinite(step_ms[name][cfg.warmup:]).sum())})
+    table = pd.DataFrame(rows)
+    reference = table.loc[table.method == REFERENCE, "tpot_ms"].item()
+    recompute = table.loc[table.method == RECOMPUTE, "tpot_ms"].item()
+    table["overhead"] = table.tpot_ms / reference
+    table["speedup"] = recompute / table.tpot_ms  # the reference's speedup is the ideal
+    table.loc[table.method == RECOMPUTE, "overhead"] = np.nan
+    table["goal"] = [_goal_text(m, cap) for m in table.method]
+    table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
+    return table
+
+
+def _goal_text(method: str, cap: int) -> str:
+    parts = []
+    if method in GOALS:
+        column, bound, op = GOALS[method]
+        parts.append(f"overhead {op} {bound}")
+    if cap in SPEEDUP_GOAL and method not in (REFERENCE, RECOMPUTE):
+        parts.append(f"speedup >= {SPEEDUP_GOAL[cap]}")
+    return ", ".join(parts)
+
+
+def _goal_met(row, cap: int) -> bool | None:
+    checks = []
+    if row.method in GOALS:
+        column, bound, op = GOALS[row.method]
+        value = getattr(row, column)
+        checks.append(value <= bound if op == "<=" else value >= bound)
+    if cap in SPEEDUP_GOAL and row.method not in (REFERENCE, RECOMPUTE):
+        checks.append(row.speedup >= SPEEDUP_GOAL[cap])
+    return all(checks) if checks else None
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _target_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
+    return F.cross_entropy(logits[0, -1:].float(), target.reshape(1)).item()
+
+
+@torch.inference_mode()
+def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True) -> dict:
+    """The ring's fixed-shape step compiled vs eager, interleaved; the exact error if compiling fails."""
+    device = next(model.parameters()).device
+    sync = _sync_of(device)
+    warm = 2  # compiled steps before the graph count is taken
+    n = warm + cfg.compile_steps
+    if len(tokens) < cap + n + 1:
+        raise StreamkvError(f"the compile comparison needs {cap + n + 1} tokens of text, the text has {len(tokens)}")
+    ids = torch.tensor(tokens[: cap + n + 1], device=device).unsqueeze(0)
+    record = {"cap": cap, "mode": cfg.compile_mode or "default", "status": "ok", "error": None}
+    eager = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink))
+    kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+    compiled = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink), compile=True, **kwargs)
+    eager(ids[:, :cap])
+    compiled(ids[:, :cap])
+    graphs0 = compiled_graphs()
+    times = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
+    nll = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
+    try:
+        for i in tqdm(range(n), desc="compile", disable=not progress, mininterval=2.0, leave=False):
+            token, target = ids[:, cap + i : cap + i + 1], ids[0, cap + i + 1]
+            if i == warm:
+                graphs_warm = compiled_graphs()
+            for name, decoder in ((("eager", eager), ("compiled", compiled)) if i % 2 else
+                                  (("compiled", compiled), ("eager", eager))):
+                sync()
+                t0 = time.perf_counter()
+                logits = decoder(token)
+                sync()
+                times[name][i] = (time.perf_counter() - t0) * 1e3
+                nll[name][i] = _target_nll(logits, target)
+    except Exception as exc:  # a measured negative: keep the stack's own words
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:4000],
+                      where=traceback.format_exc(limit=-3)[-2000:])
+        return record
+    eager_ms, compiled_ms = np.median(times["eager"][warm:]), np.median(times["compiled"][warm:])
+    record.update(
+        compile_sec=float(times["compiled"][0] / 1e3),  # the first compiled step compiles
+        eager_ms=float(eager_ms), compiled_ms=float(compiled_ms), ratio=float(compiled_ms / eager_ms),
+        nll_max_abs_diff=float(np.abs(nll["eager"] - nll["compiled"]).max()),
+        graphs_first_steps=graphs_warm - graphs0,
+        graphs_after_warmup=compiled_graphs() - graphs_warm, steps=cfg.compile_steps,
+    )
+    return record
+
+
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc; elsewhere the peak, which can only grow)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def memory_stream(model, tokens: list[int], method: str, cap: int, cfg: BenchConfig, progress: bool = True) -> dict:
+    """KV bytes and RSS over one long stream (first forward: `cap` tokens, then one token per step)."""
+    device = next(model.parameters()).device
+    n = cfg.dense_tokens if method == "dense" and cfg.dense_tokens else cfg.stream_tokens
+    if len(tokens) < n:
+        raise StreamkvError(f"the memory stream needs {n} tokens of text, the text has {len(tokens)}")
+    ids = torch.tensor(tokens[:n], device=device).unsqueeze(0)
+    cache = make_cache(method, model, cap=cap, sink=0 if method == "window" else cfg.sink)
+    stepper = CachedStepper(model, cache)
+    stepper.forward(ids[:, :cap])
+    rss_from = cfg.rss_from if cfg.rss_from < n else (n + cap) // 2
+    kv = np.empty(n - cap, dtype=np.int64)
+    step_ms = np.empty(n - cap)
+    rss_start = None
+    for i, t in enumerate(tqdm(range(cap, n), desc=f"memory {method}", disable=not progress, mininterval=5.0, leave=False)):
+        if t == rss_from:
+            rss_start = current_rss_mb()
+        t0 = time.perf_counter()
+        stepper.forward(ids[:, t : t + 1])
+        step_ms[i] = (time.perf_counter() - t0) * 1e3
+        kv[i] = cache.nbytes()
+    rss_end = current_rss_mb()
+    edge = min(256, len(step_ms) // 2)
+    return {
+        "method": method, "cap": cap, "tokens": n, "kv_bytes_min": int(kv.min()), "kv_bytes_max": int(kv.max()),
+        "kv_max_over_min": float(kv.max() / kv.min()), "rss_from_step": rss_from, "rss_start_mb": rss_start,
+        "rss_end_mb": rss_end, "rss_growth": (rss_end / rss_start - 1) if rss_start else None,
+        "step_ms_first": float(np.median(step_ms[:edge])), "step_ms_last": float(np.median(step_ms[-edge:])),
+    }
+
+
+def tokens_needed(cfg: BenchConfig) -> int:
+    caps = max(cfg.caps)
+    return max(caps + cfg.warmup + cfg.blocks * cfg.block, cfg.caps[0] + cfg.compile_steps + 3,
+               cfg.stream_tokens, cfg.dense_tokens or 0)
+
+
+def stream_tokens(loaded, text_src: str, n: int) -> list[int]:
+    """`n` tokens of the text, the text repeated end to end if it is shorter (costs do not depend on the words)."""
+    from .sources import encode, load_text
+
+    ids = encode(loaded.tokenizer, load_text(text_src, min_chars=16 * n))
+    if not ids:
+        raise StreamkvError(f"text '{text_src}' has no tokens")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True) -> dict:
+    """Every section of the benchmark on one model; a dict ready for JSON."""
+    cfg.check()
+    device = next(model.parameters()).device
+    out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [],
+           "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
+    if "overhead" in cfg.sections:
+        for cap in cfg.caps:
+            out["overhead"] += overhead(model, tokens, cap, cfg, progress).to_dict("records")
+    if "compile" in cfg.sections and cfg.compile:
+        out["compile"].append(compile_ratio(model, tokens, cfg.caps[0], cfg, progress))
+    if "memory" in cfg.sections:
+        for method in cfg.stream_methods:
+            out["memory"].append(memory_stream(model, tokens, method, cfg.caps[0], cfg, progress))
+    return out
+

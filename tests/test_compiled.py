@@ -1,0 +1,109 @@
+"""The ring at fixed shapes: equal to the general ring, compiled once and never again, and the bench on it."""
+
+import json
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from conftest import TINY
+from streamkv import StreamkvError, make_cache
+from streamkv.bench import run
+from streamkv.params import BenchConfig
+from streamkv.cli import main
+from streamkv.compiled import RingDecoder
+
+
+def logprobs(step, tokens, first=20):
+    """Log-probabilities of every position: one chunk of `first` tokens, then one token per call."""
+    with torch.inference_mode():
+        out = [step(torch.tensor([tokens[:first]]))[0].log_softmax(-1)]
+        out += [step(torch.tensor([[t]]))[0, -1:].log_softmax(-1) for t in tokens[first:]]
+    return torch.cat(out)
+
+
+def plain(model, cache):
+    return lambda ids: model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_fixed_shape_steps_equal_the_general_ring_across_rebases(tiny, hamlet_bytes, name):
+    model = tiny(name).model
+    tokens = hamlet_bytes[:400]
+    general = logprobs(plain(model, make_cache("ring", model, cap=32, sink=4, rebase_every=64)), tokens)
+    cache = make_cache("ring", model, cap=32, sink=4, rebase_every=64)
+    fixed = logprobs(RingDecoder(model, cache), tokens)
+    mit = logprobs(plain(model, make_cache("mit", model, cap=32, sink=4)), tokens)
+    assert cache.static and cache.base > 0  # the fixed-shape path ran, and re-based
+    assert (general - fixed).abs().max() <= 1e-5
+    assert (mit - fixed).abs().max() <= 1e-4
+    assert cache.seen == len(tokens) and cache.n_prunes == cache.tokens_dropped == len(tokens) - 32
+
+
+def test_fixed_shape_steps_need_a_full_ring_and_single_tokens(tiny, hamlet_bytes):
+    model = tiny("tiny:llama").model
+    cache = make_cache("ring", model, cap=32, sink=4)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([hamlet_bytes[:10]]), past_key_values=cache, use_cache=True)
+        with pytest.raises(StreamkvError, match="10 of 32 tokens"):
+            cache.make_static()
+        model(input_ids=torch.tensor([hamlet_bytes[10:32]]), past_key_values=cache, use_cache=True)
+        cache.make_static()
+        with pytest.raises(StreamkvError, match="one token per forward"):
+            model(input_ids=torch.tensor([hamlet_bytes[32:34]]), past_key_values=cache, use_cache=True)
+    with pytest.raises(StreamkvError, match="needs a ring cache"):
+        RingDecoder(model, make_cache("mit", model, cap=32, sink=4))
+
+
+def test_a_chunk_after_fixed_shape_steps_goes_back_to_the_general_path(tiny, hamlet_bytes):
+    model = tiny("tiny:llama").model
+    tokens = hamlet_bytes[:200]
+    decoder = RingDecoder(model, make_cache("ring", model, cap=32, sink=4))
+    mixed = logprobs(decoder, tokens[:100]), logprobs(decoder, tokens[100:], first=7)  # a 7-token chunk mid-stream
+    mit_cache = make_cache("mit", model, cap=32, sink=4)
+    ref = logprobs(plain(model, mit_cache), tokens[:100]), logprobs(plain(model, mit_cache), tokens[100:], first=7)
+    assert max((a - b).abs().max() for a, b in zip(mixed, ref)) <= 1e-4
+
+
+def test_the_compiled_step_compiles_once_and_matches_eager(tiny, hamlet_bytes):
+    """One graph (fullgraph: no breaks) for every step after warm-up, across re-bases; NLL as eager."""
+    torch._dynamo.reset()
+    model = tiny("tiny:llama").model
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    cache = make_cache("ring", model, cap=32, sink=4, rebase_every=64)
+    decoder = RingDecoder(model, cache, compile=True, backend=counter)
+    tokens = hamlet_bytes[:300]
+    with torch.inference_mode():
+        decoder(torch.tensor([tokens[:32]]))
+        first = [decoder(torch.tensor([[t]]))[0, -1].log_softmax(-1) for t in tokens[32:35]]
+        after_warmup = counter.frame_count
+        rest = [decoder(torch.tensor([[t]]))[0, -1].log_softmax(-1) for t in tokens[35:]]
+    assert after_warmup == 1
+    assert counter.frame_count == 1  # 265 more steps, three re-bases: no recompilation
+    assert cache.base > 0
+    eager = logprobs(RingDecoder(model, make_cache("ring", model, cap=32, sink=4, rebase_every=64)), tokens, first=32)
+    assert (torch.stack(first + rest) - eager[32:]).abs().max() <= 1e-4
+
+
+def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
+    model = tiny("tiny:llama").model
+    cfg = BenchConfig(caps=(48,), lazy_k=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,
+                      dense_tokens=300, rss_from=100, stream_methods=("ring", "start_recent", "dense"))
+    out = run(model, hamlet_bytes[:1000], cfg, progress=False)
+    table = {row["method"]: row for row in out["overhead"]}
+    assert table["no eviction (reference)"]["overhead"] == pytest.approx(1.0)
+    assert table["recompute"]["speedup"] == pytest.approx(1.0)
+    assert all(row["tpot_ms"] > 0 for row in out["overhead"])
+    assert table["recompute"]["timed_steps"] == 4  # every 4th of 16 steps
+    memory = {row["method"]: row for row in out["memory"]}
+    assert memory["ring"]["kv_max_over_min"] == 1.0
+    assert memory["dense"]["kv_bytes_max"] > memory["dense"]["kv_bytes_min"] * 5  # dense grows: 49 -> 300 tokens
+    assert out["compile"] == []
+    json.dumps(out)  # the record is plain JSON
+
+
+def test_bench_names_a_bad_option(capsys):
+    assert main(["bench", "--lazy-k", "32", "--block", "16"]) == 2
+    assert "block (16) must be at least lazy_k (32)" in capsys.readouterr().err
+    assert main(["bench", "--sections", "speed"]) == 2
+    assert "unknown bench section(s) speed" in capsys.readouterr().err
