@@ -101,3 +101,26 @@ def test_unknown_cache_method(tiny):
     with pytest.raises(StreamkvError) as err:
         make_cache("h2o", tiny("tiny:llama").model)
     assert str(err.value) == "unknown cache method 'h2o'; choose one of: dense, window, start_recent, mit, ring"
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_start_recent_writes_in_place_and_follows_mit(tiny, hamlet_bytes, k):
+    """One buffer per layer after the first forward, compacted now and then; the NLL of mit when strict."""
+    model = tiny("tiny:llama").model
+    cache = make_cache("start_recent", model, cap=32, sink=4, compress_every=k)
+    ref = make_cache("mit", model, cap=32, sink=4)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([hamlet_bytes[:8]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([hamlet_bytes[:8]]), past_key_values=ref, use_cache=True)
+        pointers = [layer.buf_k.data_ptr() for layer in cache.layers]
+        worst = 0.0
+        for i in range(8, 400):
+            ids, target = torch.tensor([[hamlet_bytes[i]]]), hamlet_bytes[i + 1]
+            a = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].log_softmax(-1)[target]
+            b = model(input_ids=ids, past_key_values=ref, use_cache=True).logits[0, -1].log_softmax(-1)[target]
+            worst = max(worst, abs(a - b).item())  # the NLL of the next token
+            assert all(layer.buf_k.data_ptr() == p for layer, p in zip(cache.layers, pointers))
+            assert cache.kv_length <= cache.policy.max_kv
+    assert cache.layers[0].buf_k.shape[-2] == cache.policy.max_kv + 16  # room: max(16, max_kv // 8)
+    if k == 1:
+        assert worst <= 1e-4

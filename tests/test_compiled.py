@@ -99,7 +99,7 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     assert memory["ring"]["kv_max_over_min"] == 1.0
     assert memory["dense"]["kv_bytes_max"] > memory["dense"]["kv_bytes_min"] * 5  # dense grows: 49 -> 300 tokens
     assert out["compile"] == []
-    json.dumps(out)  # the record is plain JSON
+    json.dumps(out, allow_nan=False)  # the record is plain JSON
 
 
 def test_bench_names_a_bad_option(capsys):

@@ -343,6 +343,20 @@ def stream_tokens(loaded, text_src: str, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def _plain(record: dict) -> dict:
+    """JSON-ready values: Python numbers and bools, None for NaN (no measurement)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, (np.bool_, bool)):
+            value = bool(value)
+        elif isinstance(value, (np.integer,)):
+            value = int(value)
+        elif isinstance(value, (np.floating, float)):
+            value = float(value) if np.isfinite(value) else None
+        out[key] = value
+    return out
+
+
 def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True) -> dict:
     """Every section of the benchmark on one model; a dict ready for JSON."""
     cfg.check()
@@ -351,11 +365,11 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True) -> di
            "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
     if "overhead" in cfg.sections:
         for cap in cfg.caps:
-            out["overhead"] += overhead(model, tokens, cap, cfg, progress).to_dict("records")
+            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress).to_dict("records")]
     if "compile" in cfg.sections and cfg.compile:
-        out["compile"].append(compile_ratio(model, tokens, cfg.caps[0], cfg, progress))
+        out["compile"].append(_plain(compile_ratio(model, tokens, cfg.caps[0], cfg, progress)))
     if "memory" in cfg.sections:
         for method in cfg.stream_methods:
-            out["memory"].append(memory_stream(model, tokens, method, cfg.caps[0], cfg, progress))
+            out["memory"].append(_plain(memory_stream(model, tokens, method, cfg.caps[0], cfg, progress)))
     return out
 

@@ -113,18 +113,75 @@ class StreamingLayer(CacheLayerMixin):
 
 
 class RealignedLayer(StreamingLayer):
-    """Rotated keys; on eviction the sinks move forward next to the window."""
+    """Rotated keys; on eviction the sinks move forward next to the window.
+
+    Unbounded (dense) caches concatenate.  A bounded one keeps its keys in a
+    buffer with some room past the largest cache (`max_kv + room` slots):
+    the stored keys are the slice [start, end), new tokens are written at
+    `end`, and a prune of d tokens writes the shifted sinks d slots further on
+    and moves `start` there -- the window itself is never copied.  Only when
+    the room is used up is the slice moved back to slot 0, once every
+    `room` / (tokens per step) steps or so.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.buf_k = self.buf_v = None
+        self.start = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.buf_k = self.buf_v = None
+
+    def nbytes(self) -> int:
+        if self.buf_k is None:
+            return super().nbytes()
+        return self.buf_k.nbytes + self.buf_v.nbytes  # what is allocated, room included
 
     def update(self, key_states, value_states, step: Step):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        sinks = None
-        s = self.owner.policy.sink
-        if step.dropped and s:
-            sinks = self.owner.aligner.shift(self.keys[:, :, :s], step.dropped)
-        self.keys = self._evict_and_append(self.keys, key_states, step.dropped, sinks)
-        self.values = self._evict_and_append(self.values, value_states, step.dropped)
+        s, d = self.owner.policy.sink, step.dropped
+        sinks = self.owner.aligner.shift(self.keys[:, :, :s], d) if d and s else None
+        if self.owner.policy.max_kv is None:
+            self.keys = self._evict_and_append(self.keys, key_states, d, sinks)
+            self.values = self._evict_and_append(self.values, value_states, d)
+            return self.keys, self.values
+        n, q = self.keys.shape[-2], key_states.shape[-2]
+        start = self.start + d  # the sinks move onto the first d evicted slots
+        end = self.start + n + q
+        if self.buf_k is None or end > self.buf_k.shape[-2]:
+            start, end = self._make_room(n - d + q, d)
+        if sinks is not None:
+            self.buf_k[:, :, start : start + s] = sinks
+            self.buf_v[:, :, start : start + s] = self.buf_v[:, :, self.start : self.start + s].clone()
+        self.buf_k[:, :, end - q : end] = key_states
+        self.buf_v[:, :, end - q : end] = value_states
+        self.start = start
+        self.keys, self.values = self.buf_k[:, :, start:end], self.buf_v[:, :, start:end]
         return self.keys, self.values
+
+    def _make_room(self, need: int, d: int) -> tuple[int, int]:
+        """Move the kept keys (sinks and the window after the d evicted) to slot 0 of a buffer that fits `need`."""
+        s, n = self.owner.policy.sink, self.keys.shape[-2]
+        max_kv = self.owner.policy.max_kv
+        size = max(need, max_kv) + max(16, max_kv // 8)
+        kept = [(0, min(s, n)), (min(s, n) + d, n)]  # slices of the stored keys that stay
+        old_k, old_v = self.keys, self.values
+        if self.buf_k is None or size > self.buf_k.shape[-2]:
+            self.buf_k = old_k.new_empty((*old_k.shape[:2], size, old_k.shape[-1]))
+            self.buf_v = old_v.new_empty((*old_v.shape[:2], size, old_v.shape[-1]))
+        else:  # the same buffer: the source may overlap the destination
+            old_k, old_v = old_k.clone(), old_v.clone()
+        at = 0
+        for a, b in kept:
+            self.buf_k[:, :, at : at + b - a] = old_k[:, :, a:b]
+            self.buf_v[:, :, at : at + b - a] = old_v[:, :, a:b]
+            at += b - a
+        # The sinks (if any) stay at slot 0: the caller writes the shifted ones there.
+        self.start = 0
+        self.keys, self.values = self.buf_k[:, :, :at], self.buf_v[:, :, :at]
+        return 0, at + (need - (n - d))
 
 
 class MitLayer(StreamingLayer):
