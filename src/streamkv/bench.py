@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import meta
-from .cache import make_cache
+from .cache import make_cache, num_attention_layers
 from .compiled import RingDecoder
 from .errors import StreamkvError
 from .evaluation import CachedStepper
@@ -127,8 +127,6 @@ class _Decoder:
 
 def contenders(model, cap: int, sink: int, lazy_k: int) -> dict:
     """Every method of the overhead table, each with its own state."""
-    from .cache import num_attention_layers
-
     ring_static = make_cache("ring", model, cap=cap, sink=sink)
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
@@ -154,6 +152,7 @@ def _block_median(values: np.ndarray, block: int) -> float:
 
 
 def _stepper_ms(stepper, name: str) -> float:
+    """A cache timer of the last step; NaN where there is none (recompute, the reference, a fixed-shape step)."""
     return float(getattr(stepper, name, float("nan")))
 
 

@@ -523,8 +523,8 @@ def bench_memory_table(rows: list[dict]) -> pd.DataFrame:
                   "rss_start_mb", "rss_end_mb", "rss_growth", "step_ms_first", "step_ms_last"]].rename(
         columns={"kv_bytes_min": "KV MiB min", "kv_bytes_max": "KV MiB max", "kv_max_over_min": "KV max/min",
                  "rss_from_step": "RSS from step", "rss_start_mb": "RSS then MiB", "rss_end_mb": "RSS end MiB",
-                 "rss_growth": "RSS growth %", "step_ms_first": "step ms (first 256)",
-                 "step_ms_last": "step ms (last 256)"})
+                 "rss_growth": "RSS growth %", "step_ms_first": "step ms, start",
+                 "step_ms_last": "step ms, end"})
 
 
 def bench_markdown(result: dict) -> str:
@@ -537,7 +537,8 @@ def bench_markdown(result: dict) -> str:
         parts += ["The ring's fixed-shape step, torch.compile vs eager:", "",
                   to_markdown(bench_compile_table(result["compile"]), _bench_cell), ""]
     if result["memory"]:
-        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS):", "",
+        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the first "
+                  "and last 256 steps, or halves of a shorter stream):", "",
                   to_markdown(bench_memory_table(result["memory"]), _bench_cell), ""]
     return "\n".join(parts)
 
