@@ -95,6 +95,7 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     assert table["recompute"]["speedup"] == pytest.approx(1.0)
     assert all(row["tpot_ms"] > 0 for row in out["overhead"])
     assert table["recompute"]["timed_steps"] == 4  # every 4th of 16 steps
+    assert table["ring"]["cache_work"] > 0 and table["no eviction (reference)"]["cache_work"] is None
     memory = {row["method"]: row for row in out["memory"]}
     assert memory["ring"]["kv_max_over_min"] == 1.0
     assert memory["dense"]["kv_bytes_max"] > memory["dense"]["kv_bytes_min"] * 5  # dense grows: 49 -> 300 tokens
@@ -107,3 +108,14 @@ def test_bench_names_a_bad_option(capsys):
     assert "block (16) must be at least lazy_k (32)" in capsys.readouterr().err
     assert main(["bench", "--sections", "speed"]) == 2
     assert "unknown bench section(s) speed" in capsys.readouterr().err
+
+
+def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--lazy-k", "8", "--block", "8", "--blocks", "1",
+                 "--warmup", "1", "--no-compile", "--stream-tokens", "100", "--rss-from", "60",
+                 "--stream-methods", "ring", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
+    record = json.loads(out.read_text())
+    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 7

@@ -499,8 +499,10 @@ def _bench_cell(v) -> str:
 def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame = frame.assign(met=frame.met.astype(object).where(frame.met.notna(), None))
-    return frame[["cap", "method", "tpot_ms", "overhead", "speedup", "forward_ms", "update_ms", "plan_ms", "goal", "met"]].rename(
-        columns={"tpot_ms": "TPOT ms", "overhead": "x no-eviction", "speedup": "speedup vs recompute",
+    return frame.reindex(columns=["cap", "method", "tpot_ms", "overhead", "cache_work", "speedup", "forward_ms", "update_ms",
+                                  "plan_ms", "goal", "met"]).rename(
+        columns={"tpot_ms": "TPOT ms", "overhead": "x no-eviction", "cache_work": "cache work / step",
+                 "speedup": "speedup vs recompute",
                  "forward_ms": "forward ms", "update_ms": "cache update ms", "plan_ms": "planning ms"})
 
 
