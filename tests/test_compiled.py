@@ -96,6 +96,7 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     assert all(row["tpot_ms"] > 0 for row in out["overhead"])
     assert table["recompute"]["timed_steps"] == 4  # every 4th of 16 steps
     assert table["ring"]["cache_work"] > 0 and table["no eviction (reference)"]["cache_work"] is None
+    assert table["ring lazy"]["cache_work"] > 0 and table["ring lazy"]["goal"] == "overhead <= 1.01"
     memory = {row["method"]: row for row in out["memory"]}
     assert memory["ring"]["kv_max_over_min"] == 1.0
     assert memory["dense"]["kv_bytes_max"] > memory["dense"]["kv_bytes_min"] * 5  # dense grows: 49 -> 300 tokens
@@ -118,4 +119,4 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
     record = json.loads(out.read_text())
-    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 7
+    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8

@@ -182,7 +182,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
      "config key runs[7] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[7] ('lazy mit'): compress-every applies to start_recent and window, not to 'mit'"),
+     "config key runs[7] ('lazy mit'): compress-every applies to start_recent, ring and window, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),

@@ -106,13 +106,79 @@ def test_rebased_positions_stay_small_and_exact(tiny, hamlet_bytes, name):
 
 def test_ring_options_are_checked(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
-    with pytest.raises(StreamkvError, match="method 'ring' is strict Start\\+Recent in a fixed ring"):
-        make_cache("ring", model, cap=32, compress_every=4)
-    with pytest.raises(StreamkvError, match="rebase_every \\(16\\) must be at least cap \\(32\\)"):
+    with pytest.raises(StreamkvError, match="cache_slack, max_drop, overlap and refresh apply to start_recent"):
+        make_cache("ring", model, cap=32, cache_slack=4)
+    with pytest.raises(StreamkvError, match="rebase_every \\(16\\) must be at least the ring's slots \\(32\\)"):
         make_cache("ring", model, cap=32, rebase_every=16)
+    with pytest.raises(StreamkvError, match="rebase_every \\(32\\) must be at least the ring's slots \\(39\\)"):
+        make_cache("ring", model, cap=32, compress_every=8, rebase_every=32)
     cache = make_cache("ring", model, cap=32, sink=4)
     stream(model, cache, hamlet_bytes[:40])
     with pytest.raises(StreamkvError, match="a chunk of 30 tokens does not fit the ring's window \\(28\\)"):
         stream(model, cache, hamlet_bytes[40:70], chunk=30)
-    with pytest.raises(StreamkvError, match="compress-every applies to start_recent and window, not to 'ring'"):
-        EvalParams("m", "t", "ring", compress_every=8).resolved()
+    with pytest.raises(StreamkvError, match="compress-every applies to start_recent, ring and window, not to 'mit'"):
+        EvalParams("m", "t", "mit", compress_every=8).resolved()
+
+
+# The lazy ring: start_recent's lazy pruning (K > 1) in fixed buffers.
+
+@pytest.mark.parametrize("name,prefill,k", [(name, 20, 8) for name in TINY] + [("tiny:llama", 1, 4), ("tiny:llama", 32, 5)])
+def test_lazy_ring_gives_the_nll_of_lazy_start_recent(tiny, hamlet_bytes, name, prefill, k):
+    loaded, tokens = tiny(name), hamlet_bytes[:1024]
+    runs = [evaluate(loaded, tokens, EvalParams("m", "t", method, cap=32, compress_every=k, max_tokens=1024,
+                                                prefill=prefill), progress=False)
+            for method in ("start_recent", "ring")]
+    (ours, a), (ring, b) = runs
+    assert np.abs(a.nll.values - b.nll.values).max() <= 1e-4
+    assert b.kv_len.tolist() == a.kv_len.tolist() and b.kv_len.max() == 32 + k - 1
+    assert ring["metrics"]["n_prunes"] == ours["metrics"]["n_prunes"] > 0
+    assert ring["metrics"]["tokens_dropped"] == ours["metrics"]["tokens_dropped"]
+
+
+def test_lazy_ring_overwrites_in_place(tiny, hamlet_bytes):
+    """cap + K - 1 slots allocated once; a prune moves only the staged tokens; the bytes never change."""
+    model = tiny("tiny:gpt_neox").model
+    cache = make_cache("ring", model, cap=32, sink=4, compress_every=8)
+    stream(model, cache, hamlet_bytes[:8], chunk=8)
+    pointers = [(lay.buf_k.data_ptr(), lay.buf_v.data_ptr()) for lay in cache.layers]
+    nbytes, lengths = cache.nbytes(), []
+    with torch.inference_mode():
+        for tok in hamlet_bytes[8:300]:
+            model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            assert cache.nbytes() == nbytes
+            lengths.append(cache.kv_length)
+    assert [(lay.buf_k.data_ptr(), lay.buf_v.data_ptr()) for lay in cache.layers] == pointers
+    assert cache.layers[0].buf_k.shape[-2] == 39 and max(lengths) == 39 and min(lengths[40:]) == 32
+
+
+def test_lazy_ring_under_generate_and_rebased(tiny, hamlet_bytes):
+    model = tiny("tiny:llama").model
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    prompt = torch.tensor([list(b"To be, or not to be")])
+    outs = [model.generate(prompt, max_new_tokens=150, do_sample=False,
+                           past_key_values=make_cache(m, model, cap=24, sink=4, compress_every=6))
+            for m in ("start_recent", "ring")]
+    assert torch.equal(*outs)
+    # re-basing rotates the window (staging included) and the sinks: the same log-probabilities (over 300
+    # tokens, where the absolute positions of start_recent are still precise in float32) ...
+    a = stream(model, make_cache("start_recent", model, cap=32, sink=4, compress_every=8), hamlet_bytes[:300])
+    rebased = make_cache("ring", model, cap=32, sink=4, compress_every=8, rebase_every=40)
+    b = stream(model, rebased, hamlet_bytes[:300])
+    assert rebased.base > 200 and (a - b).abs().max() <= 1e-4
+    # ... and further on, whatever the re-base schedule
+    a = stream(model, make_cache("ring", model, cap=32, sink=4, compress_every=8, rebase_every=40), hamlet_bytes[:700])
+    b = stream(model, make_cache("ring", model, cap=32, sink=4, compress_every=8, rebase_every=97), hamlet_bytes[:700])
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_lazy_ring_refuses_what_it_cannot_lay_out(tiny, hamlet_bytes):
+    model = tiny("tiny:llama").model
+    with pytest.raises(StreamkvError, match="a first chunk of 40 tokens does not fit the lazy ring's 39 slots"):
+        stream(model, make_cache("ring", model, cap=32, sink=4, compress_every=8), hamlet_bytes[:40], chunk=40)
+    cache = make_cache("ring", model, cap=32, sink=4, compress_every=8)
+    stream(model, cache, hamlet_bytes[:36], chunk=36)  # fits: no prune yet
+    with pytest.raises(StreamkvError, match="the lazy ring takes one token per forward once it evicts"):
+        stream(model, cache, hamlet_bytes[36:40], chunk=4)
+    with pytest.raises(StreamkvError, match="fixed-shape steps need the strict ring"):
+        cache.make_static()

@@ -347,9 +347,10 @@ def make_cache(
 ) -> StreamingCache:
     """Build the cache of `method` for `model`.
 
-    `dense` keeps everything (`cap` unused); `ring` is strict Start+Recent in
-    preallocated buffers (see `streamkv.ring`; `rebase_every` keeps its positions
-    small in forward loops without `position_ids`, never under `generate`);
+    `dense` keeps everything (`cap` unused); `ring` is Start+Recent in
+    preallocated buffers, strict or (`compress_every` > 1) lazy (see `streamkv.ring`;
+    `rebase_every` keeps its positions small in forward loops without `position_ids`,
+    never under `generate`);
     `window` keeps the last `cap`
     tokens; `start_recent` keeps `sink` sinks and a recent window and prunes
     every `compress_every` positions; `mit` is strict Start+Recent as MIT
@@ -366,12 +367,16 @@ def make_cache(
     if method == "dense":
         return StreamingCache(RealignedLayer, n, KeepAll(), None)
     if method == "ring":
-        from .ring import RingCache
+        from .ring import LazyRingCache, RingCache
 
-        if compress_every != 1 or cache_slack or max_drop or overlap or refresh:
-            raise StreamkvError("method 'ring' is strict Start+Recent in a fixed ring: compress_every, cache_slack, "
-                                "max_drop, overlap and refresh do not apply")
+        if cache_slack or max_drop or overlap or refresh:
+            raise StreamkvError("method 'ring' keeps Start+Recent in fixed buffers, where an eviction costs nothing to "
+                                "stage: cache_slack, max_drop, overlap and refresh apply to start_recent")
+        if compress_every < 1:
+            raise StreamkvError(f"compress_every must be >= 1, got {compress_every}")
         budget = Budget.derive(cap, sink=sink)
+        if compress_every > 1:
+            return LazyRingCache(n, budget.cap, budget.sink, compress_every, RotaryAligner(model), rebase_every)
         return RingCache(n, budget.cap, budget.sink, RotaryAligner(model), rebase_every)
     if method not in CACHE_METHODS:
         raise StreamkvError(f"unknown cache method '{method}'; choose one of: {', '.join(CACHE_METHODS)}")

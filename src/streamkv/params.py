@@ -58,8 +58,8 @@ class EvalParams:
             p.sink = 4
         if p.compress_every < 1:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in ("start_recent", "window"):  # mit and ring are strict
-            raise StreamkvError(f"compress-every applies to start_recent and window, not to '{p.method}'")
+        if p.compress_every != 1 and p.method not in ("start_recent", "window", "ring"):  # mit is strict
+            raise StreamkvError(f"compress-every applies to start_recent, ring and window, not to '{p.method}'")
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
         if p.max_tokens < 2:

@@ -61,6 +61,8 @@ def run_id(run: dict) -> str:
         return "dense" + suffix
     if m == "recompute":
         return f"recompute_s{r['sink']}" + suffix
+    if m == "ring" and r["compress_every"] != 1:
+        return f"ring_s{r['sink']}_k{r['compress_every']}" + suffix
     if m in ("mit", "ring"):
         return f"{m}_s{r['sink']}" + suffix
     if m == "window":

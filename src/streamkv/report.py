@@ -20,7 +20,7 @@ def configuration(row) -> str:
     if row.method == "dense":
         return "full cache"
     parts = [f"S={_count(row.sink)}", f"W={_count(row.window)}"]
-    if row.method in ("start_recent", "window") and row.compress_every != 1:
+    if row.method in ("start_recent", "window", "ring") and row.compress_every != 1:
         parts.append(f"K={_count(row.compress_every)}")
     if row.cache_slack:
         parts.append(f"σ={_count(row.cache_slack)}")

@@ -1,4 +1,7 @@
-"""The ring cache: strict Start+Recent in preallocated buffers, evicting by overwrite.
+"""The ring cache: Start+Recent in preallocated buffers, evicting by overwrite.
+
+`RingCache` is strict (every step evicts one token); `LazyRingCache` (below)
+prunes lazily every K positions, as `start_recent` does, in the same way.
 
 Each layer owns one key and one value buffer of exactly `cap` slots: the
 first `sink` slots hold the sinks, the other `window` slots are a ring.  The
@@ -75,6 +78,9 @@ class RingLayer(StreamingLayer):
         if "rebase" in memo and "rebased" not in memo:  # positions moved back: rotate every window once
             owner.rotate_windows(*memo["rebase"])
             memo["rebased"] = True
+        if "flush" in memo and "flushed" not in memo:  # a lazy prune: staged tokens overwrite the oldest (all layers)
+            owner.flush(*memo["flush"])
+            memo["flushed"] = True
         slots, src, sink_idx = memo["slots"], memo["src"], memo["sink_idx"]
         kept_k = key_states if src is None else key_states.index_select(2, src)
         kept_v = value_states if src is None else value_states.index_select(2, src)
@@ -109,10 +115,12 @@ class RingLayer(StreamingLayer):
 class RingCache(StreamingCache):
     """Strict Start+Recent with `sink` sinks in a `cap`-slot ring; see the module docstring."""
 
-    def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None):
-        if rebase_every is not None and rebase_every < cap:
-            raise StreamkvError(f"rebase_every ({rebase_every}) must be at least cap ({cap})")
+    def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None,
+                 compress_every: int = 1):
         self.cap, self.sink, self.window = cap, sink, cap - sink
+        self.k = compress_every
+        if rebase_every is not None and rebase_every < self.size:
+            raise StreamkvError(f"rebase_every ({rebase_every}) must be at least the ring's slots ({self.size})")
         self.rebase_every = rebase_every
         self.base = 0  # positions are reported relative to this
         self.pending_rebase = 0
@@ -121,12 +129,17 @@ class RingCache(StreamingCache):
         # Every layer's keys and values in one tensor each ([layer, batch, heads, cap, dim]): the sinks of all
         # layers are re-rotated by one operation per step instead of one per layer.
         self.store_k = self.store_v = self.raw_sinks = None
-        super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink), aligner)  # strict: K = 1
+        super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink, compress_every), aligner)
+
+    @property
+    def size(self) -> int:
+        """Slots per layer: the most keys a step attends to."""
+        return self.cap
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         n, (b, h, _, d) = len(self.layers), key_states.shape
-        self.store_k = key_states.new_zeros((n, b, h, self.cap, d))
-        self.store_v = value_states.new_zeros((n, b, h, self.cap, value_states.shape[-1]))
+        self.store_k = key_states.new_zeros((n, b, h, self.size, d))
+        self.store_v = value_states.new_zeros((n, b, h, self.size, value_states.shape[-1]))
         self.raw_sinks = key_states.new_zeros((n, b, h, self.sink, d))
 
     def rotate_sinks(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -134,8 +147,13 @@ class RingCache(StreamingCache):
         if self.sink:
             self.store_k[..., : self.sink, :] = self.aligner.rotate(self.raw_sinks, cos, sin)
 
+    def flush(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's slots `src` copied onto slots `dst` (keys and values)."""
+        for store in (self.store_k, self.store_v):
+            store.index_copy_(3, dst, store.index_select(3, src))
+
     def rotate_windows(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        w = self.store_k[..., self.sink : self.cap, :]
+        w = self.store_k[..., self.sink : self.size, :]
         w.copy_(self.aligner.rotate(w, cos, sin))
 
     @property
@@ -226,15 +244,7 @@ class RingCache(StreamingCache):
         memo = step.memo
         memo["slots"] = torch.tensor([self._slot(p) for p in positions], device=device)
         memo["src"] = None if src is None else torch.tensor(src, device=device)
-        sinks_new = [i for i, p in enumerate(positions) if p < self.sink]
-        memo["sink_idx"] = memo["sink_src"] = None
-        if sinks_new:  # (the sinks come first among the kept tokens, so i is also their index in the chunk)
-            memo["sink_idx"] = torch.tensor([positions[i] for i in sinks_new], device=device)
-            memo["sink_src"] = torch.tensor(sinks_new, device=device)
-            memo["unrotate"] = self.aligner.angles(-(torch.tensor([positions[i] for i in sinks_new]) - self.base))
-        if self.pending_rebase:
-            memo["rebase"] = self.aligner.angles(torch.tensor([-self.pending_rebase]))
-            self.pending_rebase = 0
+        self._note_sinks_and_rebase(memo, positions, device)
         evicted = max(0, self.seen + q - self.cap)
         if evicted:
             first = evicted - self.base  # the sinks' new (rebased) positions: just before the window
@@ -245,11 +255,23 @@ class RingCache(StreamingCache):
             memo["order"] = torch.tensor(list(range(self.sink)) + window, device=device)
         return step
 
+    def _note_sinks_and_rebase(self, memo: dict, positions, device) -> None:
+        """Sink tokens among the incoming ones (kept un-rotated too) and a pending re-base, in the step's memo."""
+        sinks_new = [i for i, p in enumerate(positions) if p < self.sink]
+        memo["sink_idx"] = memo["sink_src"] = None
+        if sinks_new:  # (the sinks come first among the kept tokens, so i is also their index in the chunk)
+            memo["sink_idx"] = torch.tensor([positions[i] for i in sinks_new], device=device)
+            memo["sink_src"] = torch.tensor(sinks_new, device=device)
+            memo["unrotate"] = self.aligner.angles(-(torch.tensor([positions[i] for i in sinks_new]) - self.base))
+        if self.pending_rebase:
+            memo["rebase"] = self.aligner.angles(torch.tensor([-self.pending_rebase]))
+            self.pending_rebase = 0
+
     def _after_begin(self) -> None:
         # This forward's positions are already set; the next one's come from get_seq_length(), so
         # the base moves now and the window keys follow at the next forward (memo "rebase").
         if self.rebase_every and self.seen - self.base >= self.rebase_every:
-            shift = self.seen - self.base - self.cap
+            shift = self.seen - self.base - self.size
             self.base += shift
             self.pending_rebase = shift
 
@@ -258,3 +280,94 @@ class RingCache(StreamingCache):
         self.base = self.pending_rebase = 0
         self.static = False
         self.store_k = self.store_v = self.raw_sinks = None
+
+
+class LazyRingCache(RingCache):
+    """Lazy Start+Recent (prune every K positions) in fixed buffers; the same keys as `start_recent` with K.
+
+    Lazy pruning lets the window grow from W to W + K - 1 tokens between
+    prunes and then drops back to W.  A plain ring cannot show a window of
+    varying length without a mask (the stale slots sit anywhere in it), so the
+    buffer of C + K - 1 slots (the lazy bound) is laid out as
+
+        [sinks: S][ring: W - 1 tokens, oldest at `head`][staging: K slots]
+
+    and the keys attended are always the prefix [0, S + W - 1 + staged): the
+    ring holds the W - 1 tokens before the current lazy period, the staging
+    area the tokens of the period so far, in order.  A prune (every K
+    positions, as `start_recent`) copies the staged tokens over the oldest ring
+    slots -- K tokens, once per K steps, never the window -- and rotates the
+    sinks, from their un-rotated copies, to just before the new oldest token.
+    Between prunes a step writes one slot and rotates nothing.  Window keys keep
+    their absolute rotation, as in the strict ring.
+
+    After the first prune it takes one token per forward (the decode loop and
+    `generate` do); the first forward may hold up to C + K - 1 tokens.  Fixed
+    shapes (`make_static`) need the strict ring: here the attended length
+    changes every step.
+    """
+
+    def __init__(self, num_layers: int, cap: int, sink: int, compress_every: int, aligner,
+                 rebase_every: int | None = None):
+        if compress_every < 2:
+            raise StreamkvError(f"the lazy ring needs compress_every >= 2 (got {compress_every}); use the strict ring")
+        if cap - sink < 2:
+            raise StreamkvError(f"the lazy ring needs a window of at least 2 tokens (cap {cap}, sink {sink})")
+        super().__init__(num_layers, cap, sink, aligner, rebase_every, compress_every)
+        self.ring = self.window - 1  # ring slots; the staging area holds the other K
+        self.count = 0  # keys stored, all of them attended
+        self.head = 0  # ring index of its oldest token
+
+    @property
+    def size(self) -> int:
+        return self.cap + self.k - 1
+
+    @property
+    def stored(self) -> int:
+        return self.count
+
+    def make_static(self) -> None:
+        raise StreamkvError("fixed-shape steps need the strict ring (compress_every 1): the lazy ring's attended "
+                            "length changes from step to step")
+
+    def _kv_len(self, q: int) -> int:
+        return self.count - self.policy.plan(self.count, q, self.seen).dropped + q
+
+    def _begin_step(self, key_states, value_states) -> Step:
+        if not self.layers[0].is_initialized:
+            self.layers[0].lazy_initialization(key_states, value_states)
+        q, device = key_states.shape[-2], self.store_k.device
+        prune = self.policy.plan(self.count, q, self.seen)
+        if self.count - prune.dropped + q > self.size:
+            raise StreamkvError(f"a first chunk of {q} tokens does not fit the lazy ring's {self.size} slots "
+                                f"(cap + compress_every - 1); feed at most that many, then one token per forward")
+        if prune.dropped and q > 1:
+            raise StreamkvError(f"the lazy ring takes one token per forward once it evicts (got a chunk of {q}); "
+                                "feed tokens one by one, or use start_recent for chunks")
+        step = Step(self.seen, q, prune.dropped, self.count - prune.dropped + q, prune.kind)
+        memo = step.memo
+        if prune.dropped:
+            staged = self.count - self.sink - self.ring
+            if prune.dropped != staged:  # plain lazy always drops what is over C, i.e. the staged tokens
+                raise StreamkvError(f"the lazy ring can drop only its {staged} staged tokens, the policy asked for "
+                                    f"{prune.dropped}")
+            moved = min(staged, self.ring)  # the newest staged tokens replace the oldest ring tokens
+            first = self.sink + self.ring + staged - moved
+            memo["flush"] = (torch.arange(first, first + moved, device=device),
+                             torch.tensor([self.sink + (self.head + i) % self.ring for i in range(moved)], device=device))
+            self.head = (self.head + moved) % self.ring
+            self.count -= staged
+        positions = list(range(self.seen, self.seen + q))
+        memo["slots"] = torch.arange(self.count, self.count + q, device=device)
+        memo["src"] = memo["order"] = None  # the new tokens come last, in order: the causal mask holds
+        self.count += q
+        self._note_sinks_and_rebase(memo, positions, device)
+        if prune.dropped or ("rebase" in memo and self.tokens_dropped):
+            # evicted so far: positions sink .. sink + dropped - 1; the sinks sit just before the oldest kept token
+            first = self.tokens_dropped + prune.dropped - self.base
+            memo["sinks"] = self.aligner.angles(first + torch.arange(self.sink))
+        return step
+
+    def reset(self):
+        super().reset()
+        self.count = self.head = 0

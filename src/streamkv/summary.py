@@ -41,7 +41,7 @@ def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def label(row) -> str:
-    if row.method in ("start_recent", "window") and row.compress_every != 1:
+    if row.method in ("start_recent", "window", "ring") and row.compress_every != 1:
         return f"{row.method} K={row.compress_every}"
     return row.method
 
