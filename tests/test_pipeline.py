@@ -81,8 +81,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (summary.status == "ok").all()
-    # per text: baseline + 7 rows; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
-    assert len(summary) == 2 * (1 + 7) + 10 + 15
+    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
+    assert len(summary) == 2 * (1 + 8 + 2) + 10 + 15
     assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
@@ -94,6 +94,18 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert "| 32 | ring | " in report and "x no-eviction" in report
     assert "ring over 200 tokens: KV bytes max/min 1.000" in report
     assert (done / "logs/bench/tiny_llama/hamlet.log").read_text().count("| ring |") >= 1
+
+
+def test_peers_run_in_the_pipeline_and_agree_with_our_rows(done):
+    """kvpress in its own environment, scored by our loop: its per-token NLL is that of our row of the same semantics."""
+    report = (done / "report/paper_tables.md").read_text()
+    assert report.count("### Peers") == 2
+    for peer, ours in (("kvpress StreamingLLM", "Ours (original positions)"),
+                       ("kvpress StreamingLLM + KeyRerotation", "Ours (strict)")):
+        rows = [line for line in report.splitlines() if line.startswith(f"| {peer} | {ours} |")]
+        assert len(rows) == 2 and all(row.rstrip().endswith("| none |") for row in rows), rows
+    summary = pd.read_csv(done / "results/summary.csv")
+    assert (summary[summary.group == "peers"].method.str.startswith("kvpress:")).all()
 
 
 def test_probe_rules_write_their_tables(done):
@@ -151,7 +163,7 @@ def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done)
 
     rules = [rule for rule, _ in planned(done, edited(done, change))]
     assert rules.count("baseline") == 2  # one per text
-    assert rules.count("evaluate") == 2 * 7 + 7  # every configuration: 7 rows x 2 texts, 7 more on hamlet
+    assert rules.count("evaluate") == 2 * 10 + 7  # every configuration: 8 rows + 2 peers x 2 texts, 7 more on hamlet
     assert "prepare_model" not in rules and "tokenize" not in rules
 
 
@@ -167,7 +179,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = pd.read_csv(done / "results/summary.csv")
     short = summary[summary.text_key == "short"]
-    assert len(short) == 8 and (short.status == "failed").all()
+    assert len(short) == 1 + 8 + 2 and (short.status == "failed").all()  # baseline, rows, peers
     assert short.error.str.contains("has 56 tokens, fewer than protocol.max_tokens \\(120\\)").all()
     assert (summary[summary.text_key != "short"].status == "ok").all()
     report = (done / "report/paper_tables.md").read_text()
@@ -179,10 +191,13 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
     (lambda c: c["protocol"].update(cap="big"), "'big' is not of type 'integer'"),
     (lambda c: c["models"].update(bad="s3://bucket/model"), "'s3://bucket/model' does not match"),
+    (lambda c: c["peers"].append({"name": "p", "method": "kvpress:knorm", "cross_check": "nobody"}),
+     "config key peers[2].cross_check: no row is named 'nobody'"),
+    (lambda c: c["peers"].append({"name": "p", "method": "start_recent"}), "'start_recent' is not one of"),
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
-     "config key runs[7] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
+     "config key runs[8] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[7] ('lazy mit'): compress-every applies to start_recent, ring and window, not to 'mit'"),
+     "config key runs[8] ('lazy mit'): compress-every applies to start_recent, ring, window and the kvpress methods, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),

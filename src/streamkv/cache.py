@@ -142,7 +142,9 @@ class RealignedLayer(StreamingLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         s, d = self.owner.policy.sink, step.dropped
-        sinks = self.owner.aligner.shift(self.keys[:, :, :s], d) if d and s else None
+        sinks = None
+        if d and s:  # the sinks move next to the window: rotated forward by d, or as they are (positions "original")
+            sinks = self.keys[:, :, :s].clone() if self.owner.aligner is None else self.owner.aligner.shift(self.keys[:, :, :s], d)
         if self.owner.policy.max_kv is None:
             self.keys = self._evict_and_append(self.keys, key_states, d, sinks)
             self.values = self._evict_and_append(self.values, value_states, d)
@@ -344,6 +346,7 @@ def make_cache(
     refresh: int = 0,
     refresh_select: str | Callable[[torch.Tensor, int], torch.Tensor] = "uniform",
     rebase_every: int | None = None,
+    positions: str = "cache",
 ) -> StreamingCache:
     """Build the cache of `method` for `model`.
 
@@ -360,10 +363,18 @@ def make_cache(
     `max_drop`, `softlite_mode`): see `StartRecent`.  `refresh` re-inserts that
     many evicted tokens at the tail, chosen by `refresh_select` ("uniform",
     "recent" or a callable `(positions, budget) -> indices` that returns
-    min(budget, len(positions)) distinct indices into the candidates, sorted by position).  Use with
+    min(budget, len(positions)) distinct indices into the candidates, sorted by position).
+    `positions="original"` (start_recent) leaves the kept keys where they were
+    rotated, the query at its absolute position (kvpress's semantics; the
+    default "cache" moves the sinks next to the window).  Use with
     `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
+    if positions not in ("cache", "original"):
+        raise StreamkvError(f"unknown positions '{positions}'; choose one of: cache, original")
+    if positions == "original" and (method != "start_recent" or refresh):
+        raise StreamkvError("positions 'original' (kept keys stay where they were rotated) applies to start_recent "
+                            "without refresh")
     if method == "dense":
         return StreamingCache(RealignedLayer, n, KeepAll(), None)
     if method == "ring":
@@ -399,4 +410,5 @@ def make_cache(
     policy = StartRecent(budget.sink, budget.window + budget.overlap, compress_every, budget.cache_slack, max_drop,
                          softlite_mode)
     layer_cls = MitLayer if method == "mit" or refresh else RealignedLayer
-    return StreamingCache(layer_cls, n, policy, RotaryAligner(model), refresh, refresh_select)
+    aligner = None if positions == "original" else RotaryAligner(model)
+    return StreamingCache(layer_cls, n, policy, aligner, refresh, refresh_select)

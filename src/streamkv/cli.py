@@ -30,13 +30,16 @@ def _add_eval(sub) -> None:
     e.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     e.add_argument("--cap", type=int, default=256, help="KV budget in tokens, the current token included (default 256)")
     e.add_argument("--sink", type=int, default=None, help="sink tokens kept at the start (default 4; window keeps none)")
-    e.add_argument("--compress-every", type=int, default=1, help="lazy prune period K (start_recent, window)")
+    e.add_argument("--compress-every", type=int, default=1,
+                   help="lazy prune period K (start_recent, ring, window; the compression interval of kvpress methods)")
     e.add_argument("--cache-slack", type=int, default=0, help="softlite slack sigma: hard cap = sink + window + sigma")
     e.add_argument("--max-drop", type=int, default=0, help="softlite max drop delta: most tokens one scheduled prune drops")
     e.add_argument("--softlite-mode", default="naive", choices=list(SOFTLITE_MODES),
                    help="naive (the seeds' rule) or cooldown (keep the lazy rhythm; default naive)")
     e.add_argument("--overlap", type=int, default=0, help="extra recent tokens kept, charged to the cap (start_recent)")
     e.add_argument("--refresh", type=int, default=0, help="evicted tokens re-inserted at the tail (start_recent)")
+    e.add_argument("--positions", default="cache", choices=["cache", "original"],
+                   help="start_recent: kept keys at cache positions (default) or where they were rotated (as kvpress)")
     e.add_argument("--profile", action="store_true", help="synchronise the device around cache updates (exact update times on GPU)")
     e.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
     e.add_argument("--prefill", type=int, default=1, help="tokens in the first forward (default 1)")
@@ -105,7 +108,8 @@ def run_eval(args) -> int:
     params = EvalParams(
         model=args.model, text=args.text, method=args.method, cap=args.cap, sink=args.sink,
         compress_every=args.compress_every, cache_slack=args.cache_slack, max_drop=args.max_drop,
-        softlite_mode=args.softlite_mode, overlap=args.overlap, refresh=args.refresh, max_tokens=args.max_tokens,
+        softlite_mode=args.softlite_mode, overlap=args.overlap, refresh=args.refresh, positions=args.positions,
+        max_tokens=args.max_tokens,
         prefill=args.prefill, dtype=args.dtype, device=args.device, seed=args.seed, profile=args.profile,
     )
     params.resolved()  # option and text errors before the (slow) model load

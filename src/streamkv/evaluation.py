@@ -26,6 +26,7 @@ from . import meta
 from .cache import make_cache
 from .errors import StreamkvError
 from .params import EvalParams
+from .peers import KvpressStepper, is_peer
 from .policy import EMERGENCY, FORCED
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
@@ -76,8 +77,10 @@ class CachedStepper:
 def make_stepper(model: torch.nn.Module, p: EvalParams):
     if p.method == "recompute":
         return RecomputeStepper(model, p.sink, p.cap - p.sink)
+    if is_peer(p.method):
+        return KvpressStepper(model, p.method, p.cap, p.sink, p.compress_every, p.dtype)
     cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
-                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
+                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode, positions=p.positions,
                        overlap=p.overlap, refresh=p.refresh,
                        # this loop passes no position_ids, so the ring may keep its positions small
                        rebase_every=RING_REBASE if p.method == "ring" else None)
@@ -95,6 +98,11 @@ def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = N
     if len(ids) < n:
         raise StreamkvError(f"text '{text_src}' has {len(ids)} tokens, fewer than max-tokens ({n}); lower --max-tokens")
     return ids[:n]
+
+
+def _forward_ms(stepper, t0: float) -> float:
+    """The forward's time: the stepper's own where it runs elsewhere (a peer's worker), else since t0."""
+    return getattr(stepper, "forward_ms", None) or (time.perf_counter() - t0) * 1e3
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -132,7 +140,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     t0 = time.perf_counter()
     logits = stepper.forward(ids[:, :pre])
     sync()
-    prefill_sec = time.perf_counter() - t0
+    prefill_sec = _forward_ms(stepper, t0) / 1e3
     nll = F.cross_entropy(logits[0].float(), ids[0, 1 : pre + 1], reduction="none").tolist()
     n_dec = n - 1 - pre
     step_ms = np.empty(n_dec)
@@ -147,7 +155,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         t0 = time.perf_counter()
         logits = stepper.forward(ids[:, t : t + 1])
         sync()
-        step_ms[i] = (time.perf_counter() - t0) * 1e3
+        step_ms[i] = _forward_ms(stepper, t0)
         nll.append(F.cross_entropy(logits[0, -1:].float(), ids[0, t + 1 : t + 2]).item())
         kv_len[i] = stepper.kv_len
         dropped[i] = stepper.dropped
@@ -155,6 +163,8 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         update_ms[i] = stepper.update_ms
         kv_bytes_peak = max(kv_bytes_peak, stepper.kv_bytes())
     total_sec = time.perf_counter() - started
+    if hasattr(stepper, "close"):
+        stepper.close()
 
     nll_arr = np.asarray(nll)
     trace = pd.DataFrame({
@@ -185,7 +195,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "ttft_ms": prefill_sec * 1e3,
         "prefill_sec": prefill_sec,
         "total_sec": total_sec,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": getattr(stepper, "peak_memory_mb", None) or _peak_memory_mb(device),
         "kv_bytes_peak": int(kv_bytes_peak),
         "kv_len_min": int(kv_decode.min()),
         "kv_len_mean": float(kv_decode.mean()),
@@ -204,6 +214,8 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     if bad.size:
         status = "failed"
         error = f"non-finite NLL at {bad.size} of {nll_arr.size} targets (first at position {int(bad[0])})"
+    if is_peer(p.method):
+        provenance["peer_versions"] = stepper.versions
     record = {
         "status": status,
         "error": error,

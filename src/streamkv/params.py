@@ -12,7 +12,13 @@ from .errors import StreamkvError
 from .policy import SOFTLITE_MODES
 
 CACHE_METHODS = ("dense", "window", "start_recent", "mit", "ring")
-METHODS = (*CACHE_METHODS, "recompute")
+# Peers, run in their own environment (streamkv.peers).
+PEER_METHODS = ("kvpress:streaming_llm", "kvpress:streaming_llm_unsorted", "kvpress:streaming_llm+rerotate",
+                "kvpress:knorm")
+METHODS = (*CACHE_METHODS, "recompute", *PEER_METHODS)
+# Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
+# "original" (where they were rotated, the query at its absolute position: what kvpress does).
+POSITIONS = ("cache", "original")
 
 
 @dataclass
@@ -26,6 +32,7 @@ class EvalParams:
     cache_slack: int = 0
     max_drop: int = 0
     softlite_mode: str = "naive"  # or "cooldown": see policy.StartRecent
+    positions: str = "cache"  # or "original" (start_recent): see POSITIONS
     overlap: int = 0
     refresh: int = 0
     max_tokens: int = 1024
@@ -48,9 +55,15 @@ class EvalParams:
                 raise StreamkvError(f"{name.replace('_', '-')} applies to start_recent, not to '{p.method}'")
         if p.softlite_mode not in SOFTLITE_MODES:
             raise StreamkvError(f"unknown softlite-mode '{p.softlite_mode}'; choose one of: {', '.join(SOFTLITE_MODES)}")
-        if p.method == "window":
+        if p.positions not in POSITIONS:
+            raise StreamkvError(f"unknown positions '{p.positions}'; choose one of: {', '.join(POSITIONS)}")
+        if p.positions != "cache" and p.method != "start_recent":
+            raise StreamkvError(f"positions applies to start_recent, not to '{p.method}'")
+        if p.positions != "cache" and p.refresh:
+            raise StreamkvError("positions 'original' and refresh do not combine: refresh moves keys to the tail")
+        if p.method in ("window", "kvpress:knorm"):
             if p.sink not in (None, 0):
-                raise StreamkvError("method 'window' keeps no sink tokens; leave --sink out or use start_recent")
+                raise StreamkvError(f"method '{p.method}' keeps no sink tokens; leave --sink out or use start_recent")
             p.sink = 0
         elif p.method == "dense":
             p.sink = None  # nothing is evicted, so nothing is kept as a sink
@@ -58,8 +71,9 @@ class EvalParams:
             p.sink = 4
         if p.compress_every < 1:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in ("start_recent", "window", "ring"):  # mit is strict
-            raise StreamkvError(f"compress-every applies to start_recent, ring and window, not to '{p.method}'")
+        if p.compress_every != 1 and p.method not in ("start_recent", "window", "ring", *PEER_METHODS):  # mit is strict
+            raise StreamkvError(f"compress-every applies to start_recent, ring, window and the kvpress methods, "
+                                f"not to '{p.method}'")
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
         if p.max_tokens < 2:

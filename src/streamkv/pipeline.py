@@ -24,10 +24,10 @@ from .errors import StreamkvError
 from .params import BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
-            "profile")
+            "positions", "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
 RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "softlite_mode": "naive", "overlap": 0,
-                "refresh": 0, "profile": False}
+                "refresh": 0, "positions": "cache", "profile": False}
 # Each probe compares rows that differ in these parameters; its grid must sweep them.
 PROBE_SWEEPS = {
     "verify_max_drop_effect": ("max_drop",),
@@ -45,7 +45,7 @@ def normalise_run(run: dict) -> dict:
         out["softlite_mode"] = "naive"  # the modes differ only under softlite: one job for both
     if out["method"] == "dense":
         out["sink"] = None
-    elif out["method"] == "window":
+    elif out["method"] in ("window", "kvpress:knorm"):
         out.setdefault("sink", 0)
     else:
         out.setdefault("sink", 4)
@@ -61,6 +61,8 @@ def run_id(run: dict) -> str:
         return "dense" + suffix
     if m == "recompute":
         return f"recompute_s{r['sink']}" + suffix
+    if m.startswith("kvpress:"):  # e.g. kvpress-streaming_llm-rerotate_s4_k1
+        return f"{m.replace(':', '-').replace('+', '-')}_s{r['sink']}_k{r['compress_every']}" + suffix
     if m == "ring" and r["compress_every"] != 1:
         return f"ring_s{r['sink']}_k{r['compress_every']}" + suffix
     if m in ("mit", "ring"):
@@ -68,6 +70,7 @@ def run_id(run: dict) -> str:
     if m == "window":
         return f"window_k{r['compress_every']}" + suffix
     mode = "_cooldown" if r["softlite_mode"] == "cooldown" else ""
+    mode += "_orig" if r["positions"] == "original" else ""
     return (f"{m}_s{r['sink']}_k{r['compress_every']}_sl{r['cache_slack']}_md{r['max_drop']}"
             f"_ov{r['overlap']}_rf{r['refresh']}{mode}{suffix}")
 
@@ -108,7 +111,7 @@ def eval_params(config: dict, job: Job) -> EvalParams:
     return EvalParams(
         model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=proto["cap"],
         sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
-        softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"],
+        softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"], positions=r["positions"],
         max_tokens=max_tokens(config, job.text), prefill=proto["prefill"], dtype=proto["dtype"], device=proto["device"],
         seed=proto["seed"], profile=r["profile"],
     )
@@ -129,6 +132,8 @@ def _rows(config: dict):
     all_texts = list(config["texts"])
     for i, run in enumerate(config.get("runs", [])):
         yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]"
+    for i, run in enumerate(config.get("peers") or []):
+        yield "peers", run["name"], i, run.get("texts", all_texts), run, f"peers[{i}]"
     for section in ("ablations", "probes"):
         for key, spec in (config.get(section) or {}).items():
             for j, (name, swept, where) in enumerate(grid_points(spec, key)):
@@ -180,6 +185,11 @@ def check(config: dict) -> None:
                            max_tokens=max_tokens(config, text)).resolved()
         except (StreamkvError, TypeError) as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
+    rows = [r["name"] for r in config.get("runs", [])] + [r["name"] for r in config.get("peers") or []]
+    for i, peer in enumerate(config.get("peers") or []):
+        if peer.get("cross_check") and peer["cross_check"] not in rows:
+            raise StreamkvError(f"config key peers[{i}].cross_check: no row is named '{peer['cross_check']}' "
+                                f"(rows: {', '.join(rows)})")
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .pipeline import max_tokens, text_source
-from .summary import to_markdown
+from .summary import to_markdown, trace_path
 
 FAILED = "FAILED"
 
@@ -20,8 +20,10 @@ def configuration(row) -> str:
     if row.method == "dense":
         return "full cache"
     parts = [f"S={_count(row.sink)}", f"W={_count(row.window)}"]
-    if row.method in ("start_recent", "window", "ring") and row.compress_every != 1:
+    if (row.method in ("start_recent", "window", "ring") or row.method.startswith("kvpress:")) and row.compress_every != 1:
         parts.append(f"K={_count(row.compress_every)}")
+    if getattr(row, "positions", "cache") == "original":
+        parts.append("original positions")
     if row.cache_slack:
         parts.append(f"σ={_count(row.cache_slack)}")
     if row.max_drop:
@@ -90,7 +92,9 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
                 probes.append({"name": probe, "title": PROBE_TITLES[probe], "table": probe_markdown(table),
                                "finding": probe_finding(probe, table),
                                "figure": f"figures/{model_key}/{text_key}/{probe}.png"})
+        peers = part[part.group == "peers"]
         out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
+                    "peers": table_rows(peers), "cross_checks": cross_checks(part, config),
                     "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key),
                     "methods": table_rows(methods), "ablations": ablations, "probes": probes,
                     "spikes": spike_rows(part), "negative": negative_results(part),
@@ -98,6 +102,29 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
                                 for kind in ("pareto", "nll_trace", "spikes")}})
     return out
 
+
+def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
+    """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side."""
+    out = []
+    by_name = {r.name: r for r in part.itertuples() if r.group in ("methods", "peers")}
+    for spec in config.get("peers") or []:
+        peer, ours = by_name.get(spec["name"]), by_name.get(spec.get("cross_check"))
+        if peer is None or ours is None:
+            continue  # not run on this text, or no cross-check asked for
+        check = {"peer": peer.name, "ours": ours.name, "max_dnll": "–", "mean_dnll": "–", "dppl": "–", "first": "–"}
+        if peer.status == "ok" and ours.status == "ok":
+            a = pd.read_parquet(trace_path(peer.file), columns=["position", "nll"]).set_index("position").nll
+            b = pd.read_parquet(trace_path(ours.file), columns=["position", "nll"]).set_index("position").nll
+            diff = (a - b).abs().dropna()
+            above = diff.index[diff > CROSS_CHECK_TOL]
+            check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}",
+                         dppl=f"{(peer.ppl / ours.ppl - 1) * 100:+.3f}",
+                         first=str(int(above[0])) if len(above) else "none")
+        out.append(check)
+    return out
+
+
+CROSS_CHECK_TOL = 1e-4  # |dNLL| at which two implementations of the same semantics are said to differ
 
 PROBE_TITLES = {
     "verify_max_drop_effect": "verify_max_drop_effect: delta on/off, naive and cooldown, at fixed K and sigma",
@@ -176,10 +203,11 @@ def spike_rows(part: pd.DataFrame) -> list[dict]:
     if "spike_events" not in part:
         return []
     ok = part[(part.status == "ok") & (part.spike_events > 0)]
-    ok = ok.assign(rank=ok.group.map(lambda g: 0 if g == "methods" else 1)).sort_values(["rank", "group", "order"])
+    ok = ok.assign(rank=ok.group.map(lambda g: 0 if g in ("methods", "peers") else 1)).sort_values(["rank", "group", "order"])
     rows = []
     for r in ok.drop_duplicates("file").itertuples():
-        rows.append({"name": r.name if r.group == "methods" else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
+        plain = r.group in ("methods", "peers")
+        rows.append({"name": r.name if plain else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
                      "configuration": configuration(r), "events": int(r.spike_events), "peak": _fmt(r.spike_peak),
                      "width": _fmt(r.spike_width, 1), "area": _fmt(r.spike_area), "excess": _fmt(r.excess_nll_mean, 3),
                      "delta_ppl": _pct(r.delta_ppl_pct)})
@@ -300,9 +328,9 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     ok = part[(part.status == "ok") & part.delta_ppl_pct.notna()].copy()
     # a run that fills several rows (a method row repeated by an ablation or probe) is drawn once,
     # under its most prominent name: method table, then ablations, then probes
-    rank = ok.group.map(lambda g: 0 if g in ("baseline", "methods") else (1 if g.startswith("ablation:") else 2))
+    rank = ok.group.map(lambda g: 0 if g in ("baseline", "methods", "peers") else (1 if g.startswith("ablation:") else 2))
     ok = ok.assign(rank=rank).sort_values(["rank", "order"], kind="stable").drop_duplicates("file")
-    ok["kind"] = ok.group.map(lambda g: g if g in ("baseline", "methods") else g.replace(":", " "))
+    ok["kind"] = ok.group.map(lambda g: g if g in ("baseline", "methods", "peers") else g.replace(":", " "))
     ok["short"] = [_short(row.name) for row in ok.itertuples()]
     kinds = list(dict.fromkeys(ok.kind))
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(1, 1.3))

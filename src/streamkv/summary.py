@@ -41,9 +41,10 @@ def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def label(row) -> str:
-    if row.method in ("start_recent", "window", "ring") and row.compress_every != 1:
-        return f"{row.method} K={row.compress_every}"
-    return row.method
+    name = row.method + (" (original positions)" if getattr(row, "positions", "cache") == "original" else "")
+    if (row.method in ("start_recent", "window", "ring") or row.method.startswith("kvpress:")) and row.compress_every != 1:
+        return f"{name} K={row.compress_every}"
+    return name
 
 
 def method_table(frame: pd.DataFrame) -> pd.DataFrame:
