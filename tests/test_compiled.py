@@ -9,9 +9,10 @@ import torch._dynamo.testing
 from conftest import TINY
 from streamkv import StreamkvError, make_cache
 from streamkv.bench import run
-from streamkv.params import BenchConfig
 from streamkv.cli import main
 from streamkv.compiled import RingDecoder
+from streamkv.params import BenchConfig
+from streamkv.peers import kvpress_python
 
 
 def logprobs(step, tokens, first=20):
@@ -119,4 +120,7 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
     record = json.loads(out.read_text())
-    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8
+    peers = 2 if kvpress_python() else 0  # kvpress at K = 1 and lazy_k, where its environment is
+    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
+    if peers:
+        assert "| 48 | kvpress streaming_llm K=8 |" in printed

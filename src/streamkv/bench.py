@@ -40,7 +40,8 @@ from . import meta
 from .cache import make_cache, num_attention_layers
 from .compiled import RingDecoder
 from .errors import StreamkvError
-from .evaluation import CachedStepper
+from .evaluation import CachedStepper, forward_time_ms
+from .peers import KvpressStepper, kvpress_python
 from .params import BenchConfig
 from .recompute import RecomputeStepper
 
@@ -126,9 +127,14 @@ class _Decoder:
         return self.cache.nbytes()
 
 
-def contenders(model, cap: int, sink: int, lazy_k: int) -> dict:
-    """Every method of the overhead table, each with its own state."""
+def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = True) -> dict:
+    """Every method of the overhead table, each with its own state (kvpress rows where its environment is)."""
     ring_static = make_cache("ring", model, cap=cap, sink=sink)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    kvpress = {}
+    if peers and kvpress_python() and hasattr(model, "model"):
+        kvpress = {f"kvpress streaming_llm K={k}": KvpressStepper(model, "kvpress:streaming_llm", cap, sink, k, dtype)
+                   for k in (1, lazy_k)}
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
         "start_recent strict": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink)),
@@ -138,6 +144,7 @@ def contenders(model, cap: int, sink: int, lazy_k: int) -> dict:
         "ring": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink)),
         "ring lazy": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink, compress_every=lazy_k)),
         "ring (fixed shapes)": _Decoder(RingDecoder(model, ring_static)),
+        **kvpress,
         RECOMPUTE: RecomputeStepper(model, sink, cap - sink),
     }
 
@@ -185,9 +192,12 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
             t0 = time.perf_counter()
             stepper.forward(token)
             sync()
-            step_ms[name][i] = (time.perf_counter() - t0) * 1e3
+            step_ms[name][i] = forward_time_ms(stepper, t0)  # (a peer's forward as its worker timed it)
             update_ms[name][i] = _stepper_ms(stepper, "update_ms")
             plan_ms[name][i] = _stepper_ms(stepper, "plan_ms")
+    for stepper in steppers.values():
+        if hasattr(stepper, "close"):  # a peer's worker
+            stepper.close()
     rows = []
     for name in names:
         tpot = _block_median(step_ms[name][cfg.warmup:], cfg.block)

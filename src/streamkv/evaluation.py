@@ -100,7 +100,7 @@ def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = N
     return ids[:n]
 
 
-def _forward_ms(stepper, t0: float) -> float:
+def forward_time_ms(stepper, t0: float) -> float:
     """The forward's time: the stepper's own where it runs elsewhere (a peer's worker), else since t0."""
     return getattr(stepper, "forward_ms", None) or (time.perf_counter() - t0) * 1e3
 
@@ -140,7 +140,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     t0 = time.perf_counter()
     logits = stepper.forward(ids[:, :pre])
     sync()
-    prefill_sec = _forward_ms(stepper, t0) / 1e3
+    prefill_sec = forward_time_ms(stepper, t0) / 1e3
     nll = F.cross_entropy(logits[0].float(), ids[0, 1 : pre + 1], reduction="none").tolist()
     n_dec = n - 1 - pre
     step_ms = np.empty(n_dec)
@@ -155,7 +155,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         t0 = time.perf_counter()
         logits = stepper.forward(ids[:, t : t + 1])
         sync()
-        step_ms[i] = _forward_ms(stepper, t0)
+        step_ms[i] = forward_time_ms(stepper, t0)
         nll.append(F.cross_entropy(logits[0, -1:].float(), ids[0, t + 1 : t + 2]).item())
         kv_len[i] = stepper.kv_len
         dropped[i] = stepper.dropped
