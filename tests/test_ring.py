@@ -20,9 +20,9 @@ def stream(model, cache, tokens, chunk=1):
 
 @pytest.mark.parametrize("name,prefill", [(name, 20) for name in TINY] + [("tiny:llama", 1)])
 def test_ring_gives_the_nll_of_mit(tiny, hamlet_bytes, name, prefill):
-    loaded, tokens = tiny(name), hamlet_bytes[:1024]
-    mit, a = evaluate(loaded, tokens, EvalParams("m", "t", "mit", cap=32, max_tokens=1024, prefill=prefill), progress=False)
-    ring, b = evaluate(loaded, tokens, EvalParams("m", "t", "ring", cap=32, max_tokens=1024, prefill=prefill), progress=False)
+    loaded, tokens = tiny(name), hamlet_bytes[:2048]
+    mit, a = evaluate(loaded, tokens, EvalParams("m", "t", "mit", cap=32, max_tokens=2048, prefill=prefill), progress=False)
+    ring, b = evaluate(loaded, tokens, EvalParams("m", "t", "ring", cap=32, max_tokens=2048, prefill=prefill), progress=False)
     assert np.abs(a.nll.values - b.nll.values).max() <= 1e-4
     assert b.kv_len.tolist() == a.kv_len.tolist()
     assert ring["metrics"]["n_prunes"] == mit["metrics"]["n_prunes"] > 0

@@ -2,7 +2,7 @@
 
 Step times on a shared machine drift by +-10 % between runs, so every figure
 here is a ratio of two things timed in the same run with their steps
-interleaved (step t of every method, in a rotating order, then step t+1).  A
+interleaved (step t of every method, in a new seeded random order, then step t+1).  A
 method's step time is the median, over blocks of `block` consecutive steps, of
 the block's mean: a block holds a whole lazy period, so a lazy prune is
 charged to the method instead of being hidden by a median of single steps.
@@ -181,9 +181,12 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     step_ms = {m: np.full(n, np.nan) for m in names}
     update_ms = {m: np.full(n, np.nan) for m in names}
     plan_ms = {m: np.full(n, np.nan) for m in names}
+    # A new order every step: no method always runs first, and none always runs after the same one (a peer's
+    # worker process, say, whose threads may still be spinning when the next method starts).
+    orders = np.random.default_rng(0).permuted(np.tile(np.arange(len(names)), (n, 1)), axis=1)
     for i in tqdm(range(n), desc=f"overhead cap {cap}", disable=not progress, mininterval=2.0, leave=False):
         token = ids[:, cap + i : cap + i + 1]
-        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order: no method always first
+        for name in (names[j] for j in orders[i]):
             stepper = steppers[name]
             if name == RECOMPUTE and i % cfg.recompute_every:
                 stepper.skip(token)

@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .budget import Budget
 from .errors import StreamkvError
-from .params import CACHE_METHODS
+from .params import CACHE_METHODS, POSITIONS
 from .policy import EMERGENCY, FORCED, KeepAll, Prune, StartRecent
 from .rope import RotaryAligner
 
@@ -144,7 +144,8 @@ class RealignedLayer(StreamingLayer):
         s, d = self.owner.policy.sink, step.dropped
         sinks = None
         if d and s:  # the sinks move next to the window: rotated forward by d, or as they are (positions "original")
-            sinks = self.keys[:, :, :s].clone() if self.owner.aligner is None else self.owner.aligner.shift(self.keys[:, :, :s], d)
+            aligner = self.owner.aligner
+            sinks = self.keys[:, :, :s].clone() if aligner is None else aligner.shift(self.keys[:, :, :s], d)
         if self.owner.policy.max_kv is None:
             self.keys = self._evict_and_append(self.keys, key_states, d, sinks)
             self.values = self._evict_and_append(self.values, value_states, d)
@@ -370,8 +371,8 @@ def make_cache(
     `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
-    if positions not in ("cache", "original"):
-        raise StreamkvError(f"unknown positions '{positions}'; choose one of: cache, original")
+    if positions not in POSITIONS:
+        raise StreamkvError(f"unknown positions '{positions}'; choose one of: {', '.join(POSITIONS)}")
     if positions == "original" and (method != "start_recent" or refresh):
         raise StreamkvError("positions 'original' (kept keys stay where they were rotated) applies to start_recent "
                             "without refresh")

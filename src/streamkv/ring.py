@@ -116,7 +116,9 @@ class RingCache(StreamingCache):
     """Strict Start+Recent with `sink` sinks in a `cap`-slot ring; see the module docstring."""
 
     def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None,
-                 compress_every: int = 1):
+                 compress_every: int = 1):  # (K > 1: LazyRingCache, whose layout it needs)
+        if compress_every != 1 and not isinstance(self, LazyRingCache):
+            raise StreamkvError("the strict ring prunes every step; LazyRingCache takes compress_every > 1")
         self.cap, self.sink, self.window = cap, sink, cap - sink
         self.k = compress_every
         if rebase_every is not None and rebase_every < self.size:
