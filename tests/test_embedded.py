@@ -25,3 +25,18 @@ def test_attention_sinks_matter_on_the_embedded_model(smollm2):
 def test_embedded_model_shape(smollm2):
     cfg = smollm2.model.config
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (30, 3, 64)
+
+
+def test_the_gguf_model_saves_as_a_plain_checkpoint_and_stays_as_it_was(smollm2, tmp_path):
+    """What the pipeline's prepared model and a peer's worker load: the same weights, same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from streamkv.sources import save_checkpoint
+
+    save_checkpoint(smollm2.model, tmp_path)
+    assert smollm2.model.config.quantization_config is not None  # the loaded model keeps its flags
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=smollm2.model.config._attn_implementation)
+    ids = torch.tensor([load_tokens(smollm2, "embedded:shakespeare/hamlet", 32)])
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(ids).logits, again(ids).logits)

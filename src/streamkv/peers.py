@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from .errors import StreamkvError
 from .params import PEER_METHODS
+from .sources import save_checkpoint
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 ENV_VAR = "STREAMKV_KVPRESS_PYTHON"
 INSTALL_HINT = "run `make setup-kvpress` (it builds .venv-kvpress), or point STREAMKV_KVPRESS_PYTHON at a python with kvpress"
@@ -86,7 +87,7 @@ class KvpressStepper:
         # The worker loads the very weights of this run: saved once, as transformers writes them.
         self._dir = tempfile.TemporaryDirectory(prefix="streamkv-kvpress-")
         hf_logging.disable_progress_bar()
-        model.save_pretrained(self._dir.name)
+        save_checkpoint(model, self._dir.name)
         hf_logging.enable_progress_bar()
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         self.proc = subprocess.Popen(

@@ -201,6 +201,29 @@ def _read_marker(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def save_checkpoint(model, folder: str | Path) -> None:
+    """`model.save_pretrained(folder)`, also for a model loaded from GGUF.
+
+    GGUF tensors are de-quantised on load: what is in memory is a plain
+    checkpoint, only still flagged as quantised, which transformers refuses to
+    save.  The flags are lifted for the save and put back after it.
+    """
+    quant = getattr(model.config, "quantization_config", None)
+    method = getattr(quant, "quant_method", None)
+    gguf = quant is not None and getattr(method, "value", method) == "gguf"
+    saved = (getattr(model, "hf_quantizer", None), getattr(model, "is_quantized", False)) if gguf else None
+    if gguf:
+        model.hf_quantizer, model.is_quantized = None, False
+        del model.config.quantization_config
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    finally:
+        if gguf:
+            model.hf_quantizer, model.is_quantized = saved
+            model.config.quantization_config = quant
+
+
 def prepare_model(src: str, folder: str | Path, dtype: str = "float32") -> dict:
     """Save the model of `src` as a plain checkpoint in `folder`, so later loads are fast (`path:folder`).
 
@@ -209,17 +232,7 @@ def prepare_model(src: str, folder: str | Path, dtype: str = "float32") -> dict:
     """
     folder = Path(folder)
     loaded = load_model(src, dtype=dtype)
-    model = loaded.model
-    quant = getattr(model.config, "quantization_config", None)
-    method = getattr(quant, "quant_method", None)
-    if quant is not None and getattr(method, "value", method) == "gguf":
-        # GGUF tensors are de-quantised on load: what is in memory is a plain
-        # checkpoint, only still flagged as quantised.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        del model.config.quantization_config
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_checkpoint(loaded.model, folder)
     if isinstance(loaded.tokenizer, ByteTokenizer):
         tokenizer = "bytes"
     else:
