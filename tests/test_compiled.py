@@ -115,7 +115,7 @@ def test_bench_names_a_bad_option(capsys):
 def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--lazy-k", "8", "--block", "8", "--blocks", "1",
-                 "--warmup", "1", "--no-compile", "--stream-tokens", "100", "--rss-from", "60",
+                 "--warmup", "1", "--no-compile", "--peers", "--stream-tokens", "100", "--rss-from", "60",
                  "--stream-methods", "ring", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed

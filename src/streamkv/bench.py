@@ -127,7 +127,7 @@ class _Decoder:
         return self.cache.nbytes()
 
 
-def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = True) -> dict:
+def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False) -> dict:
     """Every method of the overhead table, each with its own state (kvpress rows where its environment is)."""
     ring_static = make_cache("ring", model, cap=cap, sink=sink)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -174,7 +174,7 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k)
+    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers)
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])

@@ -73,6 +73,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--recompute-every", type=int, default=d.recompute_every,
                    help=f"time recompute on every n-th step only (default {d.recompute_every})")
     b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
+    b.add_argument("--peers", action="store_true",
+                   help="add kvpress StreamingLLMPress (K = 1 and --lazy-k) to the overhead table; its worker "
+                        "processes perturb the other rows by about 1-2 %%")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
     b.add_argument("--stream-tokens", type=int, default=d.stream_tokens, help=f"memory stream length (default {d.stream_tokens})")
@@ -143,7 +146,8 @@ def run_bench(args) -> int:
 
     cfg = BenchConfig(
         caps=tuple(args.caps), sink=args.sink, lazy_k=args.lazy_k, blocks=args.blocks, block=args.block,
-        warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, compile_mode=args.compile_mode,
+        warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, peers=args.peers,
+        compile_mode=args.compile_mode,
         compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
         dense_tokens=args.dense_tokens, rss_from=args.rss_from, sections=tuple(args.sections),
     ).check()
