@@ -32,7 +32,7 @@ def test_eval_writes_result_and_trace(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "h2o"], "streamkv: error: unknown method 'h2o'; choose one of: dense, window, start_recent, mit, ring, recompute\n"),
+    (["--method", "h2o"], "streamkv: error: unknown method 'h2o'; choose one of: dense, window, start_recent, mit, ring, recompute, kvpress:streaming_llm, kvpress:streaming_llm_unsorted, kvpress:streaming_llm+rerotate, kvpress:knorm\n"),
     (["--method", "mit", "--cap", "-5"], "streamkv: error: cap must be a positive number of tokens, got -5\n"),
     (["--method", "mit", "--cap", "8", "--sink", "8"], "streamkv: error: sink (8) must be smaller than cap (8) so that a window remains\n"),
     (["--method", "mit", "--cap", "64", "--prefill", "65", "--max-tokens", "100"],
