@@ -74,8 +74,7 @@ def _add_bench(sub) -> None:
                    help=f"time recompute on every n-th step only (default {d.recompute_every})")
     b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
     b.add_argument("--peers", action="store_true",
-                   help="add kvpress StreamingLLMPress (K = 1 and --lazy-k) to the overhead table; its worker "
-                        "processes perturb the other rows by about 1-2 %%")
+                   help="add kvpress StreamingLLMPress (K = 1 and --lazy-k) to the overhead table (needs .venv-kvpress)")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
     b.add_argument("--stream-tokens", type=int, default=d.stream_tokens, help=f"memory stream length (default {d.stream_tokens})")

@@ -112,7 +112,7 @@ class BenchConfig:
     warmup: int = 16
     recompute_every: int = 4  # recompute is timed on every n-th step (its history gets every token)
     compile: bool = True
-    peers: bool = False  # kvpress rows in the overhead table (their worker processes raise the noise floor)
+    peers: bool = False  # kvpress rows in the overhead table (they need the peer environment)
     compile_mode: str | None = None  # torch.compile mode ("reduce-overhead": CUDA graphs)
     compile_steps: int = 128
     stream_tokens: int = 20000
