@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from .errors import StreamkvError
 from .params import PEER_METHODS
 from .sources import save_checkpoint
+
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 ENV_VAR = "STREAMKV_KVPRESS_PYTHON"
 INSTALL_HINT = "run `make setup-kvpress` (it builds .venv-kvpress), or point STREAMKV_KVPRESS_PYTHON at a python with kvpress"
@@ -58,15 +59,6 @@ def kvpress_python() -> str | None:
         if candidate.exists():
             return str(candidate)
     return None
-
-
-def kvpress_versions() -> dict | None:
-    """kvpress, transformers and torch versions of the peer environment; None if it is not installed."""
-    python = kvpress_python()
-    if python is None:
-        return None
-    out = subprocess.run([python, str(WORKER), "--versions"], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else None
 
 
 class KvpressStepper:
