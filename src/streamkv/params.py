@@ -16,6 +16,10 @@ CACHE_METHODS = ("dense", "window", "start_recent", "mit", "ring")
 PEER_METHODS = ("kvpress:streaming_llm", "kvpress:streaming_llm_unsorted", "kvpress:streaming_llm+rerotate",
                 "kvpress:knorm")
 METHODS = (*CACHE_METHODS, "recompute", *PEER_METHODS)
+# The methods that take a prune period K (compress_every); mit is strict.
+LAZY_METHODS = ("start_recent", "window", "ring", *PEER_METHODS)
+# The methods that keep no sink tokens.
+SINKLESS_METHODS = ("window", "kvpress:knorm")
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
 POSITIONS = ("cache", "original")
@@ -61,7 +65,7 @@ class EvalParams:
             raise StreamkvError(f"positions applies to start_recent, not to '{p.method}'")
         if p.positions != "cache" and p.refresh:
             raise StreamkvError("positions 'original' and refresh do not combine: refresh moves keys to the tail")
-        if p.method in ("window", "kvpress:knorm"):
+        if p.method in SINKLESS_METHODS:
             if p.sink not in (None, 0):
                 raise StreamkvError(f"method '{p.method}' keeps no sink tokens; leave --sink out or use start_recent")
             p.sink = 0
@@ -71,7 +75,7 @@ class EvalParams:
             p.sink = 4
         if p.compress_every < 1:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in ("start_recent", "window", "ring", *PEER_METHODS):  # mit is strict
+        if p.compress_every != 1 and p.method not in LAZY_METHODS:
             raise StreamkvError(f"compress-every applies to start_recent, ring, window and the kvpress methods, "
                                 f"not to '{p.method}'")
         # cap >= 1, sink < cap, and a window remains after every other term

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .budget import Budget
 from .errors import StreamkvError
-from .params import BenchConfig, EvalParams
+from .params import PEER_METHODS, SINKLESS_METHODS, BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "positions", "profile")
@@ -45,7 +45,7 @@ def normalise_run(run: dict) -> dict:
         out["softlite_mode"] = "naive"  # the modes differ only under softlite: one job for both
     if out["method"] == "dense":
         out["sink"] = None
-    elif out["method"] in ("window", "kvpress:knorm"):
+    elif out["method"] in SINKLESS_METHODS:
         out.setdefault("sink", 0)
     else:
         out.setdefault("sink", 4)
@@ -61,7 +61,7 @@ def run_id(run: dict) -> str:
         return "dense" + suffix
     if m == "recompute":
         return f"recompute_s{r['sink']}" + suffix
-    if m.startswith("kvpress:"):  # e.g. kvpress-streaming_llm-rerotate_s4_k1
+    if m in PEER_METHODS:  # e.g. kvpress-streaming_llm-rerotate_s4_k1
         return f"{m.replace(':', '-').replace('+', '-')}_s{r['sink']}_k{r['compress_every']}" + suffix
     if m == "ring" and r["compress_every"] != 1:
         return f"ring_s{r['sink']}_k{r['compress_every']}" + suffix

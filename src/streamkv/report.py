@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .params import LAZY_METHODS
 from .pipeline import max_tokens, text_source
 from .summary import to_markdown, trace_path
 
 FAILED = "FAILED"
+ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
 
 
 def configuration(row) -> str:
@@ -20,7 +22,7 @@ def configuration(row) -> str:
     if row.method == "dense":
         return "full cache"
     parts = [f"S={_count(row.sink)}", f"W={_count(row.window)}"]
-    if (row.method in ("start_recent", "window", "ring") or row.method.startswith("kvpress:")) and row.compress_every != 1:
+    if row.method in LAZY_METHODS and row.compress_every != 1:
         parts.append(f"K={_count(row.compress_every)}")
     if getattr(row, "positions", "cache") == "original":
         parts.append("original positions")
@@ -106,7 +108,7 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
 def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
     """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side."""
     out = []
-    by_name = {r.name: r for r in part.itertuples() if r.group in ("methods", "peers")}
+    by_name = {r.name: r for r in part.itertuples() if r.group in ROW_GROUPS}
     for spec in config.get("peers") or []:
         peer, ours = by_name.get(spec["name"]), by_name.get(spec.get("cross_check"))
         if peer is None or ours is None:
@@ -203,11 +205,10 @@ def spike_rows(part: pd.DataFrame) -> list[dict]:
     if "spike_events" not in part:
         return []
     ok = part[(part.status == "ok") & (part.spike_events > 0)]
-    ok = ok.assign(rank=ok.group.map(lambda g: 0 if g in ("methods", "peers") else 1)).sort_values(["rank", "group", "order"])
+    ok = ok.assign(rank=ok.group.map(lambda g: 0 if g in ROW_GROUPS else 1)).sort_values(["rank", "group", "order"])
     rows = []
     for r in ok.drop_duplicates("file").itertuples():
-        plain = r.group in ("methods", "peers")
-        rows.append({"name": r.name if plain else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
+        rows.append({"name": r.name if r.group in ROW_GROUPS else f"{r.group.split(':', 1)[1]}: {_short(r.name)}",
                      "configuration": configuration(r), "events": int(r.spike_events), "peak": _fmt(r.spike_peak),
                      "width": _fmt(r.spike_width, 1), "area": _fmt(r.spike_area), "excess": _fmt(r.excess_nll_mean, 3),
                      "delta_ppl": _pct(r.delta_ppl_pct)})
@@ -328,9 +329,9 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     ok = part[(part.status == "ok") & part.delta_ppl_pct.notna()].copy()
     # a run that fills several rows (a method row repeated by an ablation or probe) is drawn once,
     # under its most prominent name: method table, then ablations, then probes
-    rank = ok.group.map(lambda g: 0 if g in ("baseline", "methods", "peers") else (1 if g.startswith("ablation:") else 2))
+    rank = ok.group.map(lambda g: 0 if g == "baseline" or g in ROW_GROUPS else (1 if g.startswith("ablation:") else 2))
     ok = ok.assign(rank=rank).sort_values(["rank", "order"], kind="stable").drop_duplicates("file")
-    ok["kind"] = ok.group.map(lambda g: g if g in ("baseline", "methods", "peers") else g.replace(":", " "))
+    ok["kind"] = ok.group.map(lambda g: g if g == "baseline" or g in ROW_GROUPS else g.replace(":", " "))
     ok["short"] = [_short(row.name) for row in ok.itertuples()]
     kinds = list(dict.fromkeys(ok.kind))
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(1, 1.3))

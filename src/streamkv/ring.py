@@ -115,12 +115,8 @@ class RingLayer(StreamingLayer):
 class RingCache(StreamingCache):
     """Strict Start+Recent with `sink` sinks in a `cap`-slot ring; see the module docstring."""
 
-    def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None,
-                 compress_every: int = 1):  # (K > 1: LazyRingCache, whose layout it needs)
-        if compress_every != 1 and not isinstance(self, LazyRingCache):
-            raise StreamkvError("the strict ring prunes every step; LazyRingCache takes compress_every > 1")
+    def __init__(self, num_layers: int, cap: int, sink: int, aligner, rebase_every: int | None = None):
         self.cap, self.sink, self.window = cap, sink, cap - sink
-        self.k = compress_every
         if rebase_every is not None and rebase_every < self.size:
             raise StreamkvError(f"rebase_every ({rebase_every}) must be at least the ring's slots ({self.size})")
         self.rebase_every = rebase_every
@@ -131,7 +127,7 @@ class RingCache(StreamingCache):
         # Every layer's keys and values in one tensor each ([layer, batch, heads, cap, dim]): the sinks of all
         # layers are re-rotated by one operation per step instead of one per layer.
         self.store_k = self.store_v = self.raw_sinks = None
-        super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink, compress_every), aligner)
+        super().__init__(RingLayer, num_layers, StartRecent(sink, cap - sink), aligner)  # strict: K = 1
 
     @property
     def size(self) -> int:
@@ -315,7 +311,9 @@ class LazyRingCache(RingCache):
             raise StreamkvError(f"the lazy ring needs compress_every >= 2 (got {compress_every}); use the strict ring")
         if cap - sink < 2:
             raise StreamkvError(f"the lazy ring needs a window of at least 2 tokens (cap {cap}, sink {sink})")
-        super().__init__(num_layers, cap, sink, aligner, rebase_every, compress_every)
+        self.k = compress_every  # (before the ring's init, which sizes the buffers with it)
+        super().__init__(num_layers, cap, sink, aligner, rebase_every)
+        self.policy = StartRecent(sink, cap - sink, compress_every)
         self.ring = self.window - 1  # ring slots; the staging area holds the other K
         self.count = 0  # keys stored, all of them attended
         self.head = 0  # ring index of its oldest token

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .params import LAZY_METHODS
+
 # A run is compared with the recompute baseline that scored the same tokens under the same budget.
 BASELINE_KEYS = ("model", "text", "cap", "max_tokens", "prefill", "dtype", "device")
 
@@ -42,7 +44,7 @@ def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
 
 def label(row) -> str:
     name = row.method + (" (original positions)" if getattr(row, "positions", "cache") == "original" else "")
-    if (row.method in ("start_recent", "window", "ring") or row.method.startswith("kvpress:")) and row.compress_every != 1:
+    if row.method in LAZY_METHODS and row.compress_every != 1:
         return f"{name} K={row.compress_every}"
     return name
 
