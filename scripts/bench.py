@@ -18,7 +18,7 @@ with log_to(snakemake.log[0]):
     p = snakemake.params
     loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=p.dtype, device=p.device)
     tokens = bench.stream_tokens(loaded, p.text, bench.tokens_needed(cfg))
-    result = bench.run(loaded.model, tokens, cfg)
+    result = bench.run(loaded.model, tokens, cfg, source=loaded.source)
     result["config"].update(model=snakemake.wildcards.model, text=snakemake.wildcards.text, text_source=p.text,
                             dtype=p.dtype, device=p.device)
     write_json(result, snakemake.output[0])

@@ -5,7 +5,7 @@ import traceback
 from pathlib import Path
 
 from streamkv.cli import write_json, write_trace
-from streamkv.errors import StreamkvError
+from streamkv.errors import NotInstalled, StreamkvError
 from streamkv.evaluation import EvalParams, TRACE_COLUMNS, evaluate, failed_record
 from streamkv.pipeline import log_to
 from streamkv.sources import load_model
@@ -20,6 +20,9 @@ with log_to(snakemake.log[0]):
                                 f"protocol.max_tokens ({params.max_tokens}); lower protocol.max_tokens")
         record, trace = evaluate(loaded, tokens["ids"], params)
         record["params"]["model"], record["params"]["text"] = params.model, params.text
+    except NotInstalled as exc:  # an optional peer: its row says how to install it
+        print(exc)
+        record, trace = failed_record(params, str(exc), status="not_installed"), None
     except (StreamkvError, RuntimeError, MemoryError) as exc:
         traceback.print_exc()
         record, trace = failed_record(params, f"{type(exc).__name__}: {exc}"), None

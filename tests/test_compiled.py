@@ -12,7 +12,7 @@ from streamkv.bench import run
 from streamkv.cli import main
 from streamkv.compiled import RingDecoder
 from streamkv.params import BenchConfig
-from streamkv.peers import kvpress_python
+from streamkv.extras import kvpress_python
 
 
 def logprobs(step, tokens, first=20):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamkv import EvalParams, StreamkvError, evaluate
-from streamkv.peers import kvpress_python
+from streamkv.extras import kvpress_python
 
 needs_kvpress = pytest.mark.skipif(kvpress_python() is None and not os.environ.get("CI"),
                                    reason="the kvpress environment is not installed (make setup-kvpress)")

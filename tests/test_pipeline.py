@@ -1,5 +1,6 @@
 """The Snakemake pipeline on config/smoke.yaml: end to end, invalidation, config validation."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -30,14 +31,14 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, config: str = "config/smoke.yaml") -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, config: str = "config/smoke.yaml", env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1", "--configfile", config]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
 
 
-def planned(workdir: Path, config: str = "config/smoke.yaml") -> list[tuple[str, str]]:
+def planned(workdir: Path, config: str = "config/smoke.yaml", env: dict | None = None) -> list[tuple[str, str]]:
     """(rule, first output) of every job a dry run would execute."""
-    proc = snakemake(workdir, "--dry-run", config=config)
+    proc = snakemake(workdir, "--dry-run", config=config, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs, rule = [], None
     for line in proc.stdout.splitlines():
@@ -103,7 +104,7 @@ def test_peers_run_in_the_pipeline_and_agree_with_our_rows(done):
     for peer, ours in (("kvpress StreamingLLM", "Ours (original positions)"),
                        ("kvpress StreamingLLM + KeyRerotation", "Ours (strict)")):
         rows = [line for line in report.splitlines() if line.startswith(f"| {peer} | {ours} |")]
-        assert len(rows) == 2 and all(row.rstrip().endswith("| none |") for row in rows), rows
+        assert len(rows) == 2 and all(row.rstrip().endswith("| none | – |") for row in rows), rows
     summary = pd.read_csv(done / "results/summary.csv")
     assert (summary[summary.group == "peers"].method.str.startswith("kvpress:")).all()
 
@@ -187,6 +188,27 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     assert "| Ours (strict) | short | tiny_llama | StreamkvError: text 'file:" in report
 
 
+def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(done):
+    """What the machine has of a peer is a parameter of the peer's jobs: without kvpress (the variable names no
+    python) its rows re-run, and the report shows them as not installed, with the command, not as failures."""
+    env = {**os.environ, "STREAMKV_KVPRESS_PYTHON": str(done / "no-such-python")}
+    peer_files = sorted(["kvpress-streaming_llm_s4_k1.json", "kvpress-streaming_llm-rerotate_s4_k1.json"] * 2)
+    reruns = [out.rsplit("/", 1)[1] for rule, out in planned(done, env=env) if rule == "evaluate"]
+    assert sorted(reruns) == peer_files  # one per text
+    proc = snakemake(done, "report/paper_tables.md", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = pd.read_csv(done / "results/summary.csv")
+    peers = summary[summary.group == "peers"]
+    assert len(peers) == 4 and (peers.status == "not_installed").all()
+    assert peers.error.str.contains("needs kvpress, which is not installed: run `make setup-kvpress`").all()
+    report = (done / "report/paper_tables.md").read_text()
+    assert "| kvpress StreamingLLM | S=4, W=28 | not installed (install with `make setup-kvpress`) |" in report
+    assert "kvpress" not in report.split("## Failed configurations")[1].split("## Provenance")[0]
+    # and back: with kvpress found again, exactly these rows run again
+    reruns = [out.rsplit("/", 1)[1] for rule, out in planned(done) if rule == "evaluate"]
+    assert sorted(reruns) == peer_files
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
     (lambda c: c["protocol"].update(cap="big"), "'big' is not of type 'integer'"),
@@ -194,10 +216,12 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     (lambda c: c["peers"].append({"name": "p", "method": "kvpress:knorm", "cross_check": "nobody"}),
      "config key peers[2].cross_check: no row is named 'nobody'"),
     (lambda c: c["peers"].append({"name": "p", "method": "start_recent"}), "'start_recent' is not one of"),
+    (lambda c: c["peers"].append({"name": "p", "method": "kvpress:knorm", "noise_floor": "kvpress StreamingLLM x"}),
+     "config key peers[2].noise_floor: no peer row with a cross_check is named 'kvpress StreamingLLM x'"),
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
      "config key runs[8] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[8] ('lazy mit'): compress-every applies to start_recent, ring, window and the kvpress methods, not to 'mit'"),
+     "config key runs[8] ('lazy mit'): compress-every applies to start_recent, ring, window, the kvpress methods and llamacpp:shift, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),

@@ -11,6 +11,8 @@ charged to the method instead of being hidden by a median of single steps.
   at the same KV length with no eviction work (`SameLengthCache`: `cap` slots,
   each new token written into the last one; its logits are meaningless, its
   cost is the floor every cache pays);
+  llama.cpp's rows (with peers) are another engine: their overhead is against
+  llama.cpp's own decode over cap keys with no shift, and they have no speedup;
 * speedup: TPOT(recompute) / TPOT(method); the ideal is TPOT(recompute) /
   TPOT(reference), a forward over the whole budget against one token;
 * time split: the forward (everything but the cache), the cache update and
@@ -28,6 +30,7 @@ import resource
 import time
 import traceback
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,12 +44,17 @@ from .cache import make_cache, num_attention_layers
 from .compiled import RingDecoder
 from .errors import StreamkvError
 from .evaluation import CachedStepper, forward_time_ms
-from .peers import KvpressStepper, kvpress_python
+from .extras import kvpress_python, llamacpp_version
+from .peers import KvpressStepper, LlamaCppStepper
 from .params import BenchConfig
 from .recompute import RecomputeStepper
+from .sources import gguf_path
 
 REFERENCE = "no eviction (reference)"
 RECOMPUTE = "recompute"
+# llama.cpp's rows are another engine: their ratios are against llama.cpp's own decode without a shift.
+LLAMACPP = "llama.cpp: "
+LLAMACPP_REFERENCE = LLAMACPP + "no shift (its reference)"
 # The goals the ratios are read against: (column, bound, "<=" or ">=").
 GOALS = {
     "start_recent strict": ("overhead", 1.03, "<="),
@@ -127,14 +135,22 @@ class _Decoder:
         return self.cache.nbytes()
 
 
-def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False) -> dict:
-    """Every method of the overhead table, each with its own state (kvpress rows where its environment is)."""
+def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False, gguf: Path | None = None) -> dict:
+    """Every method of the overhead table, each with its own state.
+
+    With `peers`: kvpress rows where its environment is, llama.cpp rows where it is installed and the model has a
+    GGUF file (`gguf`).
+    """
     ring_static = make_cache("ring", model, cap=cap, sink=sink)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    kvpress = {}
+    kvpress, llamacpp = {}, {}
     if peers and kvpress_python() and hasattr(model, "model"):
         kvpress = {f"kvpress streaming_llm K={k}": KvpressStepper(model, "kvpress:streaming_llm", cap, sink, k, dtype)
                    for k in (1, lazy_k)}
+    if peers and llamacpp_version() and gguf is not None:
+        llamacpp = {LLAMACPP_REFERENCE: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True),
+                    **{f"{LLAMACPP}shift K={k}": LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, k, cap)
+                       for k in (1, lazy_k)}}
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
         "start_recent strict": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink)),
@@ -145,6 +161,7 @@ def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False) -> 
         "ring lazy": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink, compress_every=lazy_k)),
         "ring (fixed shapes)": _Decoder(RingDecoder(model, ring_static)),
         **kvpress,
+        **llamacpp,
         RECOMPUTE: RecomputeStepper(model, sink, cap - sink),
     }
 
@@ -166,15 +183,16 @@ def _stepper_ms(stepper, name: str) -> float:
 
 
 @torch.inference_mode()
-def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True) -> pd.DataFrame:
-    """The overhead, speedup and time-split table at one cap."""
+def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
+             gguf: Path | None = None) -> pd.DataFrame:
+    """The overhead, speedup and time-split table at one cap (`gguf`: the model's file, for llama.cpp's rows)."""
     device = next(model.parameters()).device
     sync = _sync_of(device)
     n = cfg.warmup + cfg.blocks * cfg.block
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers)
+    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers, gguf=gguf)
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])
@@ -218,6 +236,10 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     table["cache_work"] = (table.update_ms + table.plan_ms) / reference
     table["speedup"] = recompute / table.tpot_ms  # the reference's speedup is the ideal
     table.loc[table.method == RECOMPUTE, "overhead"] = np.nan
+    engine = table.method.str.startswith(LLAMACPP)
+    if engine.any():  # another engine: against its own decode, and no speedup over our float32 recompute
+        table.loc[engine, "overhead"] = table.tpot_ms / table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
+        table.loc[engine, "speedup"] = np.nan
     table["goal"] = [_goal_text(m, cap) for m in table.method]
     table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
     return table
@@ -228,7 +250,7 @@ def _goal_text(method: str, cap: int) -> str:
     if method in GOALS:
         column, bound, op = GOALS[method]
         parts.append(f"overhead {op} {bound}")
-    if cap in SPEEDUP_GOAL and method not in (REFERENCE, RECOMPUTE):
+    if cap in SPEEDUP_GOAL and method not in (REFERENCE, RECOMPUTE) and not method.startswith(LLAMACPP):
         parts.append(f"speedup >= {SPEEDUP_GOAL[cap]}")
     return ", ".join(parts)
 
@@ -239,7 +261,7 @@ def _goal_met(row, cap: int) -> bool | None:
         column, bound, op = GOALS[row.method]
         value = getattr(row, column)
         checks.append(value <= bound if op == "<=" else value >= bound)
-    if cap in SPEEDUP_GOAL and row.method not in (REFERENCE, RECOMPUTE):
+    if cap in SPEEDUP_GOAL and row.method not in (REFERENCE, RECOMPUTE) and not row.method.startswith(LLAMACPP):
         checks.append(row.speedup >= SPEEDUP_GOAL[cap])
     return all(checks) if checks else None
 
@@ -373,15 +395,21 @@ def _plain(record: dict) -> dict:
     return out
 
 
-def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True) -> dict:
-    """Every section of the benchmark on one model; a dict ready for JSON."""
+def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, source: str | None = None) -> dict:
+    """Every section of the benchmark on one model; a dict ready for JSON (`source`: the model's, for llama.cpp)."""
     cfg.check()
+    gguf = None
+    if cfg.peers and source:
+        try:
+            gguf = gguf_path(source)
+        except StreamkvError:
+            pass  # a model without a GGUF file has no llama.cpp rows
     device = next(model.parameters()).device
     out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [],
            "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
     if "overhead" in cfg.sections:
         for cap in cfg.caps:
-            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress).to_dict("records")]
+            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress, gguf).to_dict("records")]
     if "compile" in cfg.sections and cfg.compile:
         out["compile"].append(_plain(compile_ratio(model, tokens, cfg.caps[0], cfg, progress)))
     if "memory" in cfg.sections:

@@ -74,7 +74,9 @@ def _add_bench(sub) -> None:
                    help=f"time recompute on every n-th step only (default {d.recompute_every})")
     b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
     b.add_argument("--peers", action="store_true",
-                   help="add kvpress StreamingLLMPress (K = 1 and --lazy-k) to the overhead table (needs .venv-kvpress)")
+                   help="add the peers to the overhead table: kvpress StreamingLLMPress (K = 1 and --lazy-k; needs "
+                        ".venv-kvpress) and llama.cpp's context shift (K = 1 and --lazy-k, against its own decode; "
+                        "needs llama-cpp-python and a GGUF model)")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
     b.add_argument("--stream-tokens", type=int, default=d.stream_tokens, help=f"memory stream length (default {d.stream_tokens})")
@@ -154,7 +156,7 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     tokens = bench.stream_tokens(loaded, args.text, bench.tokens_needed(cfg))
-    result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet)
+    result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet, source=loaded.source)
     result["config"].update(model=args.model, text=args.text, dtype=args.dtype, device=args.device)
     if args.out:
         write_json(result, args.out)

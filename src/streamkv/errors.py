@@ -8,3 +8,10 @@ message on one line and exits with status 2; it never shows a traceback.
 
 class StreamkvError(ValueError):
     """An input the user can fix; the message says what and how."""
+
+
+class NotInstalled(StreamkvError):
+    """A peer whose optional package is absent; the message says how to install it.
+
+    The pipeline records such a row as "not installed" and shows it in the report instead of dropping it.
+    """

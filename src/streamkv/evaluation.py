@@ -26,7 +26,7 @@ from . import meta
 from .cache import make_cache
 from .errors import StreamkvError
 from .params import EvalParams
-from .peers import KvpressStepper, is_peer
+from .peers import is_peer, make_peer_stepper
 from .policy import EMERGENCY, FORCED
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
@@ -74,11 +74,13 @@ class CachedStepper:
         return self.cache.nbytes()
 
 
-def make_stepper(model: torch.nn.Module, p: EvalParams):
+def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = None):
+    """The object that runs the forwards of method `p.method`; `source`: the model's source (peers that load it)."""
     if p.method == "recompute":
         return RecomputeStepper(model, p.sink, p.cap - p.sink)
     if is_peer(p.method):
-        return KvpressStepper(model, p.method, p.cap, p.sink, p.compress_every, p.dtype)
+        return make_peer_stepper(model, source or p.model, p.method, p.cap, p.sink, p.compress_every, p.dtype,
+                                 p.max_tokens)
     cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
                        cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode, positions=p.positions,
                        overlap=p.overlap, refresh=p.refresh,
@@ -133,7 +135,7 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     torch.manual_seed(p.seed)
     n, pre = p.max_tokens, p.prefill
     ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
-    stepper = make_stepper(model, p)
+    stepper = make_stepper(model, p, loaded.source)
     provenance = meta.collect(device, next(model.parameters()).dtype, p.seed)  # the code as loaded, before the run
     started = time.perf_counter()
 
@@ -226,12 +228,15 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     return record, trace
 
 
-def failed_record(params: EvalParams, error: str) -> dict:
-    """The record of a run that could not produce metrics (with its resolved parameters where they resolve)."""
+def failed_record(params: EvalParams, error: str, status: str = "failed") -> dict:
+    """The record of a run that could not produce metrics (with its resolved parameters where they resolve).
+
+    `status`: "failed", or "not_installed" for a peer whose optional package is absent.
+    """
     try:
         rec = params.resolved().record()
     except StreamkvError:
         rec = asdict(params)
-    return {"status": "failed", "error": error, "params": rec, "metrics": {k: None for k in METRIC_KEYS},
+    return {"status": status, "error": error, "params": rec, "metrics": {k: None for k in METRIC_KEYS},
             "meta": meta.collect(params.device, getattr(torch, params.dtype, torch.float32), params.seed)}
 

@@ -12,12 +12,18 @@ from .errors import StreamkvError
 from .policy import SOFTLITE_MODES
 
 CACHE_METHODS = ("dense", "window", "start_recent", "mit", "ring")
-# Peers, run in their own environment (streamkv.peers).
-PEER_METHODS = ("kvpress:streaming_llm", "kvpress:streaming_llm_unsorted", "kvpress:streaming_llm+rerotate",
-                "kvpress:knorm")
+# Peers (streamkv.peers): kvpress presses, in their own environment, and llama.cpp, an optional extra.
+KVPRESS_METHODS = ("kvpress:streaming_llm", "kvpress:streaming_llm_unsorted", "kvpress:streaming_llm+rerotate",
+                   "kvpress:knorm")
+LLAMACPP_METHODS = ("llamacpp:shift", "llamacpp:dense")
+PEER_METHODS = (*KVPRESS_METHODS, *LLAMACPP_METHODS)
 METHODS = (*CACHE_METHODS, "recompute", *PEER_METHODS)
-# The methods that take a prune period K (compress_every); mit is strict.
-LAZY_METHODS = ("start_recent", "window", "ring", *PEER_METHODS)
+# The methods that take a prune period K (compress_every); mit is strict.  llama.cpp's shift: K = n_discard.
+LAZY_METHODS = ("start_recent", "window", "ring", *KVPRESS_METHODS, "llamacpp:shift")
+# How to install each peer's optional package (a row without it is shown as not installed).
+PEER_SETUP = {"kvpress": "make setup-kvpress", "llamacpp": "make setup-llamacpp"}
+# The methods that evict nothing.
+DENSE_METHODS = ("dense", "llamacpp:dense")
 # The methods that keep no sink tokens.
 SINKLESS_METHODS = ("window", "kvpress:knorm")
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
@@ -69,15 +75,15 @@ class EvalParams:
             if p.sink not in (None, 0):
                 raise StreamkvError(f"method '{p.method}' keeps no sink tokens; leave --sink out or use start_recent")
             p.sink = 0
-        elif p.method == "dense":
-            p.sink = None  # nothing is evicted, so nothing is kept as a sink
+        elif p.method in DENSE_METHODS:
+            p.sink = None  # nothing is evicted, so nothing is kept as a sink  # nothing is evicted, so nothing is kept as a sink
         elif p.sink is None:
             p.sink = 4
         if p.compress_every < 1:
             raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
         if p.compress_every != 1 and p.method not in LAZY_METHODS:
-            raise StreamkvError(f"compress-every applies to start_recent, ring, window and the kvpress methods, "
-                                f"not to '{p.method}'")
+            raise StreamkvError(f"compress-every applies to start_recent, ring, window, the kvpress methods and "
+                                f"llamacpp:shift, not to '{p.method}'")
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
         if p.max_tokens < 2:
@@ -86,7 +92,7 @@ class EvalParams:
             raise StreamkvError(f"prefill must be >= 1, got {p.prefill}")
         if p.prefill >= p.max_tokens:
             raise StreamkvError(f"prefill ({p.prefill}) must be smaller than max-tokens ({p.max_tokens})")
-        if p.method != "dense" and p.prefill > p.cap:
+        if p.method not in DENSE_METHODS and p.prefill > p.cap:
             raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
         if p.seed < 0:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
@@ -95,7 +101,7 @@ class EvalParams:
     def record(self) -> dict:
         """Every parameter, with the derived window."""
         rec = asdict(self)
-        rec["window"] = None if self.method == "dense" else (
+        rec["window"] = None if self.method in DENSE_METHODS else (
             self.cap - (self.sink or 0) - self.cache_slack - self.overlap - self.refresh)
         return rec
 

@@ -1,4 +1,4 @@
-"""Peers as steppers of the one decode loop: kvpress presses, run in their own environment.
+"""Peers as steppers of the one decode loop: kvpress presses and llama.cpp's context shift.
 
 kvpress 0.5.x pins `transformers<5.3` (and `pandas<3`), so its presses run in a
 second environment (`make setup-kvpress` builds `.venv-kvpress`), in a worker
@@ -18,12 +18,24 @@ by K - 1 past that, like our lazy pruning):
 * `kvpress:streaming_llm+rerotate`: KeyRerotationPress around it, the kept keys
   rotated to 0..n-1 and the query at n (StreamingLLM's pos-shift);
 * `kvpress:knorm`: KnormPress, a score-based press (keeps the keys of lowest norm).
+
+llama.cpp (the optional extra `llama-cpp-python`, `make setup-llamacpp`) runs
+in this process on the model's GGUF file, with its own kernels (quantised
+weights and activations, an F16 KV cache), through its C API:
+
+* `llamacpp:shift`: its context shift, which is StreamingLLM: when a token
+  would exceed the budget, keep the first `sink` cells (n_keep), remove the
+  next K (n_discard = `compress_every`), move the rest K positions back so
+  that positions stay consecutive (llama.cpp re-rotates the cached keys),
+  then decode.  The budget is cap + K - 1 cells, so a query attends to
+  between cap and cap + K - 1 keys, like our lazy pruning (cap at K = 1);
+* `llamacpp:dense`: no eviction, a context as long as the text.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import subprocess
 import sys
 import tempfile
@@ -33,32 +45,23 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from .errors import StreamkvError
-from .params import PEER_METHODS
-from .sources import save_checkpoint
+from .errors import NotInstalled, StreamkvError
+from .extras import INSTALL_HINT, LLAMACPP_HINT, kvpress_python, llamacpp_version
+from .params import LLAMACPP_METHODS, PEER_METHODS
+from .sources import gguf_path, save_checkpoint
 
 WORKER = Path(__file__).with_name("kvpress_worker.py")
-ENV_VAR = "STREAMKV_KVPRESS_PYTHON"
-INSTALL_HINT = "run `make setup-kvpress` (it builds .venv-kvpress), or point STREAMKV_KVPRESS_PYTHON at a python with kvpress"
 
 
 def is_peer(method: str) -> bool:
     return method in PEER_METHODS
 
 
-def kvpress_python() -> str | None:
-    """The peer environment's python; None if there is none.
-
-    $STREAMKV_KVPRESS_PYTHON if set, else `.venv-kvpress/bin/python` in the working directory or in the
-    checkout this package is installed from (editable installs, as the Makefile makes them).
-    """
-    if os.environ.get(ENV_VAR):
-        return os.environ[ENV_VAR] if Path(os.environ[ENV_VAR]).exists() else None
-    for root in (Path.cwd(), Path(__file__).absolute().parents[2]):
-        candidate = root / ".venv-kvpress" / "bin" / "python"  # (a venv's python is a link: not resolved)
-        if candidate.exists():
-            return str(candidate)
-    return None
+def make_peer_stepper(model: torch.nn.Module, source: str, method: str, cap: int, sink: int | None, interval: int,
+                      dtype: str, max_tokens: int):
+    if method in LLAMACPP_METHODS:
+        return LlamaCppStepper(gguf_path(source), method, cap, sink, interval, max_tokens)
+    return KvpressStepper(model, method, cap, sink, interval, dtype)
 
 
 class KvpressStepper:
@@ -70,7 +73,7 @@ class KvpressStepper:
     def __init__(self, model: torch.nn.Module, method: str, cap: int, sink: int, interval: int, dtype: str):
         python = kvpress_python()
         if python is None:
-            raise StreamkvError(f"method '{method}' needs kvpress, which is not installed: {INSTALL_HINT}")
+            raise NotInstalled(f"method '{method}' needs kvpress, which is not installed: {INSTALL_HINT}")
         if not hasattr(model, "model"):
             raise StreamkvError(f"kvpress presses hook the decoder layers at model.model (Llama-family models); "
                                 f"{type(model).__name__} has none")
@@ -123,6 +126,103 @@ class KvpressStepper:
                 pass
             self.proc.wait(timeout=60)
         self._dir.cleanup()
+
+
+class LlamaCppStepper:
+    """A stepper of the decode loop whose forwards are llama.cpp decodes; `llamacpp:shift` or `llamacpp:dense`.
+
+    Every token's logits come back (teacher forcing), positions are consecutive
+    from 0, and the shift happens inside the timed forward, as the eviction
+    work of our own caches does.
+    """
+
+    update_ms = plan_ms = float("nan")  # the shift's work is done inside the next decode
+
+    def __init__(self, gguf: Path, method: str, cap: int, sink: int | None, interval: int, max_tokens: int,
+                 threads: int | None = None, reference: bool = False):
+        if llamacpp_version() is None:
+            raise NotInstalled(f"method '{method}' needs llama-cpp-python, which is not installed: {LLAMACPP_HINT}")
+        import llama_cpp as lc
+
+        sink = sink or 0
+        self.lc, self.method, self.sink, self.discard = lc, method, sink, interval
+        # The timing reference of `streamkv bench`: a decode over the prefill's cells (cap), after which the new
+        # cell is removed again; what the shift costs on top of llama.cpp's own decode.
+        self.reference = reference
+        self.dense = method == "llamacpp:dense"
+        self.budget = max_tokens if self.dense else cap + interval - 1
+        if sink >= cap and not self.dense:
+            raise StreamkvError(f"sink ({sink}) must be smaller than cap ({cap})")
+        # llama-cpp-python logs every tensor it loads through this logger; only errors reach the job's log
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise StreamkvError(f"llama.cpp could not load {gguf}")
+        params = lc.llama_context_default_params()
+        params.n_ctx = self.budget
+        params.n_batch = params.n_ubatch = self.budget
+        params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise StreamkvError(f"llama.cpp could not create a context of {self.budget} cells for {gguf}")
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(self.budget, 0, 1)
+        # An F16 cell holds a key and a value of every layer's kv heads (the context's default types).
+        n_layer, n_head = lc.llama_model_n_layer(self.model), lc.llama_model_n_head(self.model)
+        head_dim = lc.llama_model_n_embd(self.model) // n_head
+        self.cell_bytes = 2 * n_layer * lc.llama_model_n_head_kv(self.model) * head_dim * 2
+        self.cells = lc.llama_n_ctx(self.ctx)
+        self.n_past = self.kv_len = self.dropped = 0
+        self.kind = ""
+        self.versions = {"llama-cpp-python": llamacpp_version(), "gguf": Path(gguf).name, "kv_cache": "f16",
+                         "threads": params.n_threads}
+
+    def _shift(self) -> None:
+        """llama.cpp's context shift: drop cells [sink, sink + K), move the rest K positions back."""
+        lc, keep, n = self.lc, self.sink, self.discard
+        lc.llama_memory_seq_rm(self.mem, 0, keep, keep + n)
+        lc.llama_memory_seq_add(self.mem, 0, keep + n, self.n_past, -n)
+        self.n_past -= n
+        self.dropped, self.kind = n, "lazy" if n > 1 else "strict"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = ids[0].tolist()
+        self.dropped, self.kind = 0, ""
+        if self.n_past + len(tokens) > self.budget:
+            if self.dense or len(tokens) > 1 or self.reference:  # (the loop's checks keep runs from here)
+                raise StreamkvError(f"{self.method}: {self.n_past + len(tokens)} tokens do not fit "
+                                    f"{self.budget} cells")
+            self._shift()
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, self.n_past + i, 1, 1
+            b.seq_id[i][0] = 0
+        status = self.lc.llama_decode(self.ctx, b)
+        if status != 0:
+            raise StreamkvError(f"llama.cpp's decode failed with status {status} at position {self.n_past}")
+        logits = np.ctypeslib.as_array(self.lc.llama_get_logits(self.ctx), shape=(len(tokens), self.vocab))
+        out = torch.from_numpy(logits.copy()).unsqueeze(0)
+        self.n_past += len(tokens)
+        self.kv_len = self.n_past
+        if self.reference:  # the cell just written goes again: every step attends to as many keys, nothing shifts
+            self.n_past -= 1
+            self.lc.llama_memory_seq_rm(self.mem, 0, self.n_past, -1)
+        return out
+
+    def kv_bytes(self) -> int:
+        """The cells llama.cpp allocated for the context (it holds them all from the start)."""
+        return self.cells * self.cell_bytes
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.lc.llama_model_free(self.model)
+            self.ctx = None
 
 
 def _has_fileno() -> bool:

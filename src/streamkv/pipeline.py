@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .budget import Budget
 from .errors import StreamkvError
-from .params import PEER_METHODS, SINKLESS_METHODS, BenchConfig, EvalParams
+from .params import DENSE_METHODS, PEER_METHODS, SINKLESS_METHODS, BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "positions", "profile")
@@ -43,7 +43,7 @@ def normalise_run(run: dict) -> dict:
     out = {**RUN_DEFAULTS, **{k: run[k] for k in RUN_KEYS if k in run}}
     if not (out["cache_slack"] or out["max_drop"]):
         out["softlite_mode"] = "naive"  # the modes differ only under softlite: one job for both
-    if out["method"] == "dense":
+    if out["method"] in DENSE_METHODS:
         out["sink"] = None
     elif out["method"] in SINKLESS_METHODS:
         out.setdefault("sink", 0)
@@ -61,7 +61,9 @@ def run_id(run: dict) -> str:
         return "dense" + suffix
     if m == "recompute":
         return f"recompute_s{r['sink']}" + suffix
-    if m in PEER_METHODS:  # e.g. kvpress-streaming_llm-rerotate_s4_k1
+    if m == "llamacpp:dense":
+        return "llamacpp-dense" + suffix
+    if m in PEER_METHODS:  # e.g. kvpress-streaming_llm-rerotate_s4_k1, llamacpp-shift_s4_k32
         return f"{m.replace(':', '-').replace('+', '-')}_s{r['sink']}_k{r['compress_every']}" + suffix
     if m == "ring" and r["compress_every"] != 1:
         return f"ring_s{r['sink']}_k{r['compress_every']}" + suffix
@@ -190,6 +192,10 @@ def check(config: dict) -> None:
         if peer.get("cross_check") and peer["cross_check"] not in rows:
             raise StreamkvError(f"config key peers[{i}].cross_check: no row is named '{peer['cross_check']}' "
                                 f"(rows: {', '.join(rows)})")
+        checked = [p["name"] for p in config.get("peers") or [] if p.get("cross_check")]
+        if peer.get("noise_floor") and peer["noise_floor"] not in checked:
+            raise StreamkvError(f"config key peers[{i}].noise_floor: no peer row with a cross_check is named "
+                                f"'{peer['noise_floor']}' (peer rows with one: {', '.join(checked) or 'none'})")
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .params import LAZY_METHODS
+from .params import DENSE_METHODS, LAZY_METHODS, PEER_SETUP
 from .pipeline import max_tokens, text_source
 from .summary import to_markdown, trace_path
 
 FAILED = "FAILED"
+NOT_INSTALLED = "not_installed"  # the status of a peer row whose optional package is absent
 ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
 
 
 def configuration(row) -> str:
     """The parameters that define a row, in the seeds' notation."""
-    if row.method == "dense":
+    if row.method in DENSE_METHODS:
         return "full cache"
     parts = [f"S={_count(row.sink)}", f"W={_count(row.window)}"]
     if row.method in LAZY_METHODS and row.compress_every != 1:
@@ -62,7 +63,7 @@ def table_rows(frame: pd.DataFrame) -> list[dict]:
         ok = row.status == "ok"
         rows.append({
             "name": row.name, "method": row.method, "configuration": configuration(row), "status": row.status,
-            "ppl": _fmt(row.ppl, 3) if ok else FAILED,
+            "ppl": _fmt(row.ppl, 3) if ok else (_not_installed(row.method) if row.status == NOT_INSTALLED else FAILED),
             "delta_ppl": (f"{row.delta_ppl_pct:+.2f}" if ok and row.group != "baseline" else ("0" if ok else "–")),
             "tpot": _fmt(row.tpot_ms) if ok else "–",
             "tpot_steady": _fmt(row.tpot_steady_ms) if ok else "–",
@@ -74,6 +75,10 @@ def table_rows(frame: pd.DataFrame) -> list[dict]:
             "value": _short(row.name),
         })
     return rows
+
+
+def _not_installed(method: str) -> str:
+    return f"not installed (install with `{PEER_SETUP[method.split(':', 1)[0]]}`)"
 
 
 def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes") -> list[dict]:
@@ -106,14 +111,19 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
 
 
 def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
-    """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side."""
-    out = []
+    """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side.
+
+    A peer's `noise_floor` names another peer row whose own cross-check differs only in what the two
+    implementations do anyway (llama.cpp dense against our dense, say): its PPL difference is shown beside.
+    """
+    checks = {}
     by_name = {r.name: r for r in part.itertuples() if r.group in ROW_GROUPS}
     for spec in config.get("peers") or []:
         peer, ours = by_name.get(spec["name"]), by_name.get(spec.get("cross_check"))
         if peer is None or ours is None:
             continue  # not run on this text, or no cross-check asked for
-        check = {"peer": peer.name, "ours": ours.name, "max_dnll": "–", "mean_dnll": "–", "dppl": "–", "first": "–"}
+        check = {"peer": peer.name, "ours": ours.name, "max_dnll": "–", "mean_dnll": "–", "dppl": "–", "first": "–",
+                 "floor": "–"}
         if peer.status == "ok" and ours.status == "ok":
             a = pd.read_parquet(trace_path(peer.file), columns=["position", "nll"]).set_index("position").nll
             b = pd.read_parquet(trace_path(ours.file), columns=["position", "nll"]).set_index("position").nll
@@ -122,8 +132,14 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
             check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}",
                          dppl=f"{(peer.ppl / ours.ppl - 1) * 100:+.3f}",
                          first=str(int(above[0])) if len(above) else "none")
-        out.append(check)
-    return out
+        elif peer.status == NOT_INSTALLED:
+            check["dppl"] = _not_installed(peer.method)
+        checks[peer.name] = check
+    for spec in config.get("peers") or []:
+        floor = checks.get(spec.get("noise_floor"))
+        if spec["name"] in checks and floor is not None:
+            checks[spec["name"]]["floor"] = f"{floor['dppl']} ({floor['peer']} vs {floor['ours']})"
+    return list(checks.values())
 
 
 CROSS_CHECK_TOL = 1e-4  # |dNLL| at which two implementations of the same semantics are said to differ
@@ -264,7 +280,7 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    failed = frame[frame.status != "ok"]
+    failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
         sections=sections(frame, config),
@@ -586,6 +602,11 @@ def bench_findings(result: dict) -> list[str]:
             verdict = {True: "met", False: "missed", None: ""}[row.get("met")]
             lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} the no-eviction forward, "
                          f"{row['speedup']:.2f}x faster than recompute (ideal {ideal:.2f}x); goal {row['goal']}: {verdict}")
+        for k, ours in ((1, "start_recent strict"), (result["config"]["lazy_k"], "start_recent lazy")):
+            peer = rows.get(f"llama.cpp: shift K={k}")
+            if peer and ours in rows:
+                lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "
+                             f"shift, where our {ours} is x{rows[ours]['overhead']:.3f} our no-eviction forward")
     for c in result["compile"]:
         if c["status"] == "ok":
             lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step at cap {c['cap']}: TPOT "

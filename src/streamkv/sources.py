@@ -186,6 +186,26 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu", attn_imple
 PREPARED_MARKER = "streamkv_source.json"
 
 
+def gguf_path(src: str) -> Path:
+    """The GGUF file of a model source, for peers that run GGUF files themselves (llama.cpp).
+
+    The embedded model is one; `path:DIR` is one if DIR holds a .gguf file or was prepared from a source that is.
+    """
+    scheme, rest = _scheme(src, "model", ("embedded", "tiny", "hf", "path"))
+    if scheme == "embedded" and rest == EMBEDDED_MODEL.split(":", 1)[1]:
+        return embedded_model_dir() / SMOLLM2_GGUF
+    if scheme == "path":
+        folder = Path(rest)
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+        origin = _read_marker(folder).get("source")
+        if origin:
+            return gguf_path(origin)
+    raise StreamkvError(f"model source '{src}' has no GGUF file, which llama.cpp runs; use a GGUF model "
+                        f"({EMBEDDED_MODEL}, or path:DIR with a .gguf file in DIR)")
+
+
 def load_tokenizer(folder: str | Path, gguf_file: str | None = None):
     """The tokenizer saved in a model folder (the byte tokenizer for prepared tiny models)."""
     from transformers import AutoTokenizer
