@@ -186,13 +186,13 @@ class LlamaCppStepper:
         lc.llama_memory_seq_rm(self.mem, 0, keep, keep + n)
         lc.llama_memory_seq_add(self.mem, 0, keep + n, self.n_past, -n)
         self.n_past -= n
-        self.dropped, self.kind = n, "lazy" if n > 1 else "strict"
+        self.dropped, self.kind = n, "lazy"  # (what our caches call a prune on their rhythm, strict ones included)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tokens = ids[0].tolist()
         self.dropped, self.kind = 0, ""
         if self.n_past + len(tokens) > self.budget:
-            if self.dense or len(tokens) > 1 or self.reference:  # (the loop's checks keep runs from here)
+            if self.dense or len(tokens) > 1 or self.reference:  # (EvalParams keeps every run of the loop from here)
                 raise StreamkvError(f"{self.method}: {self.n_past + len(tokens)} tokens do not fit "
                                     f"{self.budget} cells")
             self._shift()
