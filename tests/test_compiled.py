@@ -124,3 +124,19 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
     if peers:
         assert "| 48 | kvpress streaming_llm K=8 |" in printed
+
+
+def test_bench_puts_llamacpp_shift_against_its_own_decode(tiny, hamlet_bytes):
+    """llama.cpp's rows: overhead against llama.cpp's decode without a shift (1 for that reference), no speedup."""
+    pytest.importorskip("llama_cpp")
+    from streamkv import bench
+    from streamkv.sources import gguf_path
+
+    cfg = BenchConfig(caps=(48,), lazy_k=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()
+    # byte tokens are valid ids of the embedded model too; the torch rows run the tiny model, llama.cpp the GGUF
+    table = bench.overhead(tiny("tiny:llama").model, hamlet_bytes, 48, cfg, progress=False,
+                           gguf=gguf_path("embedded:smollm2-135m")).set_index("method")
+    engine = table.loc[[bench.LLAMACPP_REFERENCE, "llama.cpp: shift K=1", "llama.cpp: shift K=8"]]
+    assert engine.loc[bench.LLAMACPP_REFERENCE, "overhead"] == 1.0
+    assert engine.overhead.gt(0).all() and engine.speedup.isna().all() and (engine.goal == "").all()
+    assert table.loc[bench.REFERENCE, "overhead"] == 1.0  # our rows keep our reference
