@@ -47,7 +47,8 @@ def llamacpp_version() -> str | None:
 def installed(method: str) -> str:
     """What this machine has for the peer `method` ("" for our own methods)."""
     if method in KVPRESS_METHODS:
-        return f"kvpress at {kvpress_python()}" if kvpress_python() else "not installed"
+        python = kvpress_python()
+        return f"kvpress at {python}" if python else "not installed"
     if method in LLAMACPP_METHODS:
         found = llamacpp_version()
         return f"llama-cpp-python {found}" if found else "not installed"

@@ -76,7 +76,7 @@ class EvalParams:
                 raise StreamkvError(f"method '{p.method}' keeps no sink tokens; leave --sink out or use start_recent")
             p.sink = 0
         elif p.method in DENSE_METHODS:
-            p.sink = None  # nothing is evicted, so nothing is kept as a sink  # nothing is evicted, so nothing is kept as a sink
+            p.sink = None  # nothing is evicted, so nothing is kept as a sink
         elif p.sink is None:
             p.sink = 4
         if p.compress_every < 1:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from .budget import Budget
 from .errors import NotInstalled, StreamkvError
 from .extras import INSTALL_HINT, LLAMACPP_HINT, kvpress_python, llamacpp_version
 from .params import LLAMACPP_METHODS, PEER_METHODS
@@ -151,8 +152,8 @@ class LlamaCppStepper:
         self.reference = reference
         self.dense = method == "llamacpp:dense"
         self.budget = max_tokens if self.dense else cap + interval - 1
-        if sink >= cap and not self.dense:
-            raise StreamkvError(f"sink ({sink}) must be smaller than cap ({cap})")
+        if not self.dense:
+            Budget.derive(cap, sink=sink)  # (sink < cap, as for our own caches)
         # llama-cpp-python logs every tensor it loads through this logger; only errors reach the job's log
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         lc.llama_backend_init()
