@@ -125,8 +125,22 @@ def _finite(x: float) -> float | None:
 
 @torch.inference_mode()
 def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progress: bool = True) -> tuple[dict, pd.DataFrame]:
-    """Run the decode loop; return the result record and the per-token trace."""
+    """Evaluate one configuration; return the result record and the per-token trace.
+
+    The NLLs come from the evaluator `params.evaluator` resolves to (recorded in the result's params): the
+    decode loop, which also times every step, or the parallel evaluator (`streamkv.parallel`), which gives
+    the loop's NLLs at a fraction of the cost and times nothing.
+    """
     p = params.resolved()
+    if p.evaluator == "parallel":
+        from .parallel import evaluate_parallel
+
+        metrics, trace, provenance = evaluate_parallel(loaded, tokens, p, progress=progress)
+        return _record(p, metrics, provenance, trace.nll.to_numpy()), trace
+    return _decode_loop(loaded, tokens, p, progress)
+
+
+def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress: bool) -> tuple[dict, pd.DataFrame]:
     model = loaded.model
     device = next(model.parameters()).device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -169,27 +183,12 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         stepper.close()
 
     nll_arr = np.asarray(nll)
-    trace = pd.DataFrame({
-        "step": np.concatenate([np.zeros(pre, dtype=np.int64), np.arange(1, n_dec + 1)]),
-        "position": np.arange(n - 1),
-        "target": ids[0, 1:].cpu().numpy(),
-        "nll": nll_arr,
-        "step_ms": np.concatenate([np.full(pre, prefill_sec * 1e3), step_ms]),
-        "kv_len": np.concatenate([np.full(pre, pre, dtype=np.int64), kv_len]),
-        "pruned": np.concatenate([np.zeros(pre, dtype=bool), dropped > 0]),
-        "dropped": np.concatenate([np.zeros(pre, dtype=np.int64), dropped]),
-        "prune_kind": np.concatenate([np.full(pre, "", dtype=object), kinds]).astype(str),
-        "update_ms": np.concatenate([np.full(pre, np.nan), update_ms]),
-    })
+    trace = trace_frame(ids, nll_arr, pre, prefill_sec * 1e3, step_ms, kv_len, dropped, kinds, update_ms)
     if prefill_dropped:
         trace.loc[pre - 1, ["pruned", "dropped", "prune_kind"]] = [True, prefill_dropped, prefill_kind]
-    nll_mean = float(nll_arr.mean())
+    metrics = quality_metrics(nll_arr, pre, kv_len, dropped, kinds, prefill_dropped, prefill_kind)
     steady = step_ms[STEADY_SKIP:]
-    kv_decode = kv_len if n_dec else np.array([pre])
-    metrics = {
-        "ppl": math.exp(nll_mean) if math.isfinite(nll_mean) and nll_mean < 700 else None,
-        "nll_mean": _finite(nll_mean),
-        "n_scored": int(nll_arr.size),
+    metrics.update({
         "tpot_ms": float(step_ms.mean()) if n_dec else None,
         "tpot_steady_ms": float(steady.mean()) if steady.size else None,
         "tpot_p50_ms": float(np.percentile(step_ms, 50)) if n_dec else None,
@@ -199,6 +198,44 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "total_sec": total_sec,
         "peak_memory_mb": getattr(stepper, "peak_memory_mb", None) or _peak_memory_mb(device),
         "kv_bytes_peak": int(kv_bytes_peak),
+        "update_ms_mean": _mean(update_ms),
+        "update_ms_prune": _mean(update_ms[dropped > 0]),
+        "update_ms_noprune": _mean(update_ms[dropped == 0]),
+    })
+    if is_peer(p.method):
+        provenance["peer_versions"] = stepper.versions
+    return _record(p, metrics, provenance, nll_arr), trace
+
+
+def trace_frame(ids: torch.Tensor, nll: np.ndarray, pre: int, prefill_ms: float, step_ms: np.ndarray,
+                kv_len: np.ndarray, dropped: np.ndarray, kinds: np.ndarray, update_ms: np.ndarray) -> pd.DataFrame:
+    """The per-token trace: the prefill's scored targets (step 0) first, then one row per decode step."""
+    n = ids.shape[-1]
+    n_dec = n - 1 - pre
+    return pd.DataFrame({
+        "step": np.concatenate([np.zeros(pre, dtype=np.int64), np.arange(1, n_dec + 1)]),
+        "position": np.arange(n - 1),
+        "target": ids[0, 1:].cpu().numpy(),
+        "nll": nll,
+        "step_ms": np.concatenate([np.full(pre, prefill_ms), step_ms]),
+        "kv_len": np.concatenate([np.full(pre, pre, dtype=np.int64), kv_len]),
+        "pruned": np.concatenate([np.zeros(pre, dtype=bool), dropped > 0]),
+        "dropped": np.concatenate([np.zeros(pre, dtype=np.int64), dropped]),
+        "prune_kind": np.concatenate([np.full(pre, "", dtype=object), kinds]).astype(str),
+        "update_ms": np.concatenate([np.full(pre, np.nan), update_ms]),
+    })
+
+
+def quality_metrics(nll: np.ndarray, pre: int, kv_len: np.ndarray, dropped: np.ndarray, kinds: np.ndarray,
+                    prefill_dropped: int = 0, prefill_kind: str = "") -> dict:
+    """Every metric that does not time anything (PPL, KV lengths, prunes); the timed ones are None."""
+    nll_mean = float(nll.mean())
+    kv_decode = kv_len if kv_len.size else np.array([pre])
+    metrics = dict.fromkeys(METRIC_KEYS)
+    metrics.update({
+        "ppl": math.exp(nll_mean) if math.isfinite(nll_mean) and nll_mean < 700 else None,
+        "nll_mean": _finite(nll_mean),
+        "n_scored": int(nll.size),
         "kv_len_min": int(kv_decode.min()),
         "kv_len_mean": float(kv_decode.mean()),
         "kv_len_max": int(kv_decode.max()),
@@ -207,25 +244,18 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         "n_emergency_prunes": int((kinds == EMERGENCY).sum() + (prefill_kind == EMERGENCY)),
         "n_forced_prunes": int((kinds == FORCED).sum() + (prefill_kind == FORCED)),
         "drop_max": int(max(dropped.max(initial=0), prefill_dropped)),
-        "update_ms_mean": _mean(update_ms),
-        "update_ms_prune": _mean(update_ms[dropped > 0]),
-        "update_ms_noprune": _mean(update_ms[dropped == 0]),
-    }
+    })
+    return metrics
+
+
+def _record(p: EvalParams, metrics: dict, provenance: dict, nll: np.ndarray) -> dict:
+    """The result record; a run with a non-finite NLL is failed, and says where."""
     status, error = "ok", None
-    bad = np.flatnonzero(~np.isfinite(nll_arr))
+    bad = np.flatnonzero(~np.isfinite(nll))
     if bad.size:
         status = "failed"
-        error = f"non-finite NLL at {bad.size} of {nll_arr.size} targets (first at position {int(bad[0])})"
-    if is_peer(p.method):
-        provenance["peer_versions"] = stepper.versions
-    record = {
-        "status": status,
-        "error": error,
-        "params": p.record(),
-        "metrics": metrics,
-        "meta": provenance,
-    }
-    return record, trace
+        error = f"non-finite NLL at {bad.size} of {nll.size} targets (first at position {int(bad[0])})"
+    return {"status": status, "error": error, "params": p.record(), "metrics": metrics, "meta": provenance}
 
 
 def failed_record(params: EvalParams, error: str, status: str = "failed") -> dict:

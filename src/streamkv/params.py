@@ -29,6 +29,10 @@ SINKLESS_METHODS = ("window", "kvpress:knorm")
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
 POSITIONS = ("cache", "original")
+# Who produces a run's NLLs: the decode loop (the reference, timed), or the exact parallel evaluator
+# (streamkv.parallel) for the methods whose cache contents depend on positions only; auto picks parallel there.
+EVALUATORS = ("auto", "parallel", "decode")
+PARALLEL_METHODS = ("dense", "window", "start_recent", "mit", "ring")
 
 
 @dataclass
@@ -51,6 +55,16 @@ class EvalParams:
     device: str = "cpu"
     seed: int = 0
     profile: bool = False  # synchronise the device around cache updates, so update times are exact on GPU
+    evaluator: str = "decode"  # see EVALUATORS; resolved() turns "auto" into the one that runs
+
+    def parallel_reason(self) -> str | None:
+        """Why the parallel evaluator cannot serve this configuration (None: it can)."""
+        if self.method not in PARALLEL_METHODS:
+            return (f"method '{self.method}' runs only in the decode loop (the parallel evaluator serves "
+                    f"{', '.join(PARALLEL_METHODS)})")
+        if self.refresh:
+            return "refresh re-inserts evicted tokens at the tail, which only the decode loop follows"
+        return None
 
     def resolved(self) -> "EvalParams":
         """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
@@ -96,6 +110,13 @@ class EvalParams:
             raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
         if p.seed < 0:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
+        if p.evaluator not in EVALUATORS:
+            raise StreamkvError(f"unknown evaluator '{p.evaluator}'; choose one of: {', '.join(EVALUATORS)}")
+        reason = p.parallel_reason()
+        if p.evaluator == "parallel" and reason:
+            raise StreamkvError(f"evaluator 'parallel' cannot serve this run: {reason}; use --evaluator decode or auto")
+        if p.evaluator == "auto":
+            p.evaluator = "decode" if reason else "parallel"
         return p
 
     def record(self) -> dict:
