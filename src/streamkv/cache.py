@@ -13,9 +13,12 @@ contiguous and ending at the query, so query-key distances are the distances
 query itself needs no help from the cache:
 
 * `start_recent` stores rotated keys.  The window keys already sit at their
-  absolute positions; when `d` tokens are evicted after the sinks, only the
-  sink keys are rotated forward by `d` so that they sit right before the
-  window again.
+  absolute positions; when tokens are evicted after the sinks, only the sink
+  keys move: rotated, from a copy kept at their own positions 0..S-1, forward
+  by every token evicted so far, so that they sit right before the window
+  again.  (One rotation from the copy, not one more per prune: rotations
+  applied on top of each other add their roundings, and after thousands of
+  prunes the sinks would drift.)
 * `mit` (the reference, written independently) stores un-rotated keys and
   rotates all of them at their in-cache positions on every step.
 
@@ -128,10 +131,22 @@ class RealignedLayer(StreamingLayer):
         super().lazy_initialization(key_states, value_states)
         self.buf_k = self.buf_v = None
         self.start = 0
+        self.raw_sinks = None  # the sink keys at their own positions 0..S-1 (kept from the first prune on)
 
     def reset(self) -> None:
         super().reset()
-        self.buf_k = self.buf_v = None
+        self.buf_k = self.buf_v = self.raw_sinks = None
+
+    def _moved_sinks(self, step: Step) -> torch.Tensor:
+        """The sinks right before the window: rotated from their copy by every token evicted so far."""
+        s, aligner = self.owner.policy.sink, self.owner.aligner
+        if aligner is None:  # positions "original": they stay where they were rotated
+            return self.keys[:, :, :s].clone()
+        if self.raw_sinks is None:  # the first prune: nothing has moved them yet
+            self.raw_sinks = self.keys[:, :, :s].clone()
+        if "sink_angles" not in step.memo:  # once per forward, for every layer
+            step.memo["sink_angles"] = aligner.angles(torch.tensor([self.owner.tokens_dropped]))
+        return aligner.rotate(self.raw_sinks, *step.memo["sink_angles"])
 
     def nbytes(self) -> int:
         if self.buf_k is None:
@@ -142,10 +157,7 @@ class RealignedLayer(StreamingLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         s, d = self.owner.policy.sink, step.dropped
-        sinks = None
-        if d and s:  # the sinks move next to the window: rotated forward by d, or as they are (positions "original")
-            aligner = self.owner.aligner
-            sinks = self.keys[:, :, :s].clone() if aligner is None else aligner.shift(self.keys[:, :, :s], d)
+        sinks = self._moved_sinks(step) if d and s else None
         if self.owner.policy.max_kv is None:
             self.keys = self._evict_and_append(self.keys, key_states, d, sinks)
             self.values = self._evict_and_append(self.values, value_states, d)

@@ -50,7 +50,10 @@ from .errors import StreamkvError
 from .rope import RotaryAligner
 
 ATTN_NAME = "streamkv_parallel"
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 256  # queries per forward: larger chunks attend more history columns per query
+# Positions are re-based (the kept history rotated back by one rotation) only when a chunk would reach past
+# this: until then queries and keys sit at the decode loop's own absolute positions, with its own roundings.
+REBASE = 4096
 
 
 # ----------------------------------------------------------------------------- the schedule (no model)
@@ -112,7 +115,7 @@ class _Chunk:
         self.mask = mask  # [q, sinks + history + q] additive float mask
         self.sink_cos, self.sink_sin = sink_cos, sink_sin  # per-query re-rotation for the sink columns
         self.keep_from = keep_from  # first column of history + chunk that the next chunk still needs
-        self.shift_cos, self.shift_sin = shift_cos, shift_sin  # re-basing of what is kept (None: no change)
+        self.shift_cos, self.shift_sin = shift_cos, shift_sin  # re-basing of the history first (None: none)
         self.capture_sinks = capture_sinks
 
 
@@ -139,27 +142,25 @@ def _attend(module, query, key, value, attention_mask, scaling, dropout=0.0, str
     if st.hist_k[layer] is None:
         keys, values = key, value
     else:
-        keys, values = torch.cat((st.hist_k[layer], key), dim=-2), torch.cat((st.hist_v[layer], value), dim=-2)
-    kept_k, kept_v = keys[:, :, ch.keep_from :], values[:, :, ch.keep_from :]
-    if ch.shift_cos is not None:
-        kept_k = st.aligner.rotate(kept_k, ch.shift_cos, ch.shift_sin)
-    st.hist_k[layer], st.hist_v[layer] = kept_k, kept_v
+        hist_k = st.hist_k[layer]
+        if ch.shift_cos is not None:  # the history was rotated at the previous base
+            hist_k = st.aligner.rotate(hist_k, ch.shift_cos, ch.shift_sin)
+        keys, values = torch.cat((hist_k, key), dim=-2), torch.cat((st.hist_v[layer], value), dim=-2)
+    st.hist_k[layer], st.hist_v[layer] = keys[:, :, ch.keep_from :], values[:, :, ch.keep_from :]
 
     b, hq, q, d = query.shape
-    hkv = key.shape[1]
-    g = hq // hkv  # grouped-query attention: query heads per key head
-    qg = query.reshape(b, hkv, g, q, d)
-    scores = torch.matmul(qg, keys.unsqueeze(2).transpose(-1, -2))  # [b, hkv, g, q, history + q]
-    if s:
-        q_sink = st.aligner.rotate(query, ch.sink_cos, ch.sink_sin).reshape(b, hkv, g, q, d)
-        sink_scores = torch.matmul(q_sink, st.sink_k[layer].unsqueeze(2).transpose(-1, -2))
+    g = hq // key.shape[1]  # grouped-query attention: query heads per key head
+    query = query * scaling
+    scores = torch.matmul(query.reshape(b, -1, g * q, d), keys.transpose(-1, -2)).view(b, hq, q, -1)
+    if s:  # the sink columns: the query re-rotated to the sinks' distance (keys are at 0..S-1)
+        q_sink = st.aligner.rotate(query, ch.sink_cos, ch.sink_sin).reshape(b, -1, g * q, d)
+        sink_scores = torch.matmul(q_sink, st.sink_k[layer].transpose(-1, -2)).view(b, hq, q, s)
         scores = torch.cat((sink_scores, scores), dim=-1)
-    scores = scores * scaling + ch.mask
+        values = torch.cat((st.sink_v[layer], values), dim=-2)
+    scores += ch.mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs[..., s:], values.unsqueeze(2))
-    if s:
-        out = out + torch.matmul(probs[..., :s], st.sink_v[layer].unsqueeze(2))
-    return out.reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
+    out = torch.matmul(probs.view(b, -1, g * q, probs.shape[-1]), values).view(b, hq, q, d)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_NAME, _attend)
@@ -186,7 +187,7 @@ class _ParallelAttention:
 
 
 def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "cache", chunk: int = DEFAULT_CHUNK,
-                 progress: bool = False, desc: str = "parallel") -> np.ndarray:
+                 progress: bool = False, desc: str = "parallel", rebase: int = REBASE) -> np.ndarray:
     """Per-token NLL of targets ids[1:] under the schedule, chunk by chunk (ids: [1, n + 1] on the model's device).
 
     `positions`: "cache" (pos-shift: the sinks sit just before the window) or "original" (where they were
@@ -208,10 +209,14 @@ def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "ca
     # history each chunk needs: tokens [h0(c), c0) with h0 the smallest window start among its queries
     h0 = [0] + [max(s, int(ws[a:b].min())) for a, b in zip(bounds[1:-1], bounds[2:])]
     nll = np.empty(n)
-    base = 0  # positions are re-based per chunk: token j sits at j - base
+    base = 0  # token j is rotated at position j - base
     for c, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc, disable=not progress,
                                     mininterval=2.0, leave=False)):
-        lo = h0[c]  # first column of history + chunk: token lo
+        lo = h0[c]  # the columns after the sinks: tokens lo..b-1 (the kept history, then the chunk)
+        shift_cos = shift_sin = None
+        if b - base > rebase and lo != base:
+            shift_cos, shift_sin = aligner.angles(torch.tensor([base - lo]))
+            base = lo
         t = t_all[a:b]
         cols = np.arange(lo, b)
         win = (cols[None, :] >= ws[a:b, None]) & (cols[None, :] <= t[:, None])
@@ -222,20 +227,17 @@ def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "ca
         if s:
             delta = torch.from_numpy(sink_pos[a:b] - (t - base)).to(device)
             sink_cos, sink_sin = aligner.angles(delta)
-        nxt = h0[c + 1] if c + 1 < len(h0) else b
-        shift_cos = shift_sin = None
-        if nxt != base:  # the next chunk's base: the kept keys move back by the difference
-            shift_cos, shift_sin = aligner.angles(torch.tensor([base - nxt]))
-        ch = _Chunk(state, mask, sink_cos, sink_sin, nxt - lo, shift_cos, shift_sin, capture_sinks=c == 0 and s > 0)
+        keep_from = (h0[c + 1] if c + 1 < len(h0) else b) - lo
+        ch = _Chunk(state, mask, sink_cos, sink_sin, keep_from, shift_cos, shift_sin, capture_sinks=c == 0 and s > 0)
         pos = torch.arange(a - base, b - base, device=device).unsqueeze(0)
         logits = model(input_ids=ids[:, a:b], position_ids=pos, use_cache=False, streamkv_chunk=ch).logits
         nll[a:b] = F.cross_entropy(logits[0].float(), ids[0, a + 1 : b + 1], reduction="none").cpu().numpy()
-        base = nxt
     return nll
 
 
 @torch.inference_mode()
-def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, chunk: int = DEFAULT_CHUNK):
+def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, chunk: int = DEFAULT_CHUNK,
+                      rebase: int = REBASE):
     """The parallel evaluator's result record and per-token trace (the decode loop's format; no step times).
 
     `params` must be resolved; the cache is built as the decode loop builds it, and only its policy is used.
@@ -254,7 +256,7 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
     started = time.perf_counter()
     with _ParallelAttention(model):
-        nll = nll_parallel(model, ids, sched, p.positions, chunk, progress, desc=f"{p.method} (parallel)")
+        nll = nll_parallel(model, ids, sched, p.positions, chunk, progress, f"{p.method} (parallel)", rebase)
     total_sec = time.perf_counter() - started
     pre = p.prefill
     untimed = np.full(n - 1 - pre, np.nan)
