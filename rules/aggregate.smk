@@ -11,6 +11,7 @@ rule aggregate:
         parquet="results/summary.parquet",
         spike_events="results/spike_events.parquet",
         spike_curves="results/spike_curves.parquet",
+        comparisons="results/comparisons.csv",
     params:
         # which report rows each result fills: renaming a row re-runs only this and the report
         rows=[[job.path(), job.model, job.text, job.labels] for job in JOBS],
@@ -18,6 +19,9 @@ rule aggregate:
             "horizon": config["diagnostics"]["spike_horizon"],
             "threshold": config["diagnostics"]["spike_threshold"],
         },
+        stats=config["stats"],
+        controls=pipeline.controls(config),
+        findings=config["findings"],
         library=ANALYSIS,
     log:
         "logs/aggregate.log",

@@ -12,8 +12,9 @@ try:
 except StreamkvError as exc:
     sys.exit(f"Invalid config: {exc}")
 
-JOBS = pipeline.jobs(config)
-JOB_BY_PATH = {job.path(): job for job in JOBS}
+ALL_JOBS = pipeline.jobs(config)
+JOB_BY_PATH = {job.path(): job for job in ALL_JOBS}
+JOBS = [job for job in ALL_JOBS if job.kind != "quality"]  # the report's rows and baselines
 BASELINE_OF = {(job.model, job.text): job for job in JOBS if job.kind == "baselines"}
 # Results depend on the library code as much as on the scripts: with rerun_on_library_change, an
 # edit of the decode loop's modules re-runs every evaluation, and an edit of the analysis modules
@@ -34,12 +35,12 @@ def eval_params(kind):
     return lambda wildcards: vars(pipeline.eval_params(config, job_of(kind, wildcards)))
 
 
-def baseline_file(wildcards):
-    """Every evaluation depends on its baseline: a baseline change re-runs what is compared with it."""
-    job = job_of("runs", wildcards)
-    return BASELINE_OF[job.model, job.text].path()
+def quality_files(wildcards):
+    """A row that shares another run's attention schedule takes that run's NLLs (its result and trace)."""
+    job = job_of("runs", wildcards).quality
+    return {} if job is None else {"quality": job.path(), "quality_trace": job.path("parquet")}
 
 
-def peer_installed(wildcards):
+def peer_installed(kind):
     """For a peer's job, what this machine has of it: installing the peer re-runs its "not installed" rows."""
-    return installed(job_of("runs", wildcards).params["method"])
+    return lambda wildcards: installed(job_of(kind, wildcards).params["method"])

@@ -82,6 +82,7 @@ rule ablation_figure:
 rule paper_tables:
     input:
         summary="results/summary.parquet",
+        comparisons="results/comparisons.csv",
         template="report/templates/paper_tables.md.j2",
         figures=FIGURES + ABLATION_FIGURES + PROBE_FIGURES,
         probes=PROBE_TABLES,

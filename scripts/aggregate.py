@@ -1,14 +1,19 @@
 """Snakemake: every result into results/summary.csv and .parquet (failed runs stay, as failed rows),
-with the NLL spike diagnosis of every run against its baseline."""
+with the NLL spike diagnosis of every run against its baseline, every delta PPL with its interval (paired on the
+targets both runs scored), and the intervals of every sweep point against its control and of the findings."""
 
 from streamkv.pipeline import log_to
-from streamkv.summary import pipeline_summary, spike_diagnosis
+from streamkv.summary import comparisons, pipeline_summary, spike_diagnosis, with_intervals
 
 with log_to(snakemake.log[0]):
     frame = pipeline_summary(snakemake.params.rows)
     frame, events, curves = spike_diagnosis(frame, **snakemake.params.diagnostics)
+    frame = with_intervals(frame, snakemake.params.stats)
+    compared = comparisons(frame, snakemake.params.controls, snakemake.params.findings, snakemake.params.stats)
     frame.to_csv(snakemake.output.csv, index=False)
     frame.to_parquet(snakemake.output.parquet, index=False)
     events.to_parquet(snakemake.output.spike_events, index=False)
     curves.to_parquet(snakemake.output.spike_curves, index=False)
-    print(f"{len(frame)} rows, {int((frame.status != 'ok').sum())} failed, {len(events)} prune events diagnosed")
+    compared.to_csv(snakemake.output.comparisons, index=False)
+    print(f"{len(frame)} rows, {int((frame.status != 'ok').sum())} failed, {len(events)} prune events diagnosed, "
+          f"{len(compared)} comparisons")

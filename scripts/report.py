@@ -12,5 +12,7 @@ from streamkv.report import render
 with log_to(snakemake.log[0]):
     frame = pd.read_parquet(snakemake.input.summary)
     bench = [json.loads(Path(path).read_text()) for path in snakemake.input.bench]
-    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config, bench))
+    compared = pd.read_csv(snakemake.input.comparisons)
+    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config, bench,
+                                                compared))
     print(f"wrote {snakemake.output[0]}")

@@ -37,7 +37,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import meta
 from .cache import make_cache, num_attention_layers
@@ -49,6 +48,7 @@ from .peers import KvpressStepper, LlamaCppStepper
 from .params import BenchConfig
 from .recompute import RecomputeStepper
 from .sources import gguf_path
+from .timing import SameLengthCache, block_median
 
 REFERENCE = "no eviction (reference)"
 RECOMPUTE = "recompute"
@@ -64,62 +64,6 @@ GOALS = {
     "ring (fixed shapes)": ("overhead", 1.01, "<="),
 }
 SPEEDUP_GOAL = {256: 9.5}  # vs recompute, for the streaming methods at this cap
-class _SameLengthLayer(CacheLayerMixin):
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, owner: "SameLengthCache"):
-        super().__init__()
-        self.owner = owner
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        cap = self.owner.cap
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((*key_states.shape[:2], cap, key_states.shape[-1]))
-        self.values = value_states.new_zeros((*value_states.shape[:2], cap, value_states.shape[-1]))
-        self.last = torch.tensor([cap - 1], device=key_states.device)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
-        if q == 1:
-            self.keys.index_copy_(2, self.last, key_states)
-            self.values.index_copy_(2, self.last, value_states)
-        else:  # the prefill fills the slots
-            self.keys[:, :, :q] = key_states
-            self.values[:, :, :q] = value_states
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.owner.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.cap, self.owner.seen + query_length - self.owner.cap
-
-    def get_max_length(self) -> int:
-        return self.owner.cap
-
-
-class SameLengthCache(Cache):
-    """The timing reference: attention over `cap` keys, one slot written per step, nothing evicted or rotated."""
-
-    def __init__(self, num_layers: int, cap: int):
-        self.cap, self.seen = cap, 0
-        super().__init__(layers=[_SameLengthLayer(self) for _ in range(num_layers)])
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0:
-            if self.seen == 0 and key_states.shape[-2] != self.cap:
-                raise StreamkvError(f"the reference cache is filled by one prefill of exactly cap ({self.cap}) tokens")
-            self.seen += key_states.shape[-2]
-        return self.layers[layer_idx].update(key_states, value_states)
-
-    def nbytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
-
-
 class _Decoder:
     """A RingDecoder with the stepper interface of the decode loop (no cache timers inside a fixed-shape step)."""
 
@@ -170,13 +114,6 @@ def _sync_of(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _block_median(values: np.ndarray, block: int) -> float:
-    """Median over blocks of the block's mean (NaN entries, untimed steps, ignored)."""
-    blocks = values[: len(values) // block * block].reshape(-1, block)
-    means = np.array([np.nanmean(b) for b in blocks if np.isfinite(b).any()])
-    return float(np.median(means)) if means.size else float("nan")
-
-
 def _stepper_ms(stepper, name: str) -> float:
     """A cache timer of the last step; NaN where there is none (recompute, the reference, a fixed-shape step)."""
     return float(getattr(stepper, name, float("nan")))
@@ -221,9 +158,9 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
             stepper.close()
     rows = []
     for name in names:
-        tpot = _block_median(step_ms[name][cfg.warmup:], cfg.block)
-        update = _block_median(update_ms[name][cfg.warmup:], cfg.block)
-        plan = _block_median(plan_ms[name][cfg.warmup:], cfg.block)
+        tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
+        update = block_median(update_ms[name][cfg.warmup:], cfg.block)
+        plan = block_median(plan_ms[name][cfg.warmup:], cfg.block)
         rows.append({"cap": cap, "method": name, "tpot_ms": tpot, "forward_ms": tpot - update if np.isfinite(update) else tpot,
                      "update_ms": update - plan if np.isfinite(update) else float("nan"), "plan_ms": plan,
                      "kv_bytes": steppers[name].kv_bytes(),

@@ -37,7 +37,11 @@ TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "prun
 METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
                "kv_len_max", "n_prunes", "tokens_dropped", "n_emergency_prunes", "n_forced_prunes", "drop_max",
-               "update_ms_mean", "update_ms_prune", "update_ms_noprune")
+               "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "timed_steps")
+
+# What the timing part measures (the rest of the metrics come from the NLLs and the cache's schedule).
+TIMING_KEYS = ("tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms", "prefill_sec", "kv_bytes_peak",
+               "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "timed_steps")
 
 
 class CachedStepper:
@@ -130,14 +134,25 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
     The NLLs come from the evaluator `params.evaluator` resolves to (recorded in the result's params): the
     decode loop, which also times every step, or the parallel evaluator (`streamkv.parallel`), which gives
     the loop's NLLs at a fraction of the cost and times nothing.
+    With `params.timing_steps`, the step times come from a separate timing part instead
+    (`streamkv.timing.time_interleaved`): that many decode steps after a prefill of `cap`, interleaved with
+    a no-eviction reference, so that `tpot_ratio` can be compared across jobs.
     """
     p = params.resolved()
     if p.evaluator == "parallel":
         from .parallel import evaluate_parallel
 
         metrics, trace, provenance = evaluate_parallel(loaded, tokens, p, progress=progress)
-        return _record(p, metrics, provenance, trace.nll.to_numpy()), trace
-    return _decode_loop(loaded, tokens, p, progress)
+        record = _record(p, metrics, provenance, trace.nll.to_numpy())
+    else:
+        record, trace = _decode_loop(loaded, tokens, p, progress)
+    if p.timing_steps and record["status"] == "ok":
+        from .timing import time_interleaved
+
+        started = time.perf_counter()
+        record["metrics"].update(time_interleaved(loaded, tokens, p, p.timing_steps, seed=p.seed))
+        record["metrics"]["total_sec"] += time.perf_counter() - started
+    return record, trace
 
 
 def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress: bool) -> tuple[dict, pd.DataFrame]:
@@ -167,7 +182,17 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
     prefill_dropped, prefill_kind = stepper.dropped, stepper.kind
     kv_bytes_peak = stepper.kv_bytes()
 
+    # With a stride s (the recompute baseline at scale), only every s-th target is scored: the other steps
+    # only extend the history.  Targets are picked by position, so the pairing with other runs is plain.
+    scored = np.arange(n - 1) % p.stride == 0
     for i, t in enumerate(tqdm(range(pre, n - 1), desc=f"{p.method}", disable=not progress, mininterval=2.0, leave=False)):
+        if not scored[t]:
+            stepper.skip(ids[:, t : t + 1])
+            nll.append(np.nan)
+            step_ms[i] = update_ms[i] = np.nan
+            kv_len[i] = dropped[i] = 0
+            kinds[i] = ""
+            continue
         t0 = time.perf_counter()
         logits = stepper.forward(ids[:, t : t + 1])
         sync()
@@ -186,6 +211,11 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
     trace = trace_frame(ids, nll_arr, pre, prefill_sec * 1e3, step_ms, kv_len, dropped, kinds, update_ms)
     if prefill_dropped:
         trace.loc[pre - 1, ["pruned", "dropped", "prune_kind"]] = [True, prefill_dropped, prefill_kind]
+    if p.stride > 1:
+        keep = scored[pre:]
+        trace, nll_arr = trace[scored].reset_index(drop=True), nll_arr[scored]
+        step_ms, kv_len, dropped, kinds, update_ms = (a[keep] for a in (step_ms, kv_len, dropped, kinds, update_ms))
+        n_dec = int(keep.sum())
     metrics = quality_metrics(nll_arr, pre, kv_len, dropped, kinds, prefill_dropped, prefill_kind)
     steady = step_ms[STEADY_SKIP:]
     metrics.update({
@@ -256,6 +286,30 @@ def _record(p: EvalParams, metrics: dict, provenance: dict, nll: np.ndarray) -> 
         status = "failed"
         error = f"non-finite NLL at {bad.size} of {nll.size} targets (first at position {int(bad[0])})"
     return {"status": status, "error": error, "params": p.record(), "metrics": metrics, "meta": provenance}
+
+
+def timed_row(loaded: LoadedModel | None, tokens: list[int], params: EvalParams, quality: dict) -> dict:
+    """A report row's result: the NLL-side metrics of `quality` (the evaluation it shares with the rows of the
+    same attention schedule), its own parameters, and its decode step timed (`params.timing_steps`).
+
+    The result's `params.evaluator` says which evaluator produced the NLLs, `meta.nll_params` of which run.
+    """
+    p = params.resolved()
+    device = next(loaded.model.parameters()).device if loaded is not None else torch.device(p.device)
+    nll_side = {k: v for k, v in quality["metrics"].items() if k not in TIMING_KEYS}  # not the other run's times
+    record = {"status": quality["status"], "error": quality["error"], "params": p.record(),
+              "metrics": {**dict.fromkeys(METRIC_KEYS), **nll_side},
+              "meta": meta.collect(device, getattr(torch, p.dtype, torch.float32), p.seed)}
+    record["params"]["evaluator"] = quality["params"].get("evaluator", "decode")
+    record["meta"]["nll_params"] = quality["params"]
+    if "peer_versions" in quality.get("meta", {}):
+        record["meta"]["peer_versions"] = quality["meta"]["peer_versions"]
+    if record["status"] == "ok" and p.timing_steps:
+        from .timing import time_interleaved
+
+        with torch.inference_mode():
+            record["metrics"].update(time_interleaved(loaded, tokens, p, p.timing_steps, seed=p.seed))
+    return record
 
 
 def failed_record(params: EvalParams, error: str, status: str = "failed") -> dict:

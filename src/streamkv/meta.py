@@ -15,9 +15,10 @@ _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets"
 
 # The modules a result depends on (the decode loop and everything it calls) and the ones that only
 # read results (aggregation, diagnosis, probes, report): editing the latter must not re-run evaluations.
-EVALUATION_MODULES = ("bench", "budget", "cache", "compiled", "errors", "evaluation", "params", "policy", "recompute",
+EVALUATION_MODULES = ("bench", "budget", "cache", "compiled", "errors", "evaluation", "parallel", "params", "policy",
+                      "recompute", "timing",
                       "ring", "rope", "sources", "peers", "kvpress_worker", "extras")
-ANALYSIS_MODULES = ("pipeline", "probes", "report", "spikes", "summary")
+ANALYSIS_MODULES = ("pipeline", "probes", "report", "spikes", "stats", "summary")
 
 
 def code_hash(modules: tuple[str, ...] | None = None) -> str:

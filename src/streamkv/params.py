@@ -56,6 +56,8 @@ class EvalParams:
     seed: int = 0
     profile: bool = False  # synchronise the device around cache updates, so update times are exact on GPU
     evaluator: str = "decode"  # see EVALUATORS; resolved() turns "auto" into the one that runs
+    timing_steps: int = 0  # > 0: step times from that many steps interleaved with a no-eviction reference
+    stride: int = 1  # recompute: score every stride-th target only (the baseline at scale)
 
     def parallel_reason(self) -> str | None:
         """Why the parallel evaluator cannot serve this configuration (None: it can)."""
@@ -110,6 +112,12 @@ class EvalParams:
             raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
         if p.seed < 0:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
+        if p.stride < 1:
+            raise StreamkvError(f"stride must be >= 1, got {p.stride}")
+        if p.stride > 1 and p.method != "recompute":
+            raise StreamkvError(f"stride applies to the recompute baseline, not to '{p.method}'")
+        if p.timing_steps < 0:
+            raise StreamkvError(f"timing-steps must be >= 0, got {p.timing_steps}")
         if p.evaluator not in EVALUATORS:
             raise StreamkvError(f"unknown evaluator '{p.evaluator}'; choose one of: {', '.join(EVALUATORS)}")
         reason = p.parallel_reason()

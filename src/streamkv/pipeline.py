@@ -26,6 +26,8 @@ from .params import DENSE_METHODS, PEER_METHODS, SINKLESS_METHODS, BenchConfig, 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "positions", "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
+# Methods whose cache keeps what start_recent (positions "cache") keeps, at the same in-cache distances.
+SAME_SCHEDULE_AS_START_RECENT = ("mit", "ring")
 RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "softlite_mode": "naive", "overlap": 0,
                 "refresh": 0, "positions": "cache", "profile": False}
 # Each probe compares rows that differ in these parameters; its grid must sweep them.
@@ -52,6 +54,25 @@ def normalise_run(run: dict) -> dict:
     return out
 
 
+def quality_run(run: dict, evaluator: str = "auto") -> dict:
+    """The run whose per-token NLLs this row's are: rows with the same attention schedule share one evaluation.
+
+    Strict `mit` and `ring` (and the lazy ring) keep the keys `start_recent` keeps, at the same distances, and
+    under Auto-cap `overlap` only moves tokens from the window to the overlap: the parallel evaluator gives
+    such rows the same NLLs, so one evaluation serves them all.  With `evaluator: decode` every row runs its
+    own loop (that is how the loops are checked against each other).
+    """
+    r = normalise_run(run)
+    r["profile"] = False  # synchronised update timers change no NLL
+    if evaluator == "decode" or r["refresh"]:
+        return r
+    if r["method"] in SAME_SCHEDULE_AS_START_RECENT:
+        r["method"] = "start_recent"
+    if r["method"] == "start_recent":
+        r["overlap"] = 0
+    return r
+
+
 def run_id(run: dict) -> str:
     """A readable file name holding every parameter that changes the run."""
     r = normalise_run(run)
@@ -60,7 +81,8 @@ def run_id(run: dict) -> str:
     if m == "dense":
         return "dense" + suffix
     if m == "recompute":
-        return f"recompute_s{r['sink']}" + suffix
+        stride = f"_stride{run['stride']}" if run.get("stride", 1) > 1 else ""
+        return f"recompute_s{r['sink']}{stride}" + suffix
     if m == "llamacpp:dense":
         return "llamacpp-dense" + suffix
     if m in PEER_METHODS:  # e.g. kvpress-streaming_llm-rerotate_s4_k1, llamacpp-shift_s4_k32
@@ -88,9 +110,10 @@ def max_tokens(config: dict, text: str) -> int:
     return spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict) else config["protocol"]["max_tokens"]
 
 
-def setting_id(config: dict, text: str) -> str:
+def setting_id(config: dict, text: str, n: int | None = None, cap: int | None = None) -> str:
     p = config["protocol"]
-    return f"cap{p['cap']}_n{max_tokens(config, text)}_p{p['prefill']}_{p['dtype']}_{p['device']}_seed{p['seed']}"
+    n, cap = n or max_tokens(config, text), cap or p["cap"]
+    return f"cap{cap}_n{n}_p{min(p['prefill'], cap)}_{p['dtype']}_{p['device']}_seed{p['seed']}"
 
 
 @dataclass
@@ -100,22 +123,28 @@ class Job:
     setting: str
     run: str  # run id
     params: dict  # run parameters (normalised)
-    kind: str = "runs"  # or "baselines"
+    kind: str = "runs"  # "baselines", "runs" (a report row: its timing part) or "quality" (its NLLs)
     labels: list = field(default_factory=list)  # (group, name, order) rows of the report this job fills
+    n: int = 0  # tokens evaluated (max_tokens)
+    cap: int = 0  # the KV budget (the protocol's, or a sweep's own)
+    quality: "Job | None" = None  # for a run: the evaluation that gives its NLLs
 
     def path(self, suffix: str = "json") -> str:
         return f"results/{self.kind}/{self.model}/{self.text}/{self.setting}/{self.run}.{suffix}"
 
 
 def eval_params(config: dict, job: Job) -> EvalParams:
+    """The job's parameters: a quality job times nothing; a run job times its step; the baseline does both."""
     proto = config["protocol"]
     r = job.params
+    timing = 0 if job.kind == "quality" else proto["timing_steps"]
     return EvalParams(
-        model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=proto["cap"],
+        model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=job.cap,
         sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
         softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"], positions=r["positions"],
-        max_tokens=max_tokens(config, job.text), prefill=proto["prefill"], dtype=proto["dtype"], device=proto["device"],
-        seed=proto["seed"], profile=r["profile"],
+        max_tokens=job.n, prefill=min(proto["prefill"], job.cap), dtype=proto["dtype"], device=proto["device"],
+        seed=proto["seed"], profile=r["profile"], evaluator=proto["evaluator"], timing_steps=timing,
+        stride=config["baseline"]["stride"] if job.kind == "baselines" else 1,
     )
 
 
@@ -130,36 +159,75 @@ def grid_points(spec: dict, key: str) -> list[tuple[str, dict, str]]:
 
 
 def _rows(config: dict):
-    """(group, name, order, texts, run, where) for the method table, every ablation point and every probe point."""
+    """(group, name, order, texts, run, where, max_tokens, cap) for the method table, every ablation and probe point.
+
+    `max_tokens` is the row's own (a `runs`/`peers` entry or a sweep may set one below its text's), or None;
+    `cap` a sweep's own budget (its rows are compared with each other, not with the baseline), or None.
+    """
     all_texts = list(config["texts"])
     for i, run in enumerate(config.get("runs", [])):
-        yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]"
+        yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]", run.get("max_tokens"), None
     for i, run in enumerate(config.get("peers") or []):
-        yield "peers", run["name"], i, run.get("texts", all_texts), run, f"peers[{i}]"
+        yield "peers", run["name"], i, run.get("texts", all_texts), run, f"peers[{i}]", run.get("max_tokens"), None
     for section in ("ablations", "probes"):
         for key, spec in (config.get(section) or {}).items():
             for j, (name, swept, where) in enumerate(grid_points(spec, key)):
                 run = {**spec.get("base", {}), **swept}
-                yield f"{section[:-1]}:{key}", name, j, spec.get("texts", all_texts), run, f"{section}.{where}"
+                yield (f"{section[:-1]}:{key}", name, j, spec.get("texts", all_texts), run, f"{section}.{where}",
+                       spec.get("max_tokens"), spec.get("cap"))
 
 
 def jobs(config: dict) -> list[Job]:
-    """Every evaluation the config asks for, baselines first, deduplicated by output path."""
-    found: dict[tuple, Job] = {}  # by (model, text, run id): a row equal to the baseline reuses it
+    """Every evaluation the config asks for: baselines, report rows, shared quality jobs; deduplicated by path.
+
+    A row's job evaluates its NLLs and times its step.  A row whose attention schedule is another run's
+    (`quality_run`) only times its step and takes the NLLs of that run: the row of that run where the grid has
+    one, else a quality job of its own.
+    """
+    found: dict[tuple, Job] = {}  # by (kind, model, text, setting, run id)
+    stride = config["baseline"]["stride"]
     baseline_run = normalise_run({"method": "recompute", "sink": config["baseline"]["sink"]})
+    evaluator = config["protocol"]["evaluator"]
     for model in config["models"]:
         for text in config["texts"]:
-            rid = run_id(baseline_run)
-            found[model, text, rid] = Job(model, text, setting_id(config, text), rid, baseline_run, "baselines",
-                                          [("baseline", "Baseline (recompute)", -1)])
-        for group, name, order, texts, run, _ in _rows(config):
+            n = max_tokens(config, text)
+            rid = run_id({**baseline_run, "stride": stride})
+            found["baselines", model, text, rid] = Job(model, text, setting_id(config, text), rid, baseline_run,
+                                                       "baselines", [("baseline", "Baseline (recompute)", -1)], n=n,
+                                                       cap=config["protocol"]["cap"])
+        shared = []
+        for group, name, order, texts, run, _, row_n, row_cap in _rows(config):
             params = normalise_run(run)
+            cap = row_cap or config["protocol"]["cap"]
             for text in texts:
+                n = row_n or max_tokens(config, text)
+                setting = setting_id(config, text, n, cap)
                 rid = run_id(params)
-                job = found.setdefault((model, text, rid), Job(model, text, setting_id(config, text), rid, params))
+                job = found.setdefault(("runs", model, text, setting, rid),
+                                       Job(model, text, setting, rid, params, n=n, cap=cap))
                 job.labels.append((group, name, order))
+                quality = quality_run(run, evaluator)
+                if run_id(quality) != rid:
+                    shared.append((job, quality))
+        for job, quality in shared:
+            qid = run_id(quality)
+            job.quality = found.get(("runs", model, job.text, job.setting, qid)) or found.setdefault(
+                ("quality", model, job.text, job.setting, qid),
+                Job(model, job.text, job.setting, qid, quality, "quality", n=job.n, cap=job.cap))
     return list(found.values())
 
+
+def controls(config: dict) -> dict:
+    """Sweep group -> the swept values of its control: an ablation's `control` (default: its first point), a
+    probe's `control` (default: none).  Every other point of the sweep is compared with the control row that
+    differs from it only in these values."""
+    out = {}
+    for key, spec in (config.get("ablations") or {}).items():
+        out[f"ablation:{key}"] = spec.get("control") or grid_points(spec, key)[0][1]
+    for key, spec in (config.get("probes") or {}).items():
+        if spec.get("control"):
+            out[f"probe:{key}"] = spec["control"]
+    return out
 
 
 def check(config: dict) -> None:
@@ -175,16 +243,21 @@ def check(config: dict) -> None:
         if "values" in spec and key not in RUN_KEYS:
             raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot sweep it; "
                                 f"name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
-    for group, name, order, texts, run, where in _rows(config):
+    for group, name, order, texts, run, where, row_n, row_cap in _rows(config):
+        place = where if where.startswith(("runs", "peers")) else where.rsplit(".", 1)[0]
         for text in texts:
             if text not in config["texts"]:
-                place = where + ".texts" if where.startswith("runs") else where.rsplit(".", 1)[0] + ".texts"
-                raise StreamkvError(f"config key {place}: unknown text '{text}' (known: {', '.join(config['texts'])})")
+                raise StreamkvError(f"config key {place}.texts: unknown text '{text}' (known: {', '.join(config['texts'])})")
+            if row_n and row_n > max_tokens(config, text):
+                raise StreamkvError(f"config key {place}.max_tokens: {row_n} is more than text '{text}' is evaluated on "
+                                    f"({max_tokens(config, text)}); a row may use fewer tokens than its text, not more")
         params = normalise_run(run)
         try:
             for text in texts:
-                EvalParams(model="-", text="-", **params, **{k: proto[k] for k in PROTOCOL_KEYS if k != "max_tokens"},
-                           max_tokens=max_tokens(config, text)).resolved()
+                fixed = {k: proto[k] for k in PROTOCOL_KEYS if k not in ("max_tokens", "cap", "prefill")}
+                cap = row_cap or proto["cap"]
+                EvalParams(model="-", text="-", **params, **fixed, cap=cap, prefill=min(proto["prefill"], cap),
+                           max_tokens=row_n or max_tokens(config, text), evaluator=proto["evaluator"]).resolved()
         except (StreamkvError, TypeError) as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
     rows = [r["name"] for r in config.get("runs", [])] + [r["name"] for r in config.get("peers") or []]
@@ -196,6 +269,18 @@ def check(config: dict) -> None:
         if peer.get("noise_floor") and peer["noise_floor"] not in checked:
             raise StreamkvError(f"config key peers[{i}].noise_floor: no peer row with a cross_check is named "
                                 f"'{peer['noise_floor']}' (peer rows with one: {', '.join(checked) or 'none'})")
+    for section in ("ablations", "probes"):
+        for key, spec in (config.get(section) or {}).items():
+            swept = set(spec["grid"]) if "grid" in spec else {key}
+            bad = [k for k in spec.get("control", {}) if k not in swept]
+            if bad:
+                raise StreamkvError(f"config key {section}.{key}.control: {', '.join(bad)} is not swept here "
+                                    f"(swept: {', '.join(sorted(swept))})")
+    groups = {f"ablation:{k}" for k in config.get("ablations") or {}} | {f"probe:{k}" for k in config.get("probes") or {}}
+    for i, finding in enumerate(config.get("findings") or []):
+        if finding["group"] not in groups:
+            raise StreamkvError(f"config key findings[{i}].group: no sweep '{finding['group']}' "
+                                f"(sweeps: {', '.join(sorted(groups)) or 'none'})")
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:

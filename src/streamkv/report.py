@@ -57,14 +57,30 @@ def _marked(row) -> str:
     return f" ({', '.join(marks)})" if marks else ""
 
 
-def table_rows(frame: pd.DataFrame) -> list[dict]:
+def _interval(pct, lo, hi) -> str:
+    """"+1.23 [+0.40, +2.05]", or the value alone where there is no interval."""
+    if pct is None or not math.isfinite(pct):
+        return "–"
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{pct:+.2f}"
+    return f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
+    """Rows of a table; `versus`: row name -> its comparison with its control ("vs control" column)."""
     rows = []
     for row in frame.itertuples(index=False):
         ok = row.status == "ok"
         rows.append({
             "name": row.name, "method": row.method, "configuration": configuration(row), "status": row.status,
             "ppl": _fmt(row.ppl, 3) if ok else (_not_installed(row.method) if row.status == NOT_INSTALLED else FAILED),
-            "delta_ppl": (f"{row.delta_ppl_pct:+.2f}" if ok and row.group != "baseline" else ("0" if ok else "–")),
+            "delta_ppl": (_interval(row.delta_ppl_pct, getattr(row, "delta_ppl_lo", None),
+                                    getattr(row, "delta_ppl_hi", None))
+                          if ok and row.group != "baseline" else ("0" if ok else "–")),
+            "n": _count(row.n_scored) if ok else "–",
+            "evaluator": getattr(row, "evaluator", None) or "decode",
+            "ratio": f"{row.tpot_ratio:.3f}" if ok and _finite(getattr(row, "tpot_ratio", None)) else "–",
+            "versus": (versus or {}).get(row.name, "control" if versus is not None else ""),
             "tpot": _fmt(row.tpot_ms) if ok else "–",
             "tpot_steady": _fmt(row.tpot_steady_ms) if ok else "–",
             "speedup": f"{row.speedup:.2f}×" if ok and math.isfinite(row.speedup) else "–",
@@ -77,19 +93,31 @@ def table_rows(frame: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _not_installed(method: str) -> str:
     return f"not installed (install with `{PEER_SETUP[method.split(':', 1)[0]]}`)"
 
 
-def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes") -> list[dict]:
-    """One section per (model, text): method table, ablations, probes, spike diagnosis, negative results."""
+def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes",
+             compared: pd.DataFrame | None = None) -> list[dict]:
+    """One section per (model, text): method table, findings, ablations, probes, spike diagnosis, negative results.
+
+    `compared`: the intervals of sweep points against their controls and of the findings (`summary.comparisons`).
+    """
     out = []
+    compared = compared if compared is not None else pd.DataFrame(columns=["model_key", "text_key", "kind", "group"])
     for (model_key, text_key), part in frame.groupby(["model_key", "text_key"], sort=False):
+        here = compared[(compared.model_key == model_key) & (compared.text_key == text_key)]
         methods = part[part.group.isin(["baseline", "methods"])]
         ablations = []
         for group, ab in part[part.group.str.startswith("ablation:")].groupby("group", sort=False):
             key = group.split(":", 1)[1]
-            ablations.append({"param": key, "rows": table_rows(ab.sort_values("order")),
+            ctl = here[(here.kind == "control") & (here.group == group)]
+            versus = {r.a: f"{r.text} vs {r.b}" for r in ctl.itertuples()}
+            ablations.append({"param": key, "rows": table_rows(ab.sort_values("order"), versus),
                               "figure": f"figures/{model_key}/{text_key}/ablation_{key}.png"})
         probes = []
         for probe in PROBE_TITLES:
@@ -104,6 +132,7 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
                     "peers": table_rows(peers), "cross_checks": cross_checks(part, config),
                     "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key),
                     "methods": table_rows(methods), "ablations": ablations, "probes": probes,
+                    "findings": findings(here[here.kind == "finding"]),
                     "spikes": spike_rows(part), "negative": negative_results(part),
                     "figures": {kind: f"figures/{model_key}/{text_key}/{kind}.png"
                                 for kind in ("pareto", "nll_trace", "spikes")}})
@@ -260,6 +289,34 @@ def negative_results(part: pd.DataFrame) -> list[str]:
     return out
 
 
+EXPECT_WORDS = {"higher": "a higher PPL", "lower": "a lower PPL", "zero": "no difference"}
+
+
+def findings(found: pd.DataFrame) -> list[dict]:
+    """Each claim with its pairs' intervals and a verdict: holds, reversed, or not shown at this scale."""
+    out = []
+    for claim, rows in found.groupby("claim", sort=False):
+        expect = rows.expect.iloc[0]
+        verdicts = set(rows.verdict)
+        if expect == "zero":
+            holds = verdicts == {"not distinguishable from zero"}
+            verdict = ("holds: every interval contains zero" if holds else
+                       f"does not hold: {sum(rows.verdict != 'not distinguishable from zero')} of {len(rows)} "
+                       "differences are distinguishable from zero")
+        elif verdicts == {expect}:
+            verdict = "holds: every interval excludes zero, in the claimed direction"
+        elif verdicts == {"not distinguishable from zero"}:
+            verdict = "not shown: every interval contains zero"
+        elif expect not in verdicts and verdicts - {"not distinguishable from zero"}:
+            verdict = "reversed: the intervals that exclude zero point the other way"
+        else:
+            verdict = (f"mixed: {sum(rows.verdict == expect)} of {len(rows)} pairs in the claimed direction, "
+                       f"{sum(rows.verdict == 'not distinguishable from zero')} not distinguishable from zero")
+        pairs = [f"{r.a} vs {r.b}: PPL {r.text} (n = {int(r.n)}; {r.verdict})" for r in rows.itertuples()]
+        out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "verdict": verdict, "pairs": pairs})
+    return out
+
+
 def provenance(frame: pd.DataFrame) -> dict:
     ok = frame[frame.status == "ok"]
     src = ok if len(ok) else frame
@@ -274,8 +331,10 @@ def provenance(frame: pd.DataFrame) -> dict:
             "first": min(distinct("meta_host_time"), default="–"), "last": max(distinct("meta_host_time"), default="–")}
 
 
-def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[dict] | None = None) -> str:
-    """The report; `bench`: `streamkv bench` results for the Performance section."""
+def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[dict] | None = None,
+           compared: pd.DataFrame | None = None) -> str:
+    """The report; `bench`: `streamkv bench` results for the Performance section; `compared`: the intervals of
+    sweep points against their controls and of the findings."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)), undefined=jinja2.StrictUndefined,
@@ -283,7 +342,7 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
     failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
-        sections=sections(frame, config),
+        stats=config["stats"], sections=sections(frame, config, compared=compared),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error} for r in failed.itertuples()],
         meta=provenance(frame),
         performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
@@ -336,13 +395,21 @@ def spike_runs(part: pd.DataFrame) -> dict:
 
 
 def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
-    """TPOT vs delta PPL for every configuration that finished; lower left is better.
+    """TPOT vs delta PPL (with its interval) for every configuration that finished; lower left is better.
 
     Left: every configuration and the baseline.  Right: the streaming configurations within a few
-    percent of the baseline's PPL, where most of them crowd, on a linear scale.
+    percent of the baseline's PPL, where most of them crowd, on a linear scale.  The x axis is a row's
+    TPOT over the no-eviction reference it was timed with (the drift between jobs cancels), where every
+    row has one; else its TPOT in ms.
     """
     plt, sns = _plt()
     ok = part[(part.status == "ok") & part.delta_ppl_pct.notna()].copy()
+    relative = "tpot_ratio" in ok and ok.tpot_ratio.notna().all() and len(ok)
+    ok["x"] = ok.tpot_ratio if relative else ok.tpot_ms
+    x_label = "TPOT / no-eviction reference (×)" if relative else "TPOT (ms)"
+    for col in ("delta_ppl_lo", "delta_ppl_hi"):
+        if col not in ok:
+            ok[col] = float("nan")
     # a run that fills several rows (a method row repeated by an ablation or probe) is drawn once,
     # under its most prominent name: method table, then ablations, then probes
     rank = ok.group.map(lambda g: 0 if g == "baseline" or g in ROW_GROUPS else (1 if g.startswith("ablation:") else 2))
@@ -355,13 +422,17 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     for ax, data, labels in ((full, ok, ok[ok["rank"] == 0]), (zoom, near, near)):
         if not len(data):
             continue
-        sns.scatterplot(data=data, x="tpot_ms", y="delta_ppl_pct", hue="kind", style="kind", hue_order=kinds,
-                        style_order=kinds, s=55, ax=ax, legend=ax is full)
+        bars = data[data.delta_ppl_lo.notna()]
+        ax.errorbar(bars.x, bars.delta_ppl_pct, yerr=[bars.delta_ppl_pct - bars.delta_ppl_lo,
+                                                       bars.delta_ppl_hi - bars.delta_ppl_pct],
+                    fmt="none", ecolor="grey", elinewidth=0.8, alpha=0.6, zorder=1)
+        sns.scatterplot(data=data, x="x", y="delta_ppl_pct", hue="kind", style="kind", hue_order=kinds,
+                        style_order=kinds, s=55, ax=ax, legend=ax is full, zorder=2)
         for row in labels.itertuples():
-            ax.annotate(row.short, (row.tpot_ms, row.delta_ppl_pct), textcoords="offset points", xytext=(4, 3),
+            ax.annotate(row.short, (row.x, row.delta_ppl_pct), textcoords="offset points", xytext=(4, 3),
                         fontsize=7 if row.rank == 0 else 5.5, alpha=1 if row.rank == 0 else 0.75)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_xlabel("TPOT (ms)")
+        ax.set_xlabel(x_label)
         ax.set_ylabel("Δ PPL vs baseline (%)")
     if len(ok):
         from matplotlib.ticker import ScalarFormatter
@@ -370,7 +441,7 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
         full.xaxis.set_major_formatter(ScalarFormatter())
         full.xaxis.set_minor_formatter(ScalarFormatter())
         full.tick_params(axis="x", which="minor", labelsize=6)
-        full.set_xlabel("TPOT (ms, log scale)")
+        full.set_xlabel(f"{x_label}, log scale")
         full.legend(fontsize=7, loc="best")
     full.set_title("every configuration")
     zoom.set_title(f"streaming configurations within ±{ZOOM_PCT:g} % of the baseline PPL")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -36,9 +37,16 @@ def with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
-    """delta PPL % and speedup from the merged `baseline_ppl` and `baseline_tpot_ms` columns."""
+    """delta PPL % and speedup from the merged `baseline_*` columns.
+
+    Where both were timed against the no-eviction reference, the speedup is the ratio of their ratios (the drift
+    between the two jobs cancels); otherwise the ratio of their TPOTs.
+    """
     frame["delta_ppl_pct"] = (frame.ppl / frame.baseline_ppl - 1) * 100
     frame["speedup"] = frame.baseline_tpot_ms / frame.tpot_ms
+    if "tpot_ratio" in frame and "baseline_tpot_ratio" in frame:
+        relative = pd.to_numeric(frame.baseline_tpot_ratio, errors="coerce") / pd.to_numeric(frame.tpot_ratio, errors="coerce")
+        frame["speedup"] = relative.where(relative.notna(), frame.speedup)
     return frame
 
 
@@ -88,9 +96,15 @@ def pipeline_summary(rows) -> pd.DataFrame:
             out.append({"model_key": model_key, "text_key": text_key, "group": group, "name": name, "order": order,
                         **results.loc[str(path)].to_dict(), "file": str(path)})
     frame = pd.DataFrame(out)
-    base = frame[frame.group == "baseline"][["model_key", "text_key", "ppl", "tpot_ms", "status"]]
-    base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms", "status": "baseline_status"})
+    if "tpot_ratio" not in frame:  # results from before the interleaved timing
+        frame["tpot_ratio"] = float("nan")
+    base = frame[frame.group == "baseline"][["model_key", "text_key", "ppl", "tpot_ms", "tpot_ratio", "status"]]
+    base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms", "tpot_ratio": "baseline_tpot_ratio",
+                                "status": "baseline_status"})
     frame = _add_deltas(frame.merge(base, on=["model_key", "text_key"], how="left"))
+    other_budget = frame.cap != frame.groupby(["model_key", "text_key"]).cap.transform(
+        lambda caps: caps[frame.loc[caps.index, "group"] == "baseline"].max())
+    frame.loc[other_budget, ["delta_ppl_pct", "speedup"]] = float("nan")  # a sweep's own cap: no baseline for it
     frame["label"] = frame.apply(label, axis=1)
     return frame.sort_values(["model_key", "text_key", "group", "order"], kind="stable").reset_index(drop=True)
 
@@ -129,3 +143,132 @@ def spike_diagnosis(frame: pd.DataFrame, horizon: int = 32, threshold: float = 0
     events = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=["file"])
     curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["file"])
     return frame, events, curves
+
+
+# ----------------------------------------------------------------------------- intervals
+
+# The parameters that tell two rows of one sweep apart (the swept ones differ, the rest are equal).
+RUN_PARAMS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
+              "positions")
+COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "n", "mean", "lo", "hi",
+                      "pct", "pct_lo", "pct_hi", "verdict", "text")
+
+
+def _difference_row(d, **keys) -> dict:
+    return {**keys, "n": d.n, "mean": d.mean, "lo": d.lo, "hi": d.hi, "pct": d.pct, "pct_lo": d.pct_lo,
+            "pct_hi": d.pct_hi, "verdict": d.verdict, "text": d.text()}
+
+
+class _Traces:
+    """Per-token traces read once each."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, result_file: str) -> pd.DataFrame:
+        if result_file not in self.cache:
+            self.cache[result_file] = pd.read_parquet(trace_path(result_file), columns=["position", "nll"])
+        return self.cache[result_file]
+
+
+def with_intervals(frame: pd.DataFrame, bootstrap: dict | None = None, traces=None) -> pd.DataFrame:
+    """Every row's delta PPL against its baseline, paired on the targets both scored, with its interval.
+
+    Adds `delta_ppl_pct` (recomputed on the paired targets), `delta_ppl_lo`, `delta_ppl_hi` and `n_paired`.
+    """
+    from .stats import compare
+
+    traces = traces or _Traces()
+    base = {(r.model_key, r.text_key): r.file for r in frame[(frame.group == "baseline") & (frame.status == "ok")].itertuples()}
+    cols = {"delta_ppl_lo": [], "delta_ppl_hi": [], "n_paired": []}
+    pct = frame.delta_ppl_pct.to_numpy(dtype=float, copy=True)
+    for i, row in enumerate(frame.itertuples()):
+        b = base.get((row.model_key, row.text_key))
+        if row.status != "ok" or row.group == "baseline" or b is None or row.cap != frame.loc[frame.file == b, "cap"].iloc[0]:
+            lo = hi = math.nan
+            n = None
+        else:
+            d = compare(traces(row.file), traces(b), **(bootstrap or {}))
+            pct[i], lo, hi, n = d.pct, d.pct_lo, d.pct_hi, d.n
+        cols["delta_ppl_lo"].append(lo)
+        cols["delta_ppl_hi"].append(hi)
+        cols["n_paired"].append(n)
+    frame = frame.copy()
+    frame["delta_ppl_pct"] = pct
+    for name, values in cols.items():
+        frame[name] = values
+    return frame
+
+
+def _params(row) -> dict:
+    return {k: getattr(row, k) for k in RUN_PARAMS}
+
+
+def _partner(rows: pd.DataFrame, row, change: dict):
+    """The row of `rows` with `row`'s parameters but those in `change`."""
+    want = {**_params(row), **change}
+    for other in rows.itertuples():
+        if all(_same(getattr(other, k), v) for k, v in want.items()):
+            return other
+    return None
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    try:
+        return x == y or float(x) == float(y)
+    except (TypeError, ValueError):
+        return False
+
+
+def _matches(row, spec: dict) -> bool:
+    return all(_same(getattr(row, k), v) for k, v in spec.items())
+
+
+def sweep_pairs(part: pd.DataFrame, a: dict, b: dict) -> list[tuple]:
+    """(row a, row b) of one sweep: every finished row whose swept values match `a`, with the row that differs
+    from it only in the values of `b`."""
+    ok = part[part.status == "ok"]
+    pairs = []
+    for row in ok.itertuples():
+        if _matches(row, a):
+            other = _partner(ok, row, b)
+            if other is not None and other.file != row.file:
+                pairs.append((row, other))
+    return pairs
+
+
+def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: dict | None = None,
+                traces=None) -> pd.DataFrame:
+    """Intervals of every sweep point against its control, and of the findings' pairs.
+
+    `controls`: sweep group (e.g. "ablation:sink") -> the swept values of its control (e.g. {"sink": 4}).
+    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...]}]
+    """
+    from .stats import compare
+
+    traces = traces or _Traces()
+    out = []
+    for (model_key, text_key), part in frame.groupby(["model_key", "text_key"], sort=False):
+        for group, ctl in controls.items():
+            rows = part[part.group == group]
+            ok = rows[rows.status == "ok"]
+            for row in ok.itertuples():
+                if _matches(row, ctl):
+                    continue
+                other = _partner(ok, row, ctl)
+                if other is None:
+                    continue
+                d = compare(traces(row.file), traces(other.file), **(bootstrap or {}))
+                out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="control", group=group,
+                                           a=row.name, b=other.name, claim="", expect=""))
+        for f in findings:
+            if f.get("texts") and text_key not in f["texts"]:
+                continue
+            for ra, rb in sweep_pairs(part[part.group == f["group"]], f["a"], f["b"]):
+                d = compare(traces(ra.file), traces(rb.file), **(bootstrap or {}))
+                out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="finding",
+                                           group=f["group"], a=ra.name, b=rb.name, claim=f["claim"],
+                                           expect=f["expect"]))
+    return pd.DataFrame(out, columns=list(COMPARISON_COLUMNS))

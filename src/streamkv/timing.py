@@ -1,0 +1,152 @@
+"""Step times that can be compared: a method's decode step against a no-eviction reference, interleaved.
+
+Step times on a shared machine drift by +-10 % between runs and between jobs,
+while eviction costs 1-3 % of a step.  So a method's time per output token is
+measured side by side with a reference that does the same forward at the same
+KV length with no eviction work (`SameLengthCache`), step for step in a seeded
+random order; what is reported is the ratio of the two, and the method's TPOT.
+A step time is the median, over blocks of `block` steps, of the block's mean:
+a block holds a whole lazy period, so a lazy prune is charged to the method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import StreamkvError
+
+BLOCK = 32
+WARMUP = 16
+
+
+class _SameLengthLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: "SameLengthCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        cap = self.owner.cap
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((*key_states.shape[:2], cap, key_states.shape[-1]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], cap, value_states.shape[-1]))
+        self.last = torch.tensor([cap - 1], device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if q == 1:
+            self.keys.index_copy_(2, self.last, key_states)
+            self.values.index_copy_(2, self.last, value_states)
+        else:  # the prefill fills the slots
+            self.keys[:, :, :q] = key_states
+            self.values[:, :, :q] = value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.cap, self.owner.seen + query_length - self.owner.cap
+
+    def get_max_length(self) -> int:
+        return self.owner.cap
+
+
+class SameLengthCache(Cache):
+    """The timing reference: attention over `cap` keys, one slot written per step, nothing evicted or rotated."""
+
+    def __init__(self, num_layers: int, cap: int):
+        self.cap, self.seen = cap, 0
+        super().__init__(layers=[_SameLengthLayer(self) for _ in range(num_layers)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            if self.seen == 0 and key_states.shape[-2] != self.cap:
+                raise StreamkvError(f"the reference cache is filled by one prefill of exactly cap ({self.cap}) tokens")
+            self.seen += key_states.shape[-2]
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+
+def block_median(values: np.ndarray, block: int) -> float:
+    """Median over blocks of the block's mean (NaN entries, untimed steps, ignored)."""
+    blocks = values[: len(values) // block * block].reshape(-1, block)
+    means = np.array([np.nanmean(b) for b in blocks if np.isfinite(b).any()])
+    return float(np.median(means)) if means.size else float("nan")
+
+
+
+def timing_steps(steps: int, compress_every: int, block: int = BLOCK) -> int:
+    """Timed steps for a row: at least `steps` and two prune periods, in whole blocks."""
+    need = max(steps, 2 * compress_every)
+    return -(-need // block) * block
+
+
+@torch.inference_mode()
+def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int = WARMUP, block: int = BLOCK,
+                     seed: int = 0) -> dict:
+    """TPOT of `params`' decode step and of the no-eviction reference, interleaved after a prefill of `cap`.
+
+    Returns the timing metrics of a result (`tpot_ms`, `tpot_ref_ms`, `tpot_ratio`, percentiles, TTFT, the
+    cache's update times and its bytes at peak).
+    """
+    from .cache import num_attention_layers
+    from .evaluation import CachedStepper, forward_time_ms, make_stepper
+
+    model = loaded.model
+    device = next(model.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    cap = params.cap
+    steps = timing_steps(steps, params.compress_every, block)
+    n = warmup + steps
+    if len(tokens) < cap + n:
+        raise StreamkvError(f"timing needs {cap + n} tokens of text (a prefill of cap {cap}, {n} steps), "
+                            f"the text has {len(tokens)}")
+    ids = torch.tensor(tokens[: cap + n], dtype=torch.long, device=device).unsqueeze(0)
+    # the prefill fills the budget, so every timed step streams under eviction
+    steppers = {"method": make_stepper(model, replace(params, prefill=cap), loaded.source),
+                "reference": CachedStepper(model, SameLengthCache(num_attention_layers(model), cap))}
+    step_ms = {k: np.full(n, np.nan) for k in steppers}
+    update_ms = np.full(n, np.nan)
+    sync()
+    t0 = time.perf_counter()
+    steppers["method"].forward(ids[:, :cap])
+    sync()
+    ttft_ms = forward_time_ms(steppers["method"], t0)
+    steppers["reference"].forward(ids[:, :cap])
+    kv_bytes = steppers["method"].kv_bytes()
+    orders = np.random.default_rng(seed).permuted(np.tile([0, 1], (n, 1)), axis=1)
+    names = list(steppers)
+    for i in range(n):
+        token = ids[:, cap + i : cap + i + 1]
+        for j in orders[i]:
+            stepper = steppers[names[j]]
+            sync()
+            t0 = time.perf_counter()
+            stepper.forward(token)
+            sync()
+            step_ms[names[j]][i] = forward_time_ms(stepper, t0)
+        update_ms[i] = float(getattr(steppers["method"], "update_ms", np.nan))
+        kv_bytes = max(kv_bytes, steppers["method"].kv_bytes())
+    if hasattr(steppers["method"], "close"):
+        steppers["method"].close()
+    timed = step_ms["method"][warmup:]
+    tpot, ref = block_median(timed, block), block_median(step_ms["reference"][warmup:], block)
+    upd = update_ms[warmup:]
+    upd = upd[np.isfinite(upd)]
+    return {"tpot_ms": tpot, "tpot_ref_ms": ref, "tpot_ratio": tpot / ref, "timed_steps": steps,
+            "tpot_steady_ms": tpot, "tpot_p50_ms": float(np.percentile(timed, 50)),
+            "tpot_p90_ms": float(np.percentile(timed, 90)), "ttft_ms": ttft_ms, "prefill_sec": ttft_ms / 1e3,
+            "kv_bytes_peak": int(kv_bytes), "update_ms_mean": float(upd.mean()) if upd.size else None}
