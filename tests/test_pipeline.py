@@ -91,6 +91,18 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (abs(strict.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (abs(ring.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
+    # the baseline scores every 3rd target (baseline.stride); every row is compared with it on those, with an interval
+    assert (summary.loc[summary.group == "baseline", "n_scored"] == 40).all()
+    rows = summary[(summary.group != "baseline") & summary.method.isin(["start_recent", "mit", "ring", "window"])
+                   & (summary.refresh == 0)]
+    assert (rows.n_paired == 40).all() and (rows.delta_ppl_lo <= rows.delta_ppl_pct).all()
+    assert (rows.delta_ppl_pct <= rows.delta_ppl_hi).all() and (rows.evaluator == "parallel").all()
+    assert (summary[summary.refresh > 0].evaluator == "decode").all()  # refresh: only the loop follows it
+    assert (summary[summary.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
+    compared = pd.read_csv(done / "results/comparisons.csv")
+    assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
+    assert "### Findings, re-tested" in report and "**lazy pruning costs PPL** (expected: a higher PPL)" in report
+    assert "| K=8 | S=4, W=28, K=8 | 119 |" in report and " vs compress_every=1 |" in report
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
     assert "| 32 | ring | " in report and "x no-eviction" in report
     assert "ring over 200 tokens: KV bytes max/min 1.000" in report
@@ -158,14 +170,27 @@ def test_renaming_a_row_reruns_only_the_report(done):
     assert sorted(rule for rule, _ in planned(done, edited(done, change))) == sorted(DOWNSTREAM)
 
 
-def test_changing_the_baseline_reruns_it_and_every_config_compared_with_it(done):
+def test_changing_the_baseline_reruns_it_and_every_comparison_with_it(done):
+    """The comparisons with the baseline are made by the aggregation, so the evaluations stay."""
     def change(config):
         config["baseline"]["sink"] = 2
 
     rules = [rule for rule, _ in planned(done, edited(done, change))]
-    assert rules.count("baseline") == 2  # one per text
-    assert rules.count("evaluate") == 2 * 10 + 7  # every configuration: 8 rows + 2 peers x 2 texts, 7 more on hamlet
-    assert "prepare_model" not in rules and "tokenize" not in rules
+    assert sorted(rules) == sorted(["baseline", "baseline", *DOWNSTREAM])  # one baseline per text
+
+
+def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(done):
+    """mit and the ring take strict start_recent's NLLs (they only time their own step); with evaluator: decode,
+    every row runs its own decode loop."""
+    proc = snakemake(done, "--dry-run", "--forceall", "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0/mit_s4.json")
+    assert proc.returncode == 0 and "start_recent_s4_k1_sl0_md0_ov0_rf0.json" in proc.stdout
+
+    def change(config):
+        config["protocol"]["evaluator"] = "decode"
+
+    jobs = planned(done, edited(done, change))
+    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7  # every configuration, both texts
+    assert sum(rule == "baseline" for rule, _ in jobs) == 2
 
 
 def test_a_failed_configuration_is_reported_as_failed(done):
@@ -181,10 +206,10 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     summary = pd.read_csv(done / "results/summary.csv")
     short = summary[summary.text_key == "short"]
     assert len(short) == 1 + 8 + 2 and (short.status == "failed").all()  # baseline, rows, peers
-    assert short.error.str.contains("has 56 tokens, fewer than protocol.max_tokens \\(120\\)").all()
+    assert short.error.str.contains("has 56 tokens, fewer than max_tokens \\(120\\)").all()
     assert (summary[summary.text_key != "short"].status == "ok").all()
     report = (done / "report/paper_tables.md").read_text()
-    assert "| Ours (strict) | S=4, W=28 | FAILED |" in report
+    assert "| Ours (strict) | S=4, W=28 | – | FAILED |" in report
     assert "| Ours (strict) | short | tiny_llama | StreamkvError: text 'file:" in report
 
 
@@ -202,7 +227,7 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     assert len(peers) == 4 and (peers.status == "not_installed").all()
     assert peers.error.str.contains("needs kvpress, which is not installed: run `make setup-kvpress`").all()
     report = (done / "report/paper_tables.md").read_text()
-    assert "| kvpress StreamingLLM | S=4, W=28 | not installed (install with `make setup-kvpress`) |" in report
+    assert "| kvpress StreamingLLM | S=4, W=28 | – | not installed (install with `make setup-kvpress`) |" in report
     assert "kvpress" not in report.split("## Failed configurations")[1].split("## Provenance")[0]
     # and back: with kvpress found again, exactly these rows run again
     reruns = [out.rsplit("/", 1)[1] for rule, out in planned(done) if rule == "evaluate"]
@@ -238,6 +263,17 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["bench"].update(stream_methods=["ring", "h2o"]), "'h2o' is not one of"),
     (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),
      "config key ablations.softlite.grid ('compress_every=4, cache_slack=0, max_drop=0, refresh=30'): budget"),
+    (lambda c: c["runs"][0].update(max_tokens=500),
+     "config key runs[0].max_tokens: 500 is more than text 'hamlet' is evaluated on (120)"),
+    (lambda c: c["ablations"]["softlite"].update(control={"sink": 4}),
+     "config key ablations.softlite.control: sink is not swept here (swept: cache_slack, compress_every, max_drop)"),
+    (lambda c: c["findings"].append({"claim": "x", "group": "ablation:speed", "a": {"sink": 1}, "b": {"sink": 4},
+                                     "expect": "higher"}),
+     "config key findings[2].group: no sweep 'ablation:speed'"),
+    (lambda c: c.update(peers=[]) or c["protocol"].update(evaluator="parallel"),
+     "config key ablations.refresh.values[1] ('refresh=4'): evaluator 'parallel' cannot serve this run: refresh "
+     "re-inserts evicted tokens"),
+    (lambda c: c["baseline"].update(stride=0), "0 is less than the minimum of 1"),
 ])
 def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path, change, needle):
     workdir = copy_workflow(tmp_path)
@@ -245,6 +281,14 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path, change, needle
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
     assert not (workdir / "results").exists()
+
+
+def test_paper_config_is_valid_in_a_dry_run(tmp_path):
+    """config/paper.yaml (GPU and Hub) passes the schema and the config checks, and plans its jobs."""
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, "report/paper_tables.md", "--dry-run", config="config/paper.yaml")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "results/baselines/pythia28b/pg19/cap2048_n20000_p1_float16_cuda_seed0/recompute_s4_stride8.json" in proc.stdout
 
 
 def test_slurm_profile_is_valid_in_a_dry_run(tmp_path):

@@ -302,10 +302,42 @@ def memory_stream(model, tokens: list[int], method: str, cap: int, cfg: BenchCon
     }
 
 
+def evaluator_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
+                    source: str | None = None) -> list[dict]:
+    """Tokens per second of the parallel evaluator and of the decode loop on the same method and tokens.
+
+    Both score the same targets of `evaluator_tokens` tokens (prefill = cap); the loop's time is its whole
+    run (prefill, steps and scoring), as a quality job spends it, and so is the parallel evaluator's.
+    """
+    from .evaluation import evaluate
+    from .params import EvalParams
+    from .sources import LoadedModel
+
+    n = cfg.evaluator_tokens
+    loaded = LoadedModel(model, None, source or "")
+    rows = []
+    for method, k in (("start_recent", 1), ("start_recent", cfg.lazy_k)):
+        runs = {}
+        for evaluator in ("parallel", "decode"):
+            p = EvalParams("-", "-", method, cap=cap, sink=cfg.sink, compress_every=k, max_tokens=n, prefill=cap,
+                           evaluator=evaluator)
+            t0 = time.perf_counter()
+            record, trace = evaluate(loaded, tokens[:n], p, progress=progress)
+            runs[evaluator] = (time.perf_counter() - t0, trace.nll.to_numpy(), record["metrics"]["ppl"])
+        (par_s, par_nll, par_ppl), (loop_s, loop_nll, loop_ppl) = runs["parallel"], runs["decode"]
+        scored = len(par_nll)
+        rows.append({"cap": cap, "method": f"{method} K={k}", "tokens": n, "parallel_sec": par_s, "decode_sec": loop_s,
+                     "parallel_tok_s": scored / par_s, "decode_tok_s": scored / loop_s, "speedup": loop_s / par_s,
+                     "nll_max_abs_diff": float(np.abs(par_nll - loop_nll).max()), "ppl_parallel": par_ppl,
+                     "ppl_decode": loop_ppl})
+    return rows
+
+
 def tokens_needed(cfg: BenchConfig) -> int:
     caps = max(cfg.caps)
     return max(caps + cfg.warmup + cfg.blocks * cfg.block, cfg.caps[0] + cfg.compile_steps + 3,
-               cfg.stream_tokens, cfg.dense_tokens or 0)
+               cfg.stream_tokens, cfg.dense_tokens or 0,
+               cfg.evaluator_tokens if "evaluator" in cfg.sections else 0)
 
 
 def stream_tokens(loaded, text_src: str, n: int) -> list[int]:
@@ -342,7 +374,7 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
         except StreamkvError:
             pass  # a model without a GGUF file has no llama.cpp rows
     device = next(model.parameters()).device
-    out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [],
+    out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [], "evaluator": [],
            "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
     if "overhead" in cfg.sections:
         for cap in cfg.caps:
@@ -352,5 +384,7 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
     if "memory" in cfg.sections:
         for method in cfg.stream_methods:
             out["memory"].append(_plain(memory_stream(model, tokens, method, cfg.caps[0], cfg, progress)))
+    if "evaluator" in cfg.sections:
+        out["evaluator"] = [_plain(r) for r in evaluator_speed(model, tokens, cfg.caps[0], cfg, progress, source)]
     return out
 

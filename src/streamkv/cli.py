@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import StreamkvError
-from .params import METHODS, EvalParams
+from .params import EVALUATORS, METHODS, PARALLEL_METHODS, EvalParams
 from .policy import SOFTLITE_MODES
 
 
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_eval(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate one method on one text with the teacher-forced decode loop")
+    e = sub.add_parser("eval", help="evaluate one method on one text (the decode loop's per-token NLL, timed)")
     e.add_argument("--model", required=True, help="model source, e.g. embedded:smollm2-135m, tiny:llama, hf:ORG/NAME, path:DIR")
     e.add_argument("--text", required=True, help="text source, e.g. embedded:shakespeare/hamlet, file:PATH, hf:pg19")
     e.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
@@ -46,6 +46,14 @@ def _add_eval(sub) -> None:
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--evaluator", default="auto", choices=list(EVALUATORS),
+                   help="who scores the NLLs: parallel (exact, the loop's per-token NLL at a fraction of the cost; for "
+                        f"{', '.join(PARALLEL_METHODS)} without refresh), decode (the loop, timed), or auto (parallel "
+                        "where it applies; default). The result's params.evaluator says which ran")
+    e.add_argument("--timing-steps", type=int, default=0,
+                   help="time the decode step over this many steps after a prefill of cap, interleaved with a "
+                        "no-eviction reference (tpot_ratio); default 0: the decode loop's own step times, if it ran")
+    e.add_argument("--stride", type=int, default=1, help="recompute: score every stride-th target only (default 1)")
     e.add_argument("--attn", default=None, help="attention implementation (eager, sdpa); default: the model's")
     e.add_argument("--out", required=True, help="result JSON file")
     e.add_argument("--trace", default=None, help="per-token trace file (.parquet or .csv)")
@@ -84,6 +92,8 @@ def _add_bench(sub) -> None:
                    help=f"methods of the memory stream (default {' '.join(d.stream_methods)})")
     b.add_argument("--dense-tokens", type=int, default=None, help="a shorter stream for dense (default: --stream-tokens)")
     b.add_argument("--rss-from", type=int, default=d.rss_from, help=f"RSS growth is measured from this step (default {d.rss_from})")
+    b.add_argument("--evaluator-tokens", type=int, default=d.evaluator_tokens,
+                   help=f"tokens the parallel evaluator and the decode loop both score (default {d.evaluator_tokens})")
     b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--device", default="cpu")
@@ -115,6 +125,7 @@ def run_eval(args) -> int:
         softlite_mode=args.softlite_mode, overlap=args.overlap, refresh=args.refresh, positions=args.positions,
         max_tokens=args.max_tokens,
         prefill=args.prefill, dtype=args.dtype, device=args.device, seed=args.seed, profile=args.profile,
+        evaluator=args.evaluator, timing_steps=args.timing_steps, stride=args.stride,
     )
     params.resolved()  # option and text errors before the (slow) model load
     text = load_text(args.text, min_chars=16 * args.max_tokens)
@@ -133,7 +144,9 @@ def run_eval(args) -> int:
     if record["status"] != "ok":
         print(f"streamkv: run failed: {record['error']}", file=sys.stderr)
         return 1
-    print(f"{params.method}: ppl {m['ppl']:.4f}  tpot {m['tpot_ms']:.2f} ms  kv_len {m['kv_len_min']}/{m['kv_len_mean']:.1f}/{m['kv_len_max']}  -> {args.out}")
+    tpot = "untimed" if m["tpot_ms"] is None else f"tpot {m['tpot_ms']:.2f} ms"
+    print(f"{params.method} ({record['params']['evaluator']}): ppl {m['ppl']:.4f}  {tpot}  "
+          f"kv_len {m['kv_len_min']}/{m['kv_len_mean']:.1f}/{m['kv_len_max']}  -> {args.out}")
     return 0
 
 
@@ -151,6 +164,7 @@ def run_bench(args) -> int:
         compile_mode=args.compile_mode,
         compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
         dense_tokens=args.dense_tokens, rss_from=args.rss_from, sections=tuple(args.sections),
+        evaluator_tokens=args.evaluator_tokens,
     ).check()
     if args.threads:
         torch.set_num_threads(args.threads)

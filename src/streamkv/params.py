@@ -135,7 +135,7 @@ class EvalParams:
         return rec
 
 
-BENCH_SECTIONS = ("overhead", "compile", "memory")
+BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator")
 STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
 
 
@@ -158,12 +158,13 @@ class BenchConfig:
     stream_methods: tuple[str, ...] = ("ring", "start_recent", "dense")
     dense_tokens: int | None = None  # dense grows: a shorter stream shows it (None: stream_tokens)
     rss_from: int = 2000
+    evaluator_tokens: int = 1024  # the parallel evaluator against the decode loop on these many tokens
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":
         if self.block < self.lazy_k:
             raise StreamkvError(f"block ({self.block}) must be at least lazy_k ({self.lazy_k}): a block holds a whole lazy period")
-        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k"):
+        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k", "evaluator_tokens"):
             if getattr(self, name) < 1:
                 raise StreamkvError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [s for s in self.sections if s not in BENCH_SECTIONS]
@@ -172,6 +173,9 @@ class BenchConfig:
         bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
         if bad:
             raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")
+        if "evaluator" in self.sections and self.evaluator_tokens <= self.caps[0] + 1:
+            raise StreamkvError(f"evaluator_tokens ({self.evaluator_tokens}) must exceed the first cap "
+                                f"({self.caps[0]}) + 1: the prefill fills the cap, then the loop decodes")
         for cap in self.caps:
             if cap <= self.sink + self.lazy_k:
                 raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and lazy_k {self.lazy_k}")

@@ -654,6 +654,9 @@ def bench_markdown(result: dict) -> str:
     if result["compile"]:
         parts += ["The ring's fixed-shape step, torch.compile vs eager:", "",
                   to_markdown(bench_compile_table(result["compile"]), _bench_cell), ""]
+    if result.get("evaluator"):
+        parts += ["The parallel evaluator against the decode loop, same method, same tokens (each whole run):", "",
+                  to_markdown(bench_evaluator_table(result["evaluator"]), _bench_cell), ""]
     if result["memory"]:
         parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the first "
                   "and last 256 steps, or halves of a shorter stream):", "",
@@ -661,9 +664,26 @@ def bench_markdown(result: dict) -> str:
     return "\n".join(parts)
 
 
+EVALUATOR_GOAL = 20.0  # the parallel evaluator's speed over the decode loop's, on 2 CPU cores
+
+
+def bench_evaluator_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    return pd.DataFrame({"cap": frame.cap, "method": frame.method, "tokens": frame.tokens,
+                         "parallel tok/s": frame.parallel_tok_s, "decode loop tok/s": frame.decode_tok_s,
+                         "speedup": frame.speedup,
+                         "max abs dNLL": frame.nll_max_abs_diff.map(lambda v: f"{v:.1e}")})
+
+
 def bench_findings(result: dict) -> list[str]:
     """One line per goal of the benchmark, in numbers."""
     lines = []
+    for row in result.get("evaluator") or []:
+        verdict = "met" if row["speedup"] >= EVALUATOR_GOAL else "missed"
+        lines.append(f"parallel evaluator, {row['method']} at cap {row['cap']} over {row['tokens']} tokens: "
+                     f"{row['parallel_tok_s']:.0f} tokens/s against the decode loop's {row['decode_tok_s']:.1f}, "
+                     f"{row['speedup']:.1f}x (goal >= {EVALUATOR_GOAL:g}x: {verdict}), max |dNLL| "
+                     f"{row['nll_max_abs_diff']:.1e}")
     for cap in sorted({row["cap"] for row in result["overhead"]}):
         rows = {row["method"]: row for row in result["overhead"] if row["cap"] == cap}
         ideal = rows.get("no eviction (reference)", {}).get("speedup")
