@@ -31,6 +31,7 @@ include: "rules/probes.smk"
 include: "rules/bench.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
+include: "rules/long_stream.smk"
 
 
 # Cheap rules stay on the submitting machine when a cluster executor is used.
@@ -45,6 +46,7 @@ localrules:
     profile_prune_overhead,
     summarize_k_quality,
     paper_tables,
+    long_stream_report,
 
 
 rule all:

