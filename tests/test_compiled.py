@@ -89,7 +89,8 @@ def test_the_compiled_step_compiles_once_and_matches_eager(tiny, hamlet_bytes):
 def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
     cfg = BenchConfig(caps=(48,), lazy_k=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,
-                      dense_tokens=300, rss_from=100, stream_methods=("ring", "start_recent", "dense"))
+                      dense_tokens=300, rss_from=100, stream_methods=("ring", "start_recent", "dense"),
+                      evaluator_tokens=300)
     out = run(model, hamlet_bytes[:1000], cfg, progress=False)
     table = {row["method"]: row for row in out["overhead"]}
     assert table["no eviction (reference)"]["overhead"] == pytest.approx(1.0)
@@ -102,6 +103,11 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     assert memory["ring"]["kv_max_over_min"] == 1.0
     assert memory["dense"]["kv_bytes_max"] > memory["dense"]["kv_bytes_min"] * 5  # dense grows: 49 -> 300 tokens
     assert out["compile"] == []
+    # the parallel evaluator against the decode loop: the same NLLs on the same tokens, both timed
+    assert [row["method"] for row in out["evaluator"]] == ["start_recent K=1", "start_recent K=8"]
+    for row in out["evaluator"]:
+        assert row["nll_max_abs_diff"] <= 1e-4 and row["ppl_parallel"] == pytest.approx(row["ppl_decode"], rel=1e-5)
+        assert row["parallel_tok_s"] > 0 and row["decode_tok_s"] > 0
     json.dumps(out, allow_nan=False)  # the record is plain JSON
 
 
@@ -116,9 +122,10 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--lazy-k", "8", "--block", "8", "--blocks", "1",
                  "--warmup", "1", "--no-compile", "--peers", "--stream-tokens", "100", "--rss-from", "60",
-                 "--stream-methods", "ring", "--quiet", "--out", str(out)]) == 0
+                 "--stream-methods", "ring", "--evaluator-tokens", "120", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
+    assert "| 48 | start_recent K=8 | 120 |" in printed  # the evaluator section
     record = json.loads(out.read_text())
     peers = 2 if kvpress_python() else 0  # kvpress at K = 1 and lazy_k, where its environment is
     assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
