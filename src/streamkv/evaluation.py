@@ -146,13 +146,21 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progres
         record = _record(p, metrics, provenance, trace.nll.to_numpy())
     else:
         record, trace = _decode_loop(loaded, tokens, p, progress)
-    if p.timing_steps and record["status"] == "ok":
-        from .timing import time_interleaved
-
-        started = time.perf_counter()
-        record["metrics"].update(time_interleaved(loaded, tokens, p, p.timing_steps, seed=p.seed))
-        record["metrics"]["total_sec"] += time.perf_counter() - started
+    _timing_part(record, loaded, tokens, p)
     return record, trace
+
+
+def _timing_part(record: dict, loaded: LoadedModel, tokens: list[int], p: EvalParams) -> None:
+    """With `p.timing_steps`, the step-time metrics of `record` from the interleaved timing part."""
+    if not p.timing_steps or record["status"] != "ok":
+        return
+    from .timing import time_interleaved
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        record["metrics"].update(time_interleaved(loaded, tokens, p, p.timing_steps, seed=p.seed))
+    if record["metrics"].get("total_sec") is not None:
+        record["metrics"]["total_sec"] += time.perf_counter() - started
 
 
 def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress: bool) -> tuple[dict, pd.DataFrame]:
@@ -304,11 +312,7 @@ def timed_row(loaded: LoadedModel | None, tokens: list[int], params: EvalParams,
     record["meta"]["nll_params"] = quality["params"]
     if "peer_versions" in quality.get("meta", {}):
         record["meta"]["peer_versions"] = quality["meta"]["peer_versions"]
-    if record["status"] == "ok" and p.timing_steps:
-        from .timing import time_interleaved
-
-        with torch.inference_mode():
-            record["metrics"].update(time_interleaved(loaded, tokens, p, p.timing_steps, seed=p.seed))
+    _timing_part(record, loaded, tokens, p)
     return record
 
 

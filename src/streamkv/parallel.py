@@ -34,7 +34,6 @@ never an N x N matrix.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass
 
@@ -243,7 +242,7 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     `params` must be resolved; the cache is built as the decode loop builds it, and only its policy is used.
     """
     from . import meta
-    from .evaluation import make_stepper, quality_metrics, trace_frame
+    from .evaluation import _peak_memory_mb, make_stepper, quality_metrics, trace_frame
 
     p = params
     model = loaded.model
@@ -263,7 +262,5 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     trace = trace_frame(ids, nll, pre, math.nan, untimed, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:],
                         untimed)
     metrics = quality_metrics(nll, pre, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:])
-    metrics.update(total_sec=total_sec,
-                   peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    metrics.update(total_sec=total_sec, peak_memory_mb=_peak_memory_mb(device))
     return metrics, trace, provenance

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .params import LAZY_METHODS
+from .pipeline import RUN_KEYS
 
 # A run is compared with the recompute baseline that scored the same tokens under the same budget.
 BASELINE_KEYS = ("model", "text", "cap", "max_tokens", "prefill", "dtype", "device")
@@ -148,8 +149,7 @@ def spike_diagnosis(frame: pd.DataFrame, horizon: int = 32, threshold: float = 0
 # ----------------------------------------------------------------------------- intervals
 
 # The parameters that tell two rows of one sweep apart (the swept ones differ, the rest are equal).
-RUN_PARAMS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
-              "positions")
+RUN_PARAMS = tuple(k for k in RUN_KEYS if k != "profile")  # (a synchronised timer changes no NLL)
 COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "n", "mean", "lo", "hi",
                       "pct", "pct_lo", "pct_hi", "verdict", "text")
 
