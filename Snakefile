@@ -3,7 +3,8 @@
 #   prepare_model -> tokenize -> baseline (recompute, once per model x text)
 #                             -> evaluate (one job per configuration, needs its baseline)
 #   -> aggregate (results/summary.csv + NLL spike diagnosis)
-#   -> probes (verify_max_drop_effect, verify_slack_effect, profile_prune_overhead, summarize_k_quality)
+#   -> probes (one rule per probe of streamkv.probes.PROBES: verify_max_drop_effect, verify_slack_effect,
+#      profile_prune_overhead, summarize_k_quality)
 #   prepare_model -> bench (streamkv bench: overhead, speedup, compile, memory as ratios; one timed job)
 #   -> report (report/paper_tables.md + figures: Pareto, NLL traces, spikes, ablations, probes)
 #
@@ -41,10 +42,6 @@ localrules:
     aggregate,
     figures,
     ablation_figure,
-    verify_max_drop_effect,
-    verify_slack_effect,
-    profile_prune_overhead,
-    summarize_k_quality,
     paper_tables,
     long_stream_report,
 

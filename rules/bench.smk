@@ -1,12 +1,6 @@
 # The performance benchmark (`streamkv bench`): eviction overhead, speedup, compile and memory as
 # ratios from one run, for the Performance section of the report. Configured by the `bench` key.
 
-
-def bench_files():
-    spec = config.get("bench")
-    return [f"results/bench/{spec['model']}/{spec['text']}.json"] if spec else []
-
-
 rule bench:
     input:
         model="results/models/{model}/streamkv_source.json",

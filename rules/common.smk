@@ -1,10 +1,11 @@
-# Helpers shared by the rules: the job grid, paths and parameters, all from the validated config.
+# Helpers shared by the rules: the job grid, paths and parameters, all from the validated config, and the
+# input functions and constants of every rule file (the rule files hold rules only).
 
 import sys
 
 from streamkv.errors import StreamkvError
 from streamkv.meta import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
-from streamkv import pipeline
+from streamkv import long_stream, pipeline
 from streamkv.extras import installed
 
 try:
@@ -44,3 +45,82 @@ def quality_files(wildcards):
 def peer_installed(kind):
     """For a peer's job, what this machine has of it: installing the peer re-runs its "not installed" rows."""
     return lambda wildcards: installed(job_of(kind, wildcards).params["method"])
+
+
+# ----------------------------------------------------------------------------- probes (rules/probes.smk)
+
+PROBE_INPUT = {"summary": "results/summary.parquet", "events": "results/spike_events.parquet"}
+
+
+def probe_output(probe):
+    return {
+        "table": f"results/probes/{probe}/{{model}}/{{text}}.csv",
+        "figure": report(
+            f"report/figures/{{model}}/{{text}}/{probe}.png",
+            category="Probes",
+            subcategory="{model} / {text}",
+            caption="../report/templates/probe.rst",
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- bench (rules/bench.smk)
+
+
+def bench_files():
+    spec = config.get("bench")
+    return [f"results/bench/{spec['model']}/{spec['text']}.json"] if spec else []
+
+
+# ----------------------------------------------------------------------------- report (rules/report.smk)
+
+PAIRS = sorted({(job.model, job.text) for job in JOBS})
+
+
+def sweeps(kind):
+    """(model, text, key) of every ablation or probe the grid holds."""
+    return sorted({(job.model, job.text, group.split(":", 1)[1]) for job in JOBS for group, _, _ in job.labels
+                   if group.startswith(f"{kind}:")})
+
+
+FIGURES = [f"report/figures/{m}/{t}/{kind}.png" for m, t in PAIRS for kind in ("pareto", "nll_trace", "spikes")]
+ABLATION_FIGURES = [f"report/figures/{m}/{t}/ablation_{a}.png" for m, t, a in sweeps("ablation")]
+PROBE_TABLES = [f"results/probes/{p}/{m}/{t}.csv" for m, t, p in sweeps("probe")]
+PROBE_FIGURES = [f"report/figures/{m}/{t}/{p}.png" for m, t, p in sweeps("probe")]
+
+
+def traced_runs(wildcards):
+    """Traces the NLL figure draws: the baseline and the run named by report.trace_run."""
+    name = config["report"]["trace_run"]
+    here = [job for job in JOBS if (job.model, job.text) == (wildcards.model, wildcards.text)]
+    chosen = [job for job in here if job.kind == "baselines" or any(label[1] == name for label in job.labels)]
+    return [job.path("parquet") for job in chosen]
+
+
+# ----------------------------------------------------------------------------- the long stream (rules/long_stream.smk)
+# The `long_stream` key is optional: long_stream.check passes without it, and the functions below, called
+# only when report/long_stream.md is asked for, stop with a message that names the key.
+
+try:
+    long_stream.check(config)
+except StreamkvError as exc:
+    sys.exit(f"Invalid config: {exc}")
+
+# The evaluation depends on the decode loop's modules (LIBRARY, the parallel evaluator among them); the page
+# on the analysis modules and on long_stream (which holds the segment table, the trend and the figure).
+LONG_STREAM_ANALYSIS = (code_hash((*ANALYSIS_MODULES, "long_stream")) if config["rerun_on_library_change"]
+                        else "not tracked")
+
+
+def long_stream_result(wildcards):
+    """The run's record and trace; an absent `long_stream` key stops here with a message that names it."""
+    stem = long_stream.result_stem(config)
+    return {"result": f"{stem}.json", "trace": f"{stem}.parquet"}
+
+
+def long_stream_eval(wildcards):
+    """All parameters of the run: passed through params:, so any change re-runs it."""
+    stem = f"results/{long_stream.KEY}/{wildcards.model}/{wildcards.setting}/{wildcards.run}"
+    if stem != long_stream.result_stem(config):
+        raise ValueError(f"{stem} is not the configured long stream ({long_stream.result_stem(config)})")
+    return long_stream.eval_params(config)

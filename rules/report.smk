@@ -1,28 +1,5 @@
 # Tables (jinja2) and figures (seaborn) from the summary; figures are registered for `snakemake --report`.
 
-PAIRS = sorted({(job.model, job.text) for job in JOBS})
-
-
-def sweeps(kind):
-    """(model, text, key) of every ablation or probe the grid holds."""
-    return sorted({(job.model, job.text, group.split(":", 1)[1]) for job in JOBS for group, _, _ in job.labels
-                   if group.startswith(kind + ":")})
-
-
-FIGURES = [f"report/figures/{m}/{t}/{kind}.png" for m, t in PAIRS for kind in ("pareto", "nll_trace", "spikes")]
-ABLATION_FIGURES = [f"report/figures/{m}/{t}/ablation_{a}.png" for m, t, a in sweeps("ablation")]
-PROBE_TABLES = [f"results/probes/{p}/{m}/{t}.csv" for m, t, p in sweeps("probe")]
-PROBE_FIGURES = [f"report/figures/{m}/{t}/{p}.png" for m, t, p in sweeps("probe")]
-
-
-def traced_runs(wildcards):
-    """Traces the NLL figure draws: the baseline and the run named by report.trace_run."""
-    name = config["report"]["trace_run"]
-    here = [job for job in JOBS if (job.model, job.text) == (wildcards.model, wildcards.text)]
-    chosen = [job for job in here if job.kind == "baselines" or any(label[1] == name for label in job.labels)]
-    return [job.path("parquet") for job in chosen]
-
-
 rule figures:
     input:
         summary="results/summary.parquet",

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from streamkv.pipeline import log_to
-from streamkv.report import ablation_figure, softlite_heatmap
+from streamkv.figures import ablation_figure, softlite_heatmap
+from streamkv.jobio import log_to
 
 with log_to(snakemake.log[0]):
     model, text, key = snakemake.wildcards.model, snakemake.wildcards.text, snakemake.wildcards.ablation

@@ -2,7 +2,7 @@
 with the NLL spike diagnosis of every run against its baseline, every delta PPL with its interval (paired on the
 targets both runs scored), and the intervals of every sweep point against its control and of the findings."""
 
-from streamkv.pipeline import log_to
+from streamkv.jobio import log_to
 from streamkv.summary import comparisons, pipeline_summary, spike_diagnosis, with_intervals
 
 with log_to(snakemake.log[0]):

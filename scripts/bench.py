@@ -3,10 +3,9 @@
 from pathlib import Path
 
 from streamkv import bench
-from streamkv.cli import write_json
+from streamkv.bench_tables import bench_markdown
+from streamkv.jobio import log_to, write_json
 from streamkv.params import BenchConfig
-from streamkv.pipeline import log_to
-from streamkv.report import bench_markdown
 from streamkv.sources import load_model
 
 with log_to(snakemake.log[0]):

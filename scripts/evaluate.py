@@ -5,16 +5,14 @@ times its own step.  A failure is written as a failed result, with the reason.
 """
 
 import json
-import shutil
 import traceback
 from pathlib import Path
 
 import pandas as pd
 
-from streamkv.cli import write_json, write_trace
 from streamkv.errors import NotInstalled, StreamkvError
-from streamkv.evaluation import EvalParams, TRACE_COLUMNS, evaluate, failed_record, timed_row
-from streamkv.pipeline import log_to
+from streamkv.evaluation import TRACE_COLUMNS, EvalParams, evaluate, failed_record, timed_row
+from streamkv.jobio import log_to, write_json, write_trace
 from streamkv.sources import load_model
 
 with log_to(snakemake.log[0]):
@@ -40,9 +38,10 @@ with log_to(snakemake.log[0]):
     except (StreamkvError, RuntimeError, MemoryError) as exc:
         traceback.print_exc()
         record = failed_record(params, f"{type(exc).__name__}: {exc}")
-    write_json(record, snakemake.output.result)
-    if shared is not None and record["status"] == "ok":
-        shutil.copyfile(snakemake.input.quality_trace, snakemake.output.trace)  # the shared per-token NLLs
+    # the trace first, then the result that names it (each written atomically)
+    if shared is not None and record["status"] == "ok":  # the shared per-token NLLs
+        write_trace(pd.read_parquet(snakemake.input.quality_trace), snakemake.output.trace)
     else:  # keep the output contract: an empty trace for a failed run
         write_trace(trace if trace is not None else pd.DataFrame(columns=list(TRACE_COLUMNS)), snakemake.output.trace)
+    write_json(record, snakemake.output.result)
     print(f"status {record['status']}: {record['error'] or record['metrics']['ppl']}")

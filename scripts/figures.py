@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from streamkv.pipeline import log_to
-from streamkv.report import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
+from streamkv.figures import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
+from streamkv.jobio import log_to
 from streamkv.summary import trace_path
 
 with log_to(snakemake.log[0]):

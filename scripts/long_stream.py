@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 from streamkv import long_stream
-from streamkv.cli import write_json, write_trace
 from streamkv.evaluation import EvalParams, evaluate
-from streamkv.pipeline import log_to
+from streamkv.jobio import log_to, write_json, write_trace
 from streamkv.sources import encode, load_model, load_text
 
 with log_to(snakemake.log[0]):
@@ -27,7 +26,7 @@ with log_to(snakemake.log[0]):
     info = {"n_available": len(ids), "n_tokens": n, "tokens_per_s": record["metrics"]["n_scored"] / sec,
             "job_sec": time.perf_counter() - started}
     record[long_stream.KEY] = info
+    write_trace(trace, snakemake.output.trace)  # the trace first, then the result that names it
     write_json(record, snakemake.output.result)
-    write_trace(trace, snakemake.output.trace)
     print(f"status {record['status']}: PPL {record['metrics']['ppl']}, {info['tokens_per_s']:.1f} tokens/s "
           f"({sec:.1f} s in the evaluator, {info['job_sec']:.1f} s in all)")

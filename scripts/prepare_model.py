@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from streamkv.pipeline import log_to
+from streamkv.jobio import log_to
 from streamkv.sources import prepare_model
 
 with log_to(snakemake.log[0]):

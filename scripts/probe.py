@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from streamkv.pipeline import log_to
+from streamkv.figures import probe_figure
+from streamkv.jobio import log_to
 from streamkv.probes import probe_table
-from streamkv.report import probe_figure
 
 with log_to(snakemake.log[0]):
     probe, model, text = snakemake.params.probe, snakemake.wildcards.model, snakemake.wildcards.text

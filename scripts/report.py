@@ -1,12 +1,11 @@
 """Snakemake: report/paper_tables.md from the summary and the tracked jinja2 template."""
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pandas as pd
 
-from streamkv.pipeline import log_to
+from streamkv.jobio import log_to
 from streamkv.report import render
 
 with log_to(snakemake.log[0]):

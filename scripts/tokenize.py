@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from streamkv.pipeline import log_to
+from streamkv.jobio import log_to
 from streamkv.sources import encode, load_text, load_tokenizer
 
 with log_to(snakemake.log[0]):

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker (two workers share two cores; more threads than cores slow torch many-fold),
+    # and the same for what a test starts: Snakemake's jobs, the CLI, a peer's worker.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from streamkv import load_model
 from streamkv.evaluation import load_tokens

@@ -37,7 +37,7 @@ def test_eval_writes_result_and_trace(tmp_path, capsys):
     (["--method", "mit", "--cap", "8", "--sink", "8"], "streamkv: error: sink (8) must be smaller than cap (8) so that a window remains\n"),
     (["--method", "mit", "--cap", "64", "--prefill", "65", "--max-tokens", "100"],
      "streamkv: error: prefill (65) must not exceed cap (64): the prefill forward would attend beyond the budget\n"),
-    (["--method", "mit", "--compress-every", "4"], "streamkv: error: compress-every applies to start_recent, ring, window, the kvpress methods and llamacpp:shift, not to 'mit'\n"),
+    (["--method", "mit", "--compress-every", "4"], "streamkv: error: compress-every applies to window, start_recent, ring, the kvpress methods and llamacpp:shift, not to 'mit'\n"),
     (["--method", "window", "--sink", "4"], "streamkv: error: method 'window' keeps no sink tokens; leave --sink out or use start_recent\n"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, extra, message):

@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 import torch._dynamo.testing
-
 from conftest import TINY
+
 from streamkv import StreamkvError, make_cache
 from streamkv.bench import run
+from streamkv.bench_tables import REFERENCE
 from streamkv.cli import main
 from streamkv.compiled import RingDecoder
-from streamkv.params import BenchConfig
 from streamkv.extras import kvpress_python
+from streamkv.params import BenchConfig
 
 
 def logprobs(step, tokens, first=20):
@@ -93,11 +94,11 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
                       evaluator_tokens=300)
     out = run(model, hamlet_bytes[:1000], cfg, progress=False)
     table = {row["method"]: row for row in out["overhead"]}
-    assert table["no eviction (reference)"]["overhead"] == pytest.approx(1.0)
+    assert table[REFERENCE]["overhead"] == pytest.approx(1.0)
     assert table["recompute"]["speedup"] == pytest.approx(1.0)
     assert all(row["tpot_ms"] > 0 for row in out["overhead"])
     assert table["recompute"]["timed_steps"] == 4  # every 4th of 16 steps
-    assert table["ring"]["cache_work"] > 0 and table["no eviction (reference)"]["cache_work"] is None
+    assert table["ring"]["cache_work"] > 0 and table[REFERENCE]["cache_work"] is None
     assert table["ring lazy"]["cache_work"] > 0 and table["ring lazy"]["goal"] == "overhead <= 1.01"
     memory = {row["method"]: row for row in out["memory"]}
     assert memory["ring"]["kv_max_over_min"] == 1.0
@@ -137,13 +138,12 @@ def test_bench_puts_llamacpp_shift_against_its_own_decode(tiny, hamlet_bytes):
     """llama.cpp's rows: overhead against llama.cpp's decode without a shift (1 for that reference), no speedup."""
     pytest.importorskip("llama_cpp")
     from streamkv import bench
-    from streamkv.sources import gguf_path
 
     cfg = BenchConfig(caps=(48,), lazy_k=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()
     # byte tokens are valid ids of the embedded model too; the torch rows run the tiny model, llama.cpp the GGUF
     table = bench.overhead(tiny("tiny:llama").model, hamlet_bytes, 48, cfg, progress=False,
-                           gguf=gguf_path("embedded:smollm2-135m")).set_index("method")
-    engine = table.loc[[bench.LLAMACPP_REFERENCE, "llama.cpp: shift K=1", "llama.cpp: shift K=8"]]
+                           source="embedded:smollm2-135m").set_index("method")
+    engine = table.loc[[bench.LLAMACPP_REFERENCE, bench.llamacpp_shift(1), bench.llamacpp_shift(8)]]
     assert engine.loc[bench.LLAMACPP_REFERENCE, "overhead"] == 1.0
     assert engine.overhead.gt(0).all() and engine.speedup.isna().all() and (engine.goal == "").all()
     assert table.loc[bench.REFERENCE, "overhead"] == 1.0  # our rows keep our reference

@@ -1,12 +1,14 @@
 """The decode loop: exactness against a full forward, equality of methods that must agree."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, full_forward_nll
+
 from streamkv import EvalParams, evaluate
 from streamkv.evaluation import METRIC_KEYS, TRACE_COLUMNS
 
@@ -94,3 +96,31 @@ def test_non_finite_nll_marks_the_run_failed(tiny, hamlet_bytes):
     assert record["status"] == "failed"
     assert record["error"].startswith("non-finite NLL at 39 of 39 targets")
     assert record["metrics"]["ppl"] is None
+
+
+def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
+    """The code hash of a result covers every streamkv module its job imported (lazy imports included)."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys\n"
+        "from streamkv import load_model\n"
+        "from streamkv.bench import run\n"
+        "from streamkv.evaluation import EvalParams, evaluate, load_tokens\n"
+        "from streamkv.jobio import write_json\n"
+        "from streamkv.meta import EVALUATION_MODULES\n"
+        "from streamkv.params import BenchConfig\n"
+        "loaded = load_model('tiny:llama')\n"
+        "tokens = load_tokens(loaded, 'embedded:shakespeare/hamlet', 400)\n"
+        "for evaluator in ('parallel', 'decode'):\n"
+        "    p = EvalParams('tiny:llama', 'hamlet', 'start_recent', cap=32, compress_every=4, max_tokens=200,\n"
+        "                   evaluator=evaluator, timing_steps=8)\n"
+        "    record, trace = evaluate(loaded, tokens, p, progress=False)\n"
+        "write_json(record, sys.argv[1])\n"
+        "run(loaded.model, tokens, BenchConfig(caps=(32,), lazy_k=4, blocks=2, block=4, warmup=1, compile=False,\n"
+        "    stream_tokens=100, dense_tokens=80, rss_from=20, evaluator_tokens=80), progress=False)\n"
+        "ran = {m.split('.')[1] for m in sys.modules if m.startswith('streamkv.')}\n"
+        "print(sorted(ran - set(EVALUATION_MODULES)))\n")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "r.json")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # nothing ran that the hash leaves out

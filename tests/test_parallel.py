@@ -3,12 +3,12 @@ and parameter family it serves, on every tiny model family with real eviction an
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from streamkv.errors import StreamkvError
 from streamkv.evaluation import evaluate, load_tokens
-from streamkv.params import EvalParams
 from streamkv.parallel import evaluate_parallel, schedule
+from streamkv.params import EvalParams
 from streamkv.policy import StartRecent
 
 TOL = 1e-4

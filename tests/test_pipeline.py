@@ -13,6 +13,9 @@ import yaml
 
 from streamkv.pipeline import PROBES
 
+# The tests share one end-to-end run (the module fixture `done`): one xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 ROOT = Path(__file__).resolve().parents[1]
 # what a changed summary re-runs: figures per text, one figure per ablation, the probes, the tables
 DOWNSTREAM = ["aggregate", "figures", "figures", "ablation_figure", "ablation_figure", "ablation_figure", *PROBES,
@@ -246,7 +249,7 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
      "config key runs[8] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[8] ('lazy mit'): compress-every applies to start_recent, ring, window, the kvpress methods and llamacpp:shift, not to 'mit'"),
+     "config key runs[8] ('lazy mit'): compress-every applies to window, start_recent, ring, the kvpress methods and llamacpp:shift, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),
@@ -299,3 +302,14 @@ def test_slurm_profile_is_valid_in_a_dry_run(tmp_path):
                           cwd=workdir, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "paper_tables" in proc.stdout
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    """`snakemake --lint` finds nothing: the rule files hold rules only (their helpers are in rules/common.smk)
+    and every rule runs a script, not a long run: block."""
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, "--lint")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "Lints for" not in out, out[-5000:]
+    assert "Congratulations, your workflow is in a good condition!" in out

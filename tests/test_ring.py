@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
+
 from streamkv import EvalParams, StreamkvError, evaluate, make_cache
 
 
@@ -106,7 +106,7 @@ def test_rebased_positions_stay_small_and_exact(tiny, hamlet_bytes, name):
 
 def test_ring_options_are_checked(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
-    with pytest.raises(StreamkvError, match="cache_slack, max_drop, overlap and refresh apply to start_recent"):
+    with pytest.raises(StreamkvError, match="cache-slack applies to start_recent, not to 'ring'"):
         make_cache("ring", model, cap=32, cache_slack=4)
     with pytest.raises(StreamkvError, match="rebase_every \\(16\\) must be at least the ring's slots \\(32\\)"):
         make_cache("ring", model, cap=32, rebase_every=16)
@@ -116,7 +116,7 @@ def test_ring_options_are_checked(tiny, hamlet_bytes):
     stream(model, cache, hamlet_bytes[:40])
     with pytest.raises(StreamkvError, match="a chunk of 30 tokens does not fit the ring's window \\(28\\)"):
         stream(model, cache, hamlet_bytes[40:70], chunk=30)
-    with pytest.raises(StreamkvError, match="compress-every applies to start_recent, ring, window, the kvpress methods and llamacpp:shift, not to 'mit'"):
+    with pytest.raises(StreamkvError, match="compress-every applies to window, start_recent, ring, the kvpress methods and llamacpp:shift, not to 'mit'"):
         EvalParams("m", "t", "mit", compress_every=8).resolved()
 
 

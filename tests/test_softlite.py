@@ -105,7 +105,7 @@ def test_refresh_and_softlite_options_are_checked(tiny):
     model = tiny("tiny:llama").model
     with pytest.raises(StreamkvError, match="budget overflow|budget leaves no window"):
         make_cache("start_recent", model, cap=32, sink=4, refresh=20, overlap=10)
-    with pytest.raises(StreamkvError, match="apply to start_recent, not to 'mit'"):
+    with pytest.raises(StreamkvError, match="refresh applies to start_recent, not to 'mit'"):
         make_cache("mit", model, cap=32, refresh=4)
     with pytest.raises(StreamkvError, match="unknown refresh selection 'best'"):
         make_cache("start_recent", model, cap=32, refresh=4, refresh_select="best")

@@ -53,3 +53,19 @@ def test_the_same_seed_gives_the_same_interval_and_bad_input_gives_none():
     assert np.isnan(block_bootstrap(np.array([np.nan, 1.0])).mean)
     assert block_bootstrap(np.array([])).n == 0
     assert Difference(10, -0.2, -0.3, -0.1).verdict == "lower"
+
+
+def test_bench_verdicts_read_the_interval_of_paired_blocks():
+    from streamkv.bench import ratio_interval, verdict
+
+    ref = 50 + np.random.default_rng(1).normal(0, 2, 8)  # block means drifting together across methods
+    lo, hi = ratio_interval(ref * 1.2, ref)
+    assert lo == pytest.approx(1.2) and hi == pytest.approx(1.2)  # paired blocks: the drift cancels
+    noisy = ref * np.tile([0.98, 1.02], 4)
+    lo, hi = ratio_interval(noisy, ref)
+    assert lo < 1 < hi
+    assert verdict(lo, hi, 1.0, "<=") == "within noise"
+    assert verdict(0.99, 1.005, 1.01, "<=") == "met" and verdict(1.02, 1.03, 1.01, "<=") == "missed"
+    assert verdict(9.6, 9.9, 9.5, ">=") == "met" and verdict(9.0, 9.4, 9.5, ">=") == "missed"
+    assert verdict(9.4, 9.6, 9.5, ">=") == "within noise"
+    assert np.isnan(ratio_interval(ref[:1], ref[:1])).all()  # one block: no interval

@@ -39,35 +39,33 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import meta
-from .cache import make_cache, num_attention_layers
+from .bench_tables import (
+    GOALS,
+    LAZY,
+    LLAMACPP,
+    LLAMACPP_REFERENCE,
+    RECOMPUTE,
+    REFERENCE,
+    SPEEDUP_GOAL,
+    STRICT,
+    llamacpp_shift,
+)
+from .cache import num_attention_layers
 from .compiled import RingDecoder
 from .errors import StreamkvError
-from .evaluation import CachedStepper, forward_time_ms
+from .evaluation import CachedStepper, forward_time_ms, make_stepper
 from .extras import kvpress_python, llamacpp_version
-from .peers import KvpressStepper, LlamaCppStepper
-from .params import BenchConfig
-from .recompute import RecomputeStepper
+from .factory import make_cache
+from .params import BenchConfig, EvalParams
+from .peers import LlamaCppStepper
 from .sources import gguf_path
-from .timing import SameLengthCache, block_median
+from .stats import LEVEL, N_BOOT, SEED
+from .stepper import Stepper
+from .timing import SameLengthCache, block_means, block_median
 
-REFERENCE = "no eviction (reference)"
-RECOMPUTE = "recompute"
-# llama.cpp's rows are another engine: their ratios are against llama.cpp's own decode without a shift.
-LLAMACPP = "llama.cpp: "
-LLAMACPP_REFERENCE = LLAMACPP + "no shift (its reference)"
-# The goals the ratios are read against: (column, bound, "<=" or ">=").
-GOALS = {
-    "start_recent strict": ("overhead", 1.03, "<="),
-    "start_recent lazy": ("overhead", 1.01, "<="),
-    "ring": ("overhead", 1.01, "<="),
-    "ring lazy": ("overhead", 1.01, "<="),
-    "ring (fixed shapes)": ("overhead", 1.01, "<="),
-}
-SPEEDUP_GOAL = {256: 9.5}  # vs recompute, for the streaming methods at this cap
-class _Decoder:
-    """A RingDecoder with the stepper interface of the decode loop (no cache timers inside a fixed-shape step)."""
 
-    update_ms = plan_ms = float("nan")
+class _Decoder(Stepper):
+    """A RingDecoder as a stepper (no cache timers inside a fixed-shape step)."""
 
     def __init__(self, decoder: RingDecoder):
         self.decoder, self.cache = decoder, decoder.cache
@@ -79,34 +77,45 @@ class _Decoder:
         return self.cache.nbytes()
 
 
-def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False, gguf: Path | None = None) -> dict:
-    """Every method of the overhead table, each with its own state.
+def _gguf(source: str | None) -> Path | None:
+    """The model's GGUF file, None where it has none (a model without one has no llama.cpp rows)."""
+    try:
+        return gguf_path(source) if source else None
+    except StreamkvError:
+        return None
 
-    With `peers`: kvpress rows where its environment is, llama.cpp rows where it is installed and the model has a
-    GGUF file (`gguf`).
+
+def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False, source: str | None = None) -> dict:
+    """Every method of the overhead table, each with its own state, built by the decode loop's factory.
+
+    The two references are the bench's own: the no-eviction forward (`SameLengthCache`) and, with peers,
+    llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is,
+    llama.cpp rows where it is installed and the model (`source`) has a GGUF file.
     """
-    ring_static = make_cache("ring", model, cap=cap, sink=sink)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def stepper(method: str, k: int = 1) -> Stepper:
+        p = EvalParams(source or "-", "-", method, cap=cap, sink=sink, compress_every=k, max_tokens=cap, dtype=dtype)
+        return make_stepper(model, p.resolved(), source)
+
     kvpress, llamacpp = {}, {}
     if peers and kvpress_python() and hasattr(model, "model"):
-        kvpress = {f"kvpress streaming_llm K={k}": KvpressStepper(model, "kvpress:streaming_llm", cap, sink, k, dtype)
-                   for k in (1, lazy_k)}
-    if peers and llamacpp_version() and gguf is not None:
+        kvpress = {f"kvpress streaming_llm K={k}": stepper("kvpress:streaming_llm", k) for k in (1, lazy_k)}
+    gguf = _gguf(source) if peers and llamacpp_version() else None
+    if gguf is not None:
         llamacpp = {LLAMACPP_REFERENCE: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True),
-                    **{f"{LLAMACPP}shift K={k}": LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, k, cap)
-                       for k in (1, lazy_k)}}
+                    **{llamacpp_shift(k): stepper("llamacpp:shift", k) for k in (1, lazy_k)}}
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
-        "start_recent strict": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink)),
-        "start_recent lazy": CachedStepper(model, make_cache("start_recent", model, cap=cap, sink=sink,
-                                                             compress_every=lazy_k)),
-        "mit": CachedStepper(model, make_cache("mit", model, cap=cap, sink=sink)),
-        "ring": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink)),
-        "ring lazy": CachedStepper(model, make_cache("ring", model, cap=cap, sink=sink, compress_every=lazy_k)),
-        "ring (fixed shapes)": _Decoder(RingDecoder(model, ring_static)),
+        STRICT: stepper("start_recent"),
+        LAZY: stepper("start_recent", lazy_k),
+        "mit": stepper("mit"),
+        "ring": stepper("ring"),
+        "ring lazy": stepper("ring", lazy_k),
+        "ring (fixed shapes)": _Decoder(RingDecoder(model, make_cache("ring", model, cap=cap, sink=sink))),
         **kvpress,
         **llamacpp,
-        RECOMPUTE: RecomputeStepper(model, sink, cap - sink),
+        RECOMPUTE: stepper("recompute"),
     }
 
 
@@ -114,22 +123,17 @@ def _sync_of(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _stepper_ms(stepper, name: str) -> float:
-    """A cache timer of the last step; NaN where there is none (recompute, the reference, a fixed-shape step)."""
-    return float(getattr(stepper, name, float("nan")))
-
-
 @torch.inference_mode()
 def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
-             gguf: Path | None = None) -> pd.DataFrame:
-    """The overhead, speedup and time-split table at one cap (`gguf`: the model's file, for llama.cpp's rows)."""
+             source: str | None = None) -> pd.DataFrame:
+    """The overhead, speedup and time-split table at one cap (`source`: the model's, for the peers' rows)."""
     device = next(model.parameters()).device
     sync = _sync_of(device)
     n = cfg.warmup + cfg.blocks * cfg.block
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers, gguf=gguf)
+    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers, source=source)
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])
@@ -151,11 +155,13 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
             stepper.forward(token)
             sync()
             step_ms[name][i] = forward_time_ms(stepper, t0)  # (a peer's forward as its worker timed it)
-            update_ms[name][i] = _stepper_ms(stepper, "update_ms")
-            plan_ms[name][i] = _stepper_ms(stepper, "plan_ms")
+            update_ms[name][i] = stepper.update_ms
+            plan_ms[name][i] = stepper.plan_ms
     for stepper in steppers.values():
-        if hasattr(stepper, "close"):  # a peer's worker
-            stepper.close()
+        stepper.close()  # (a peer's worker)
+    # Per-block means, blocks paired across methods (block b of every method covers the same steps): the
+    # intervals of the ratios resample whole blocks.
+    blocks = {name: block_means(step_ms[name][cfg.warmup:], cfg.block) for name in names}
     rows = []
     for name in names:
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
@@ -169,14 +175,18 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     reference = table.loc[table.method == REFERENCE, "tpot_ms"].item()
     recompute = table.loc[table.method == RECOMPUTE, "tpot_ms"].item()
     table["overhead"] = table.tpot_ms / reference
+    table[["overhead_lo", "overhead_hi"]] = [ratio_interval(blocks[m], blocks[REFERENCE]) for m in names]
     # The cache's own timers are not subject to the drift between methods: its work as a share of the step.
     table["cache_work"] = (table.update_ms + table.plan_ms) / reference
     table["speedup"] = recompute / table.tpot_ms  # the reference's speedup is the ideal
-    table.loc[table.method == RECOMPUTE, "overhead"] = np.nan
+    table[["speedup_lo", "speedup_hi"]] = [ratio_interval(blocks[RECOMPUTE], blocks[m]) for m in names]
+    table.loc[table.method == RECOMPUTE, ["overhead", "overhead_lo", "overhead_hi"]] = np.nan
     engine = table.method.str.startswith(LLAMACPP)
     if engine.any():  # another engine: against its own decode, and no speedup over our float32 recompute
         table.loc[engine, "overhead"] = table.tpot_ms / table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
-        table.loc[engine, "speedup"] = np.nan
+        table.loc[engine, ["overhead_lo", "overhead_hi"]] = [
+            ratio_interval(blocks[m], blocks[LLAMACPP_REFERENCE]) for m in table.method[engine]]
+        table.loc[engine, ["speedup", "speedup_lo", "speedup_hi"]] = np.nan
     table["goal"] = [_goal_text(m, cap) for m in table.method]
     table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
     return table
@@ -192,15 +202,43 @@ def _goal_text(method: str, cap: int) -> str:
     return ", ".join(parts)
 
 
-def _goal_met(row, cap: int) -> bool | None:
+def ratio_interval(num: np.ndarray, den: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL,
+                   seed: int = SEED) -> tuple[float, float]:
+    """Percentile interval of median(num blocks) / median(den blocks), resampling paired blocks (seeded)."""
+    ok = np.isfinite(num) & np.isfinite(den)
+    num, den = num[ok], den[ok]
+    if num.size < 2:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, num.size, (n_boot, num.size))
+    ratios = np.median(num[idx], axis=1) / np.median(den[idx], axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def verdict(lo: float, hi: float, bound: float, op: str) -> str:
+    """"met" when the whole interval satisfies `op bound`, "missed" when none of it does, else "within noise"."""
+    good_lo, good_hi = (lo <= bound, hi <= bound) if op == "<=" else (lo >= bound, hi >= bound)
+    if good_lo and good_hi:
+        return "met"
+    if not (good_lo or good_hi):
+        return "missed"
+    return "within noise"
+
+
+def _goal_met(row, cap: int) -> str | None:
+    """The row's verdict on its goals, from the intervals: "met", "missed" or "within noise" (None: no goal)."""
     checks = []
     if row.method in GOALS:
         column, bound, op = GOALS[row.method]
-        value = getattr(row, column)
-        checks.append(value <= bound if op == "<=" else value >= bound)
+        checks.append(verdict(getattr(row, f"{column}_lo"), getattr(row, f"{column}_hi"), bound, op))
     if cap in SPEEDUP_GOAL and row.method not in (REFERENCE, RECOMPUTE) and not row.method.startswith(LLAMACPP):
-        checks.append(row.speedup >= SPEEDUP_GOAL[cap])
-    return all(checks) if checks else None
+        checks.append(verdict(row.speedup_lo, row.speedup_hi, SPEEDUP_GOAL[cap], ">="))
+    if not checks:
+        return None
+    for worst in ("missed", "within noise"):
+        if worst in checks:
+            return worst
+    return "met"
 
 
 def compiled_graphs() -> int:
@@ -310,7 +348,6 @@ def evaluator_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progre
     run (prefill, steps and scoring), as a quality job spends it, and so is the parallel evaluator's.
     """
     from .evaluation import evaluate
-    from .params import EvalParams
     from .sources import LoadedModel
 
     n = cfg.evaluator_tokens
@@ -367,18 +404,12 @@ def _plain(record: dict) -> dict:
 def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, source: str | None = None) -> dict:
     """Every section of the benchmark on one model; a dict ready for JSON (`source`: the model's, for llama.cpp)."""
     cfg.check()
-    gguf = None
-    if cfg.peers and source:
-        try:
-            gguf = gguf_path(source)
-        except StreamkvError:
-            pass  # a model without a GGUF file has no llama.cpp rows
     device = next(model.parameters()).device
     out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [], "evaluator": [],
            "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
     if "overhead" in cfg.sections:
         for cap in cfg.caps:
-            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress, gguf).to_dict("records")]
+            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress, source).to_dict("records")]
     if "compile" in cfg.sections and cfg.compile:
         out["compile"].append(_plain(compile_ratio(model, tokens, cfg.caps[0], cfg, progress)))
     if "memory" in cfg.sections:

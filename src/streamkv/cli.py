@@ -9,12 +9,12 @@ and exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from . import methods
 from .errors import StreamkvError
-from .params import EVALUATORS, METHODS, PARALLEL_METHODS, EvalParams
+from .jobio import write_json, write_trace
+from .params import EVALUATORS, PARALLEL_METHODS, EvalParams
 from .policy import SOFTLITE_MODES
 
 
@@ -27,11 +27,12 @@ def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate one method on one text (the decode loop's per-token NLL, timed)")
     e.add_argument("--model", required=True, help="model source, e.g. embedded:smollm2-135m, tiny:llama, hf:ORG/NAME, path:DIR")
     e.add_argument("--text", required=True, help="text source, e.g. embedded:shakespeare/hamlet, file:PATH, hf:pg19")
-    e.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    e.add_argument("--method", required=True, help=f"one of: {methods.help_text()}")
     e.add_argument("--cap", type=int, default=256, help="KV budget in tokens, the current token included (default 256)")
     e.add_argument("--sink", type=int, default=None, help="sink tokens kept at the start (default 4; window keeps none)")
     e.add_argument("--compress-every", type=int, default=1,
-                   help="lazy prune period K (start_recent, ring, window; the compression interval of kvpress methods)")
+                   help=f"lazy prune period K ({methods.accepting('compress_every')}; the compression interval of "
+                        "kvpress methods, n_discard of llama.cpp's shift)")
     e.add_argument("--cache-slack", type=int, default=0, help="softlite slack sigma: hard cap = sink + window + sigma")
     e.add_argument("--max-drop", type=int, default=0, help="softlite max drop delta: most tokens one scheduled prune drops")
     e.add_argument("--softlite-mode", default="naive", choices=list(SOFTLITE_MODES),
@@ -102,19 +103,6 @@ def _add_bench(sub) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def write_trace(trace, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if path.endswith(".parquet"):
-        trace.to_parquet(path, index=False)
-    else:
-        trace.to_csv(path, index=False)
-
-
-def write_json(record: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-
-
 def run_eval(args) -> int:
     from .evaluation import evaluate, failed_record, load_tokens
     from .sources import load_model, load_text
@@ -137,9 +125,9 @@ def run_eval(args) -> int:
         write_json(failed_record(params, f"{type(exc).__name__}: {exc}"), args.out)
         print(f"streamkv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    write_json(record, args.out)
-    if args.trace:
+    if args.trace:  # the trace first: a result never names a trace that is not there
         write_trace(trace, args.trace)
+    write_json(record, args.out)
     m = record["metrics"]
     if record["status"] != "ok":
         print(f"streamkv: run failed: {record['error']}", file=sys.stderr)
@@ -154,8 +142,8 @@ def run_bench(args) -> int:
     import torch
 
     from . import bench
+    from .bench_tables import bench_markdown
     from .params import BenchConfig
-    from .report import bench_markdown
     from .sources import load_model
 
     cfg = BenchConfig(

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import meta
-from .cache import make_cache
 from .errors import StreamkvError
+from .factory import make_cache
 from .params import EvalParams
 from .peers import is_peer, make_peer_stepper
 from .policy import EMERGENCY, FORCED
 from .recompute import RecomputeStepper
 from .sources import LoadedModel, encode, load_text
+from .stepper import Stepper
 
 RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
@@ -44,35 +45,21 @@ TIMING_KEYS = ("tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_
                "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "timed_steps")
 
 
-class CachedStepper:
-    """Runs forwards through the model with a streaming cache."""
+class CachedStepper(Stepper):
+    """Runs forwards through the model with a cache; a streaming cache's record of its last step (`last_step`)
+    says what the forward did, a cache without one (the timing reference) keeps the defaults."""
 
     def __init__(self, model: torch.nn.Module, cache):
         self.model = model
         self.cache = cache
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
-
-    @property
-    def kv_len(self) -> int:
-        return self.cache.last_step.kv_len
-
-    @property
-    def dropped(self) -> int:
-        return self.cache.last_step.dropped
-
-    @property
-    def kind(self) -> str:
-        return self.cache.last_step.kind
-
-    @property
-    def update_ms(self) -> float:
-        return self.cache.last_step.update_s * 1e3
-
-    @property
-    def plan_ms(self) -> float:
-        return self.cache.last_step.plan_s * 1e3
+        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        step = self.cache.last_step
+        if step is not None:
+            self.kv_len, self.dropped, self.kind = step.kv_len, step.dropped, step.kind
+            self.update_ms, self.plan_ms = step.update_s * 1e3, step.plan_s * 1e3
+        return logits
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes()
@@ -108,7 +95,7 @@ def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = N
 
 def forward_time_ms(stepper, t0: float) -> float:
     """The forward's time: the stepper's own where it runs elsewhere (a peer's worker), else since t0."""
-    return getattr(stepper, "forward_ms", None) or (time.perf_counter() - t0) * 1e3
+    return stepper.forward_ms or (time.perf_counter() - t0) * 1e3
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -212,8 +199,7 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
         update_ms[i] = stepper.update_ms
         kv_bytes_peak = max(kv_bytes_peak, stepper.kv_bytes())
     total_sec = time.perf_counter() - started
-    if hasattr(stepper, "close"):
-        stepper.close()
+    stepper.close()
 
     nll_arr = np.asarray(nll)
     trace = trace_frame(ids, nll_arr, pre, prefill_sec * 1e3, step_ms, kv_len, dropped, kinds, update_ms)
@@ -234,13 +220,13 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
         "ttft_ms": prefill_sec * 1e3,
         "prefill_sec": prefill_sec,
         "total_sec": total_sec,
-        "peak_memory_mb": getattr(stepper, "peak_memory_mb", None) or _peak_memory_mb(device),
+        "peak_memory_mb": stepper.peak_memory_mb or _peak_memory_mb(device),
         "kv_bytes_peak": int(kv_bytes_peak),
         "update_ms_mean": _mean(update_ms),
         "update_ms_prune": _mean(update_ms[dropped > 0]),
         "update_ms_noprune": _mean(update_ms[dropped == 0]),
     })
-    if is_peer(p.method):
+    if stepper.versions:
         provenance["peer_versions"] = stepper.versions
     return _record(p, metrics, provenance, nll_arr), trace
 

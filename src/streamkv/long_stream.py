@@ -185,7 +185,7 @@ def finding(table: pd.DataFrame, segment: int, tr: dict) -> str:
 
 def figure(table: pd.DataFrame, path: str | Path, title: str) -> None:
     """Segment PPL against the segment's middle position (log x), the PPL of all targets as a dashed line."""
-    from .report import _plt, _save
+    from .figures import _plt, _save
 
     plt, sns = _plt()
     data = table.assign(middle=(table["first"] + table["last"]) / 2)

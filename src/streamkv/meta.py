@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -13,12 +14,35 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress", "llama-cpp-python")
 
 
-# The modules a result depends on (the decode loop and everything it calls) and the ones that only
-# read results (aggregation, diagnosis, probes, report): editing the latter must not re-run evaluations.
-EVALUATION_MODULES = ("bench", "budget", "cache", "compiled", "errors", "evaluation", "parallel", "params", "policy",
-                      "recompute", "timing",
-                      "ring", "rope", "sources", "peers", "kvpress_worker", "extras")
-ANALYSIS_MODULES = ("pipeline", "probes", "report", "spikes", "stats", "summary")
+def imported_modules(roots: tuple[str, ...]) -> tuple[str, ...]:
+    """The streamkv modules `roots` import, directly or through others, lazy imports included.
+
+    Read from the source (`ast`), not by importing: the pipeline computes its code hashes without torch.
+    """
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or not (PACKAGE_DIR / f"{name}.py").exists():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((PACKAGE_DIR / f"{name}.py").read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 1:  # from .x import y / from . import x
+                todo += [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+            elif node.level == 0 and (node.module or "").startswith("streamkv."):
+                todo.append(node.module.split(".")[1])
+    return tuple(sorted(seen))
+
+
+# The modules a result depends on (the decode loop, the parallel evaluator, the bench, the job I/O, and everything
+# they import) and the ones that only read results (aggregation, diagnosis, probes, report): editing a module of the
+# latter alone must not re-run evaluations.
+EVALUATION_MODULES = imported_modules(("evaluation", "parallel", "timing", "bench", "jobio", "sources", "kvpress_worker"))
+ANALYSIS_MODULES = tuple(m for m in imported_modules(("summary", "spikes", "stats", "probes", "report", "figures",
+                                                      "bench_tables"))
+                         if m not in EVALUATION_MODULES)
 
 
 def code_hash(modules: tuple[str, ...] | None = None) -> str:

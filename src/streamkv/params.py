@@ -7,32 +7,28 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from . import methods
 from .budget import Budget
 from .errors import StreamkvError
 from .policy import SOFTLITE_MODES
 
-CACHE_METHODS = ("dense", "window", "start_recent", "mit", "ring")
-# Peers (streamkv.peers): kvpress presses, in their own environment, and llama.cpp, an optional extra.
-KVPRESS_METHODS = ("kvpress:streaming_llm", "kvpress:streaming_llm_unsorted", "kvpress:streaming_llm+rerotate",
-                   "kvpress:knorm")
-LLAMACPP_METHODS = ("llamacpp:shift", "llamacpp:dense")
-PEER_METHODS = (*KVPRESS_METHODS, *LLAMACPP_METHODS)
-METHODS = (*CACHE_METHODS, "recompute", *PEER_METHODS)
-# The methods that take a prune period K (compress_every); mit is strict.  llama.cpp's shift: K = n_discard.
-LAZY_METHODS = ("start_recent", "window", "ring", *KVPRESS_METHODS, "llamacpp:shift")
-# How to install each peer's optional package (a row without it is shown as not installed).
-PEER_SETUP = {"kvpress": "make setup-kvpress", "llamacpp": "make setup-llamacpp"}
-# The methods that evict nothing.
-DENSE_METHODS = ("dense", "llamacpp:dense")
-# The methods that keep no sink tokens.
-SINKLESS_METHODS = ("window", "kvpress:knorm")
+# The method sets, read from the registry (streamkv.methods): one record per method.
+CACHE_METHODS = methods.names(family="cache")
+KVPRESS_METHODS = methods.names(family="kvpress")
+LLAMACPP_METHODS = methods.names(family="llamacpp")
+PEER_METHODS = methods.names(peer=True)
+METHODS = methods.NAMES
+LAZY_METHODS = methods.names(lazy=True)  # they take a prune period K (compress_every); llama.cpp's: n_discard
+PEER_SETUP = {m.family: m.setup for m in methods.REGISTRY.values() if m.setup}  # how to install a peer's package
+DENSE_METHODS = methods.names(dense=True)  # they evict nothing
+SINKLESS_METHODS = methods.names(sinkless=True)  # they keep no sink tokens
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
 POSITIONS = ("cache", "original")
 # Who produces a run's NLLs: the decode loop (the reference, timed), or the exact parallel evaluator
 # (streamkv.parallel) for the methods whose cache contents depend on positions only; auto picks parallel there.
 EVALUATORS = ("auto", "parallel", "decode")
-PARALLEL_METHODS = ("dense", "window", "start_recent", "mit", "ring")
+PARALLEL_METHODS = methods.names(parallel=True)
 
 
 @dataclass
@@ -61,7 +57,7 @@ class EvalParams:
 
     def parallel_reason(self) -> str | None:
         """Why the parallel evaluator cannot serve this configuration (None: it can)."""
-        if self.method not in PARALLEL_METHODS:
+        if not methods.get(self.method).parallel:
             return (f"method '{self.method}' runs only in the decode loop (the parallel evaluator serves "
                     f"{', '.join(PARALLEL_METHODS)})")
         if self.refresh:
@@ -70,36 +66,30 @@ class EvalParams:
 
     def resolved(self) -> "EvalParams":
         """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
-        if self.method not in METHODS:
-            raise StreamkvError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         p = EvalParams(**asdict(self))
+        method = methods.get(p.method)
         for name in ("cache_slack", "max_drop", "overlap", "refresh"):
             if getattr(p, name) < 0:
                 raise StreamkvError(f"{name.replace('_', '-')} must be >= 0, got {getattr(p, name)}")
-        for name in ("cache_slack", "max_drop", "overlap", "refresh"):
-            if getattr(p, name) and p.method != "start_recent":
-                raise StreamkvError(f"{name.replace('_', '-')} applies to start_recent, not to '{p.method}'")
+        if p.compress_every < 1:
+            raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
+        if p.stride < 1:
+            raise StreamkvError(f"stride must be >= 1, got {p.stride}")
         if p.softlite_mode not in SOFTLITE_MODES:
             raise StreamkvError(f"unknown softlite-mode '{p.softlite_mode}'; choose one of: {', '.join(SOFTLITE_MODES)}")
         if p.positions not in POSITIONS:
             raise StreamkvError(f"unknown positions '{p.positions}'; choose one of: {', '.join(POSITIONS)}")
-        if p.positions != "cache" and p.method != "start_recent":
-            raise StreamkvError(f"positions applies to start_recent, not to '{p.method}'")
+        methods.check_options(p.method, **{k: getattr(p, k) for k in methods.OPTIONS})
         if p.positions != "cache" and p.refresh:
             raise StreamkvError("positions 'original' and refresh do not combine: refresh moves keys to the tail")
-        if p.method in SINKLESS_METHODS:
+        if method.sinkless:
             if p.sink not in (None, 0):
                 raise StreamkvError(f"method '{p.method}' keeps no sink tokens; leave --sink out or use start_recent")
             p.sink = 0
-        elif p.method in DENSE_METHODS:
+        elif method.dense:
             p.sink = None  # nothing is evicted, so nothing is kept as a sink
         elif p.sink is None:
-            p.sink = 4
-        if p.compress_every < 1:
-            raise StreamkvError(f"compress-every must be >= 1, got {p.compress_every}")
-        if p.compress_every != 1 and p.method not in LAZY_METHODS:
-            raise StreamkvError(f"compress-every applies to start_recent, ring, window, the kvpress methods and "
-                                f"llamacpp:shift, not to '{p.method}'")
+            p.sink = method.default_sink
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
         if p.max_tokens < 2:
@@ -112,10 +102,6 @@ class EvalParams:
             raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
         if p.seed < 0:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
-        if p.stride < 1:
-            raise StreamkvError(f"stride must be >= 1, got {p.stride}")
-        if p.stride > 1 and p.method != "recompute":
-            raise StreamkvError(f"stride applies to the recompute baseline, not to '{p.method}'")
         if p.timing_steps < 0:
             raise StreamkvError(f"timing-steps must be >= 0, got {p.timing_steps}")
         if p.evaluator not in EVALUATORS:
@@ -130,7 +116,7 @@ class EvalParams:
     def record(self) -> dict:
         """Every parameter, with the derived window."""
         rec = asdict(self)
-        rec["window"] = None if self.method in DENSE_METHODS else (
+        rec["window"] = None if methods.get(self.method).dense else (
             self.cap - (self.sink or 0) - self.cache_slack - self.overlap - self.refresh)
         return rec
 

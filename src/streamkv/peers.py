@@ -50,6 +50,7 @@ from .errors import NotInstalled, StreamkvError
 from .extras import INSTALL_HINT, LLAMACPP_HINT, kvpress_python, llamacpp_version
 from .params import LLAMACPP_METHODS, PEER_METHODS
 from .sources import gguf_path, save_checkpoint
+from .stepper import Stepper
 
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 
@@ -65,11 +66,8 @@ def make_peer_stepper(model: torch.nn.Module, source: str, method: str, cap: int
     return KvpressStepper(model, method, cap, sink, interval, dtype)
 
 
-class KvpressStepper:
-    """A stepper of the decode loop whose forwards run in the kvpress worker."""
-
-    kind = ""
-    update_ms = plan_ms = float("nan")
+class KvpressStepper(Stepper):
+    """A stepper of the decode loop whose forwards run in the kvpress worker (no cache timers here)."""
 
     def __init__(self, model: torch.nn.Module, method: str, cap: int, sink: int, interval: int, dtype: str):
         python = kvpress_python()
@@ -129,7 +127,7 @@ class KvpressStepper:
         self._dir.cleanup()
 
 
-class LlamaCppStepper:
+class LlamaCppStepper(Stepper):
     """A stepper of the decode loop whose forwards are llama.cpp decodes; `llamacpp:shift` or `llamacpp:dense`.
 
     Every token's logits come back (teacher forcing), positions are consecutive
@@ -137,7 +135,7 @@ class LlamaCppStepper:
     work of our own caches does.
     """
 
-    update_ms = plan_ms = float("nan")  # the shift's work is done inside the next decode
+    # (no cache timers: the shift's work is done inside the next decode)
 
     def __init__(self, gguf: Path, method: str, cap: int, sink: int | None, interval: int, max_tokens: int,
                  threads: int | None = None, reference: bool = False):

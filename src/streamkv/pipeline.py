@@ -11,33 +11,21 @@ parameters share one job.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import sys
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from . import methods, probes
 from .budget import Budget
 from .errors import StreamkvError
-from .params import DENSE_METHODS, PEER_METHODS, SINKLESS_METHODS, BenchConfig, EvalParams
+from .params import BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "positions", "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
 # Methods whose cache keeps what start_recent (positions "cache") keeps, at the same in-cache distances.
 SAME_SCHEDULE_AS_START_RECENT = ("mit", "ring")
-RUN_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "softlite_mode": "naive", "overlap": 0,
-                "refresh": 0, "positions": "cache", "profile": False}
-# Each probe compares rows that differ in these parameters; its grid must sweep them.
-PROBE_SWEEPS = {
-    "verify_max_drop_effect": ("max_drop",),
-    "verify_slack_effect": ("cache_slack", "max_drop"),
-    "profile_prune_overhead": ("compress_every",),
-    "summarize_k_quality": ("compress_every",),
-}
-PROBES = tuple(PROBE_SWEEPS)
+RUN_DEFAULTS = {**{k: methods.OPTION_DEFAULTS[k] for k in RUN_KEYS if k in methods.OPTION_DEFAULTS}, "profile": False}
+PROBES = tuple(probes.PROBES)  # the probe registry's names (streamkv.probes)
 
 
 def normalise_run(run: dict) -> dict:
@@ -45,12 +33,11 @@ def normalise_run(run: dict) -> dict:
     out = {**RUN_DEFAULTS, **{k: run[k] for k in RUN_KEYS if k in run}}
     if not (out["cache_slack"] or out["max_drop"]):
         out["softlite_mode"] = "naive"  # the modes differ only under softlite: one job for both
-    if out["method"] in DENSE_METHODS:
+    method = methods.get(out["method"])
+    if method.dense:
         out["sink"] = None
-    elif out["method"] in SINKLESS_METHODS:
-        out.setdefault("sink", 0)
     else:
-        out.setdefault("sink", 4)
+        out.setdefault("sink", method.default_sink)
     return out
 
 
@@ -74,29 +61,9 @@ def quality_run(run: dict, evaluator: str = "auto") -> dict:
 
 
 def run_id(run: dict) -> str:
-    """A readable file name holding every parameter that changes the run."""
-    r = normalise_run(run)
-    m = r["method"]
-    suffix = "_prof" if r["profile"] else ""
-    if m == "dense":
-        return "dense" + suffix
-    if m == "recompute":
-        stride = f"_stride{run['stride']}" if run.get("stride", 1) > 1 else ""
-        return f"recompute_s{r['sink']}{stride}" + suffix
-    if m == "llamacpp:dense":
-        return "llamacpp-dense" + suffix
-    if m in PEER_METHODS:  # e.g. kvpress-streaming_llm-rerotate_s4_k1, llamacpp-shift_s4_k32
-        return f"{m.replace(':', '-').replace('+', '-')}_s{r['sink']}_k{r['compress_every']}" + suffix
-    if m == "ring" and r["compress_every"] != 1:
-        return f"ring_s{r['sink']}_k{r['compress_every']}" + suffix
-    if m in ("mit", "ring"):
-        return f"{m}_s{r['sink']}" + suffix
-    if m == "window":
-        return f"window_k{r['compress_every']}" + suffix
-    mode = "_cooldown" if r["softlite_mode"] == "cooldown" else ""
-    mode += "_orig" if r["positions"] == "original" else ""
-    return (f"{m}_s{r['sink']}_k{r['compress_every']}_sl{r['cache_slack']}_md{r['max_drop']}"
-            f"_ov{r['overlap']}_rf{r['refresh']}{mode}{suffix}")
+    """A readable file name holding every parameter that changes the run (the format is the method's record's)."""
+    r = {**normalise_run(run), "stride": run.get("stride", 1)}
+    return methods.get(r["method"]).run_id(r) + ("_prof" if r["profile"] else "")
 
 
 def text_source(config: dict, text: str) -> str:
@@ -235,10 +202,10 @@ def check(config: dict) -> None:
     proto = config["protocol"]
     for probe, spec in (config.get("probes") or {}).items():
         swept = set(spec.get("grid", {})) or {probe}
-        missing = [p for p in PROBE_SWEEPS[probe] if p not in swept]
+        missing = [p for p in probes.PROBES[probe].sweeps if p not in swept]
         if missing:
             raise StreamkvError(f"config key probes.{probe}.grid: the probe needs {' and '.join(missing)} in its grid "
-                                f"(it compares rows that differ in {', '.join(PROBE_SWEEPS[probe])})")
+                                f"(it compares rows that differ in {', '.join(probes.PROBES[probe].sweeps)})")
     for key, spec in (config.get("ablations") or {}).items():
         if "values" in spec and key not in RUN_KEYS:
             raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot sweep it; "
@@ -300,31 +267,3 @@ def _check_bench(config: dict) -> None:
         BenchConfig(**settings).check()
     except StreamkvError as exc:
         raise StreamkvError(f"config key bench: {exc}") from None
-
-
-@contextlib.contextmanager
-def log_to(path: str | Path):
-    """Send everything this job prints to its log file: progress bars, warnings, C-level output, tracebacks.
-
-    The redirection is done on the file descriptors, so output from handlers
-    created before the job started (transformers' logging) lands there too.
-    """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(path, "w", buffering=1) as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield log
-        except BaseException:
-            traceback.print_exc()
-            raise
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)

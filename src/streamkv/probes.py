@@ -8,8 +8,13 @@ pipeline already made under its own parameters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import pandas as pd
+
+from . import fmt
 
 QUALITY = ["ppl", "delta_ppl_pct", "tpot_ms", "speedup", "spike_events", "spike_peak", "spike_width", "spike_area"]
 
@@ -90,15 +95,148 @@ def k_quality(part: pd.DataFrame) -> pd.DataFrame:
     return ok[cols].reset_index(drop=True)
 
 
-TABLES = {
-    "verify_max_drop_effect": lambda part, events: max_drop_effect(part, events),
-    "verify_slack_effect": lambda part, events: slack_effect(part, events),
-    "profile_prune_overhead": lambda part, events: prune_overhead(part),
-    "summarize_k_quality": lambda part, events: k_quality(part),
-}
+# ----------------------------------------------------------------------------- findings (numbers only)
+
+
+def max_drop_finding(t: pd.DataFrame) -> str:
+    parts = []
+    for (sigma, mode), g in t.groupby(["cache_slack", "mode"], sort=False):
+        off, on = g[g.max_drop == 0], g[g.max_drop > 0]
+        for r in on.itertuples():
+            base = off.iloc[0] if len(off) else None
+            if base is None:
+                continue
+            parts.append(
+                f"σ={sigma} {mode}, δ={r.max_drop} vs δ=0: {int(base.n_prunes)} → {int(r.n_prunes)} prunes "
+                f"({int(r.n_emergency)} emergency, {int(r.n_forced)} forced), drop sizes [{base.drops}] → "
+                f"[{r.drops}], mean spike area {fmt.num(base.spike_area)} → {fmt.num(r.spike_area)}, "
+                f"ΔPPL {fmt.pct(base.delta_ppl_pct)} → {fmt.pct(r.delta_ppl_pct)}, TPOT {base.tpot_ms:.1f} → "
+                f"{r.tpot_ms:.1f} ms")
+    return "; ".join(parts) + "." if parts else "No δ = 0 / δ > 0 pair finished."
+
+
+def slack_finding(t: pd.DataFrame) -> str:
+    same = int(t.same_drops.sum())
+    return (f"At {same} of {len(t)} σ values the staged run (δ > 0) made prunes of the same sizes in the same "
+            f"order as its control (δ = 0). Staged minus control: PPL {t.ppl_diff_pct.min():+.2f} % to "
+            f"{t.ppl_diff_pct.max():+.2f} %, prune events {int((t.prunes_staged - t.prunes_control).min()):+d} to "
+            f"{int((t.prunes_staged - t.prunes_control).max()):+d}, TPOT {t.tpot_diff_pct.min():+.1f} % to "
+            f"{t.tpot_diff_pct.max():+.1f} %.")
+
+
+def prune_overhead_finding(t: pd.DataFrame) -> str:
+    first, last = t.iloc[0], t.iloc[-1]
+    costs = t.prune_cost_ms.dropna()
+    return (f"A prune step spends {fmt.num(costs.min())}–{fmt.num(costs.max())} ms more in the cache update than a "
+            f"step without one. The update takes {fmt.num(first.update_share_pct)} % of the step at "
+            f"K={int(first.compress_every)} and {fmt.num(last.update_share_pct)} % at K={int(last.compress_every)}; "
+            f"TPOT goes from {first.tpot_ms:.1f} to {last.tpot_ms:.1f} ms.")
+
+
+def k_quality_finding(t: pd.DataFrame) -> str:
+    first, last = t.iloc[0], t.iloc[-1]
+    return (f"From K={int(first.compress_every)} to K={int(last.compress_every)}: ΔPPL {fmt.pct(first.delta_ppl_pct)} "
+            f"→ {fmt.pct(last.delta_ppl_pct)}, speedup {first.speedup:.2f}× → {last.speedup:.2f}×, "
+            f"KV max {int(first.kv_len_max)} → {int(last.kv_len_max)}.")
+
+
+# ----------------------------------------------------------------------------- figures (two panels each)
+
+
+def max_drop_figure(t: pd.DataFrame, axes, sns) -> None:
+    t["setting"] = "σ=" + t.cache_slack.astype(str) + "\n" + t["mode"] + ", δ=" + t.max_drop.astype(str)
+    t["lazy"] = t.n_prunes - t.n_emergency - t.n_forced
+    t.set_index("setting")[["lazy", "n_forced", "n_emergency"]].rename(
+        columns={"n_forced": "forced", "n_emergency": "emergency"}).plot.bar(stacked=True, ax=axes[0], rot=0)
+    axes[0].set_ylabel("prune events")
+    axes[0].tick_params(axis="x", labelsize=7)
+    sns.barplot(data=t, x="setting", y="delta_ppl_pct", ax=axes[1], color="C1")
+    axes[1].set_ylabel("Δ PPL vs baseline (%)")
+    axes[1].tick_params(axis="x", labelsize=7)
+
+
+def slack_figure(t: pd.DataFrame, axes, sns) -> None:
+    long = pd.concat([
+        t.assign(arm="control (δ=0)", prunes=t.prunes_control, dppl=t.delta_ppl_control),
+        t.assign(arm="staged (δ=" + t.max_drop.astype(str) + ")", prunes=t.prunes_staged, dppl=t.delta_ppl_staged),
+    ])
+    long["arm"] = long.arm + ", " + long["mode"]
+    sns.lineplot(data=long, x="cache_slack", y="prunes", hue="arm", marker="o", ax=axes[0])
+    sns.lineplot(data=long, x="cache_slack", y="dppl", hue="arm", marker="o", ax=axes[1], legend=False)
+    axes[0].set_ylabel("prune events")
+    axes[1].set_ylabel("Δ PPL vs baseline (%)")
+    for ax in axes:
+        ax.set_xlabel("σ (cache_slack; window derived by Auto-cap)")
+
+
+def prune_overhead_figure(t: pd.DataFrame, axes, sns) -> None:
+    t.set_index("compress_every")[["forward_ms", "update_ms"]].plot.bar(stacked=True, ax=axes[0], rot=0)
+    axes[0].set_xlabel("K")
+    axes[0].set_ylabel("ms per decode step")
+    sns.lineplot(data=t, x="compress_every", y="prune_cost_ms", marker="o", ax=axes[1],
+                 label="update on a prune step - other steps")
+    sns.lineplot(data=t, x="compress_every", y="update_ms", marker="o", ax=axes[1], label="update per step (mean)")
+    log2_axis(axes[1])
+    axes[1].set_xlabel("K")
+    axes[1].set_ylabel("ms")
+
+
+def k_quality_figure(t: pd.DataFrame, axes, sns) -> None:
+    sns.lineplot(data=t, x="compress_every", y="delta_ppl_pct", marker="o", ax=axes[0])
+    axes[0].set_ylabel("Δ PPL vs baseline (%)")
+    sns.lineplot(data=t, x="compress_every", y="speedup", marker="o", ax=axes[1])
+    axes[1].set_ylabel("speedup (×)")
+    for ax in axes:
+        log2_axis(ax)
+        ax.set_xlabel("K")
+
+
+def log2_axis(ax) -> None:
+    """A log-2 x axis labelled with plain numbers (K = 1, 2, 4, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=2))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe: the parameters its grid must sweep, its table, its one-line finding and its figure."""
+
+    name: str
+    sweeps: tuple[str, ...]  # it compares rows that differ in these parameters
+    title: str
+    table: Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]  # (its summary rows, spike events) -> table
+    finding: Callable[[pd.DataFrame], str]  # table -> numbers in a sentence or two
+    figure: Callable  # (table, two axes, seaborn) -> None
+
+
+PROBES: dict[str, Probe] = {p.name: p for p in (
+    Probe("verify_max_drop_effect", ("max_drop",),
+          "verify_max_drop_effect: delta on/off, naive and cooldown, at fixed K and sigma",
+          max_drop_effect, max_drop_finding, max_drop_figure),
+    Probe("verify_slack_effect", ("cache_slack", "max_drop"),
+          "verify_slack_effect: sigma swept (window derived), control delta = 0 vs staged delta > 0",
+          slack_effect, slack_finding, slack_figure),
+    Probe("profile_prune_overhead", ("compress_every",),
+          "profile_prune_overhead: forward vs cache update per decode step, against K",
+          lambda part, events: prune_overhead(part), prune_overhead_finding, prune_overhead_figure),
+    Probe("summarize_k_quality", ("compress_every",), "summarize_k_quality: quality and speed against K",
+          lambda part, events: k_quality(part), k_quality_finding, k_quality_figure),
+)}
+
+
+def finding(probe: str, table: pd.DataFrame) -> str:
+    """The probe's result in one or two sentences, numbers only (no verdict the numbers do not carry)."""
+    return PROBES[probe].finding(table) if len(table) else "No finished runs."
 
 
 def probe_table(probe: str, summary: pd.DataFrame, events: pd.DataFrame, model: str, text: str) -> pd.DataFrame:
     part = summary[(summary.group == f"probe:{probe}") & (summary.model_key == model) & (summary.text_key == text)]
     part = part.drop_duplicates("file")
-    return TABLES[probe](part, events)
+    return PROBES[probe].table(part, events)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from .stepper import Stepper
 
-class RecomputeStepper:
+
+class RecomputeStepper(Stepper):
     """Feeds a growing token history; each forward re-reads sinks + window from scratch."""
 
     def __init__(self, model: torch.nn.Module, sink: int, window: int):
@@ -40,9 +42,7 @@ class RecomputeStepper:
         q = ids.shape[-1]
         return self.model(input_ids=ctx, use_cache=False, logits_to_keep=q).logits
 
-    dropped = 0  # nothing persists between steps, so nothing is evicted
-    kind = ""
-    update_ms = float("nan")  # no cache to update
+    # (nothing persists between steps, so nothing is evicted, and there is no cache to time: the defaults)
 
     def kv_bytes(self) -> int:
         """Bytes of the keys and values the last forward computed (held only during it)."""

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .fmt import to_markdown
 from .params import LAZY_METHODS
 from .pipeline import RUN_KEYS
+
+ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
 
 # A run is compared with the recompute baseline that scored the same tokens under the same budget.
 BASELINE_KEYS = ("model", "text", "cap", "max_tokens", "prefill", "dtype", "device")
@@ -65,19 +68,6 @@ def method_table(frame: pd.DataFrame) -> pd.DataFrame:
     cols = ["run", "status", "sink", "window", "compress_every", "ppl", "delta_ppl_pct", "tpot_ms", "tpot_steady_ms",
             "speedup", "kv_len_min", "kv_len_mean", "kv_len_max", "n_prunes", "tokens_dropped", "error"]
     return out[cols]
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if pd.isna(v) else f"{v:.3f}"
-    return "" if v is None else str(v).replace("|", "\\|")
-
-
-def to_markdown(frame: pd.DataFrame, cell=_cell) -> str:
-    """A plain markdown table (pandas' own needs a newer tabulate than snakemake allows); `cell` formats a value."""
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def markdown(paths) -> str:

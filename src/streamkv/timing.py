@@ -65,6 +65,8 @@ class _SameLengthLayer(CacheLayerMixin):
 class SameLengthCache(Cache):
     """The timing reference: attention over `cap` keys, one slot written per step, nothing evicted or rotated."""
 
+    last_step = None  # (a streaming cache's record of its last step: this one does no eviction work to record)
+
     def __init__(self, num_layers: int, cap: int):
         self.cap, self.seen = cap, 0
         super().__init__(layers=[_SameLengthLayer(self) for _ in range(num_layers)])
@@ -80,12 +82,20 @@ class SameLengthCache(Cache):
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
 
 
+def block_means(values: np.ndarray, block: int) -> np.ndarray:
+    """The mean of each whole block of `block` steps (NaN entries, untimed steps, ignored; NaN for an untimed block)."""
+    blocks = values[: len(values) // block * block].reshape(-1, block)
+    out = np.full(len(blocks), np.nan)
+    timed = np.isfinite(blocks).any(axis=1)
+    out[timed] = np.nanmean(blocks[timed], axis=1)
+    return out
+
+
 def block_median(values: np.ndarray, block: int) -> float:
     """Median over blocks of the block's mean (NaN entries, untimed steps, ignored)."""
-    blocks = values[: len(values) // block * block].reshape(-1, block)
-    means = np.array([np.nanmean(b) for b in blocks if np.isfinite(b).any()])
+    means = block_means(values, block)
+    means = means[np.isfinite(means)]
     return float(np.median(means)) if means.size else float("nan")
-
 
 
 def timing_steps(steps: int, compress_every: int, block: int = BLOCK) -> int:
@@ -138,10 +148,9 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
             stepper.forward(token)
             sync()
             step_ms[names[j]][i] = forward_time_ms(stepper, t0)
-        update_ms[i] = float(getattr(steppers["method"], "update_ms", np.nan))
+        update_ms[i] = steppers["method"].update_ms
         kv_bytes = max(kv_bytes, steppers["method"].kv_bytes())
-    if hasattr(steppers["method"], "close"):
-        steppers["method"].close()
+    steppers["method"].close()
     timed = step_ms["method"][warmup:]
     tpot, ref = block_median(timed, block), block_median(step_ms["reference"][warmup:], block)
     upd = update_ms[warmup:]

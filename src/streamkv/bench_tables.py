@@ -1,0 +1,165 @@
+"""The tables and findings of `streamkv bench`, and the names of its rows (torch-free).
+
+`streamkv.bench` measures and names its rows with the constants below; the command, the pipeline's
+Performance section and the tests read them from here, so no row name is a string kept in two places.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .fmt import to_markdown
+
+REFERENCE = "no eviction (reference)"
+RECOMPUTE = "recompute"
+STRICT = "start_recent strict"
+LAZY = "start_recent lazy"
+# llama.cpp's rows are another engine: their ratios are against llama.cpp's own decode without a shift.
+LLAMACPP = "llama.cpp: "
+LLAMACPP_REFERENCE = LLAMACPP + "no shift (its reference)"
+# The goals the ratios are read against: (column, bound, "<=" or ">=").
+GOALS = {
+    STRICT: ("overhead", 1.03, "<="),
+    LAZY: ("overhead", 1.01, "<="),
+    "ring": ("overhead", 1.01, "<="),
+    "ring lazy": ("overhead", 1.01, "<="),
+    "ring (fixed shapes)": ("overhead", 1.01, "<="),
+}
+SPEEDUP_GOAL = {256: 9.5}  # vs recompute, for the streaming methods at this cap
+
+
+def llamacpp_shift(k: int) -> str:
+    """The name of llama.cpp's context-shift row at prune period k."""
+    return f"{LLAMACPP}shift K={k}"
+
+
+def _bench_cell(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v).replace("|", "\\|")
+
+
+def _ratio_ci(frame: pd.DataFrame, column: str) -> pd.Series:
+    """'value [lo, hi]' of a bench ratio and its 95 % block-bootstrap interval ('' where there is none)."""
+    def cell(row) -> str:
+        v, lo, hi = row.get(column), row.get(f"{column}_lo"), row.get(f"{column}_hi")
+        if v is None or not np.isfinite(v):
+            return ""
+        if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
+            return f"{v:.3f}"
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    return frame.apply(cell, axis=1)
+
+
+def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame = frame.assign(met=frame.met.astype(object).where(frame.met.notna(), None),
+                         overhead=_ratio_ci(frame, "overhead"), speedup=_ratio_ci(frame, "speedup"))
+    return frame.reindex(columns=["cap", "method", "tpot_ms", "overhead", "cache_work", "speedup", "forward_ms", "update_ms",
+                                  "plan_ms", "goal", "met"]).rename(
+        columns={"tpot_ms": "TPOT ms", "overhead": "x no-eviction [95 % CI]", "cache_work": "cache work / step",
+                 "speedup": "speedup vs recompute [95 % CI]", "met": "verdict",
+                 "forward_ms": "forward ms", "update_ms": "cache update ms", "plan_ms": "planning ms"})
+
+
+def bench_compile_table(rows: list[dict]) -> pd.DataFrame:
+    cols = ["cap", "mode", "status", "eager_ms", "compiled_ms", "ratio", "nll_max_abs_diff", "compile_sec",
+            "graphs_first_steps", "graphs_after_warmup", "error"]
+    frame = pd.DataFrame(rows).reindex(columns=cols)
+    return frame.rename(columns={"eager_ms": "eager TPOT ms", "compiled_ms": "compiled TPOT ms",
+                                 "ratio": "compiled / eager", "nll_max_abs_diff": "max abs dNLL",
+                                 "compile_sec": "first step s", "graphs_first_steps": "graphs (warm-up)",
+                                 "graphs_after_warmup": "graphs after warm-up"})
+
+
+def bench_memory_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["rss_growth"] = frame.rss_growth * 100
+    frame["kv_bytes_min"] = frame.kv_bytes_min / 2**20
+    frame["kv_bytes_max"] = frame.kv_bytes_max / 2**20
+    return frame[["method", "cap", "tokens", "kv_bytes_min", "kv_bytes_max", "kv_max_over_min", "rss_from_step",
+                  "rss_start_mb", "rss_end_mb", "rss_growth", "step_ms_first", "step_ms_last"]].rename(
+        columns={"kv_bytes_min": "KV MiB min", "kv_bytes_max": "KV MiB max", "kv_max_over_min": "KV max/min",
+                 "rss_from_step": "RSS from step", "rss_start_mb": "RSS then MiB", "rss_end_mb": "RSS end MiB",
+                 "rss_growth": "RSS growth %", "step_ms_first": "step ms, start",
+                 "step_ms_last": "step ms, end"})
+
+
+def bench_markdown(result: dict) -> str:
+    """The tables of a `streamkv bench` result as markdown (what the command prints, the Performance section)."""
+    parts = []
+    if result["overhead"]:
+        parts += ["Eviction overhead, speedup and time split (medians of block means, methods interleaved):", "",
+                  to_markdown(bench_overhead_table(result["overhead"]), _bench_cell), ""]
+    if result["compile"]:
+        parts += ["The ring's fixed-shape step, torch.compile vs eager:", "",
+                  to_markdown(bench_compile_table(result["compile"]), _bench_cell), ""]
+    if result.get("evaluator"):
+        parts += ["The parallel evaluator against the decode loop, same method, same tokens (each whole run):", "",
+                  to_markdown(bench_evaluator_table(result["evaluator"]), _bench_cell), ""]
+    if result["memory"]:
+        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the first "
+                  "and last 256 steps, or halves of a shorter stream):", "",
+                  to_markdown(bench_memory_table(result["memory"]), _bench_cell), ""]
+    return "\n".join(parts)
+
+
+EVALUATOR_GOAL = 20.0  # the parallel evaluator's speed over the decode loop's, on 2 CPU cores
+
+
+def bench_evaluator_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    return pd.DataFrame({"cap": frame.cap, "method": frame.method, "tokens": frame.tokens,
+                         "parallel tok/s": frame.parallel_tok_s, "decode loop tok/s": frame.decode_tok_s,
+                         "speedup": frame.speedup,
+                         "max abs dNLL": frame.nll_max_abs_diff.map(lambda v: f"{v:.1e}")})
+
+
+def _bench_interval(row: dict, column: str) -> str:
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "(no interval)"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def bench_findings(result: dict) -> list[str]:
+    """One line per goal of the benchmark, in numbers."""
+    lines = []
+    for row in result.get("evaluator") or []:
+        verdict = "met" if row["speedup"] >= EVALUATOR_GOAL else "missed"
+        lines.append(f"parallel evaluator, {row['method']} at cap {row['cap']} over {row['tokens']} tokens: "
+                     f"{row['parallel_tok_s']:.0f} tokens/s against the decode loop's {row['decode_tok_s']:.1f}, "
+                     f"{row['speedup']:.1f}x (goal >= {EVALUATOR_GOAL:g}x: {verdict}), max |dNLL| "
+                     f"{row['nll_max_abs_diff']:.1e}")
+    for cap in sorted({row["cap"] for row in result["overhead"]}):
+        rows = {row["method"]: row for row in result["overhead"] if row["cap"] == cap}
+        ideal = rows.get(REFERENCE, {}).get("speedup")
+        for method, row in rows.items():
+            if not row.get("goal"):
+                continue
+            lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} {_bench_interval(row, 'overhead')} the no-eviction "
+                         f"forward, {row['speedup']:.2f}x {_bench_interval(row, 'speedup')} faster than recompute (ideal "
+                         f"{ideal:.2f}x); goal {row['goal']}: {row.get('met') or ''}")
+        for k, ours in ((1, STRICT), (result["config"]["lazy_k"], LAZY)):
+            peer = rows.get(llamacpp_shift(k))
+            if peer and ours in rows:
+                lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "
+                             f"shift, where our {ours} is x{rows[ours]['overhead']:.3f} our no-eviction forward")
+    for c in result["compile"]:
+        if c["status"] == "ok":
+            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step at cap {c['cap']}: TPOT "
+                         f"x{c['ratio']:.3f} of eager, max |dNLL| {c['nll_max_abs_diff']:.1e}, "
+                         f"{c['graphs_after_warmup']} graphs compiled after warm-up (first step {c['compile_sec']:.0f} s)")
+        else:
+            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step failed: {c['error']}")
+    for m in result["memory"]:
+        growth = "n/a" if m["rss_growth"] is None else f"{m['rss_growth'] * 100:+.2f} %"
+        lines.append(f"{m['method']} over {m['tokens']} tokens: KV bytes max/min {m['kv_max_over_min']:.3f}, "
+                     f"RSS {growth} from step {m['rss_from_step']} to the end")
+    return lines

@@ -1,0 +1,42 @@
+"""The stepper interface: what the decode loop, the timing part and the bench call on a method.
+
+A stepper runs a method's forwards, one call per chunk of tokens (the prefill,
+then one token per step), and says what its last forward did.  The members a
+method may not have (cache timers, a forward timed in another process, a
+peer's versions) have defaults here that mean "none", so callers never probe
+for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Stepper:
+    """One method's forwards; subclasses implement `forward` and `kv_bytes`."""
+
+    kv_len: int = 0  # keys the last forward attended to, its own included
+    dropped: int = 0  # tokens the last forward evicted
+    kind: str = ""  # the kind of that prune (streamkv.policy: LAZY, FORCED, EMERGENCY), "" without one
+    update_ms: float = math.nan  # the cache's own timer of its update in the last forward (NaN: no such timer)
+    plan_ms: float = math.nan  # the part of it spent planning (policy, layout, counters)
+    forward_ms: float | None = None  # the last forward as timed where it ran (a peer's worker); None: time it here
+    peak_memory_mb: float | None = None  # where the forwards run in another process, its peak memory
+    versions: dict | None = None  # a peer's package versions, recorded with the result
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the tokens `ids` ([1, q]), which extend the stream."""
+        raise NotImplementedError
+
+    def skip(self, ids: torch.Tensor) -> None:
+        """Extend the stream by `ids` without scoring them (the recompute baseline skips the forward)."""
+        self.forward(ids)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values held (or, for recompute, computed by the last forward)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the stepper holds outside this process (a peer's worker); nothing by default."""

@@ -1,0 +1,83 @@
+"""The method registry: the one place a method's facts live, and what reads them."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamkv import methods
+from streamkv.errors import StreamkvError
+from streamkv.params import EvalParams
+from streamkv.pipeline import run_id
+
+SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
+
+
+def _method_enums(node, path=""):
+    """Every `method` enum in the schema, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "method" and isinstance(value, dict) and "enum" in value:
+                yield f"{path}.method", value["enum"]
+            yield from _method_enums(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _method_enums(item, path)
+
+
+def test_the_schema_names_the_registry_methods():
+    enums = dict(_method_enums(SCHEMA))
+    rows = {where: enum for where, enum in enums.items() if "long_stream" not in where and "peers" not in where}
+    assert len(rows) >= 2  # a run's method and a named row's
+    for where, enum in rows.items():
+        assert tuple(enum) == methods.NAMES, where
+    (peers,) = (enum for where, enum in enums.items() if "peers" in where)
+    assert tuple(peers) == methods.names(peer=True)
+    # the long stream takes the bounded caches the parallel evaluator serves
+    (long_stream,) = (enum for where, enum in enums.items() if "long_stream" in where)
+    assert set(long_stream) == set(methods.names(parallel=True)) - set(methods.names(dense=True))
+
+
+def test_every_method_has_its_own_run_ids():
+    seen = {}
+    for m in methods.REGISTRY.values():
+        for k in ((1, 32) if m.lazy else (1,)):
+            rid = run_id({"method": m.name, "compress_every": k})
+            assert rid not in seen, (m.name, seen.get(rid))
+            seen[rid] = m.name
+            assert ":" not in rid and "+" not in rid  # a file name
+    assert run_id({"method": "recompute", "stride": 32}) == "recompute_s4_stride32"
+    assert run_id({"method": "start_recent", "compress_every": 32, "positions": "original"}) == \
+        "start_recent_s4_k32_sl0_md0_ov0_rf0_orig"
+
+
+@pytest.mark.parametrize("option, value", [("compress_every", 4), ("cache_slack", 2), ("max_drop", 2),
+                                           ("softlite_mode", "cooldown"), ("positions", "original"),
+                                           ("overlap", 2), ("refresh", 2), ("stride", 3)])
+def test_an_option_a_method_does_not_take_names_the_methods_that_do(option, value):
+    for m in methods.REGISTRY.values():
+        p = EvalParams("m", "t", m.name, **{option: value})
+        if option in m.options:
+            continue
+        with pytest.raises(StreamkvError, match=f"{option.replace('_', '-')} applies to .*, not to '{re.escape(m.name)}'"):
+            p.resolved()
+
+
+def test_defaults_come_from_the_record():
+    for m in methods.REGISTRY.values():
+        p = EvalParams("m", "t", m.name).resolved()
+        assert p.sink == m.default_sink
+        assert (p.evaluator == "decode") or m.parallel
+    with pytest.raises(StreamkvError, match="unknown method 'h2o'; choose one of: dense, window"):
+        methods.get("h2o")
+
+
+def test_the_cli_help_lists_every_method(capsys):
+    from streamkv.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for m in methods.REGISTRY.values():
+        assert m.name in out
