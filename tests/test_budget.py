@@ -32,7 +32,8 @@ def test_no_window_left():
         Budget.derive(16, sink=4, cache_slack=12)
 
 
-@pytest.mark.parametrize("cap,sink,msg", [(-1, 4, "cap must be a positive"), (8, 8, "sink \\(8\\) must be smaller than cap \\(8\\)"),
+@pytest.mark.parametrize("cap,sink,msg", [(-1, 4, "cap must be a positive"),
+                                          (8, 8, "sink \\(8\\) must be smaller than cap \\(8\\)"),
                                           (8, -1, "sink must be >= 0")])
 def test_bad_terms(cap, sink, msg):
     with pytest.raises(StreamkvError, match=msg):

@@ -21,7 +21,8 @@ def feed(model, cache, tokens, chunk=1):
 
 @pytest.mark.parametrize("method,k,slack,delta,bound", [
     ("start_recent", 1, 0, 0, 40), ("mit", 1, 0, 0, 40), ("window", 1, 0, 0, 40), ("start_recent", 8, 0, 0, 47),
-    ("start_recent", 5, 0, 0, 44), ("start_recent", 16, 8, 4, 40), ("start_recent", 4, 8, 0, 35), ("ring", 1, 0, 0, 40)])
+    ("start_recent", 5, 0, 0, 44), ("start_recent", 16, 8, 4, 40), ("start_recent", 4, 8, 0, 35),
+    ("ring", 1, 0, 0, 40)])
 def test_kv_length_never_exceeds_the_promise(tiny, hamlet_bytes, method, k, slack, delta, bound):
     model = tiny("tiny:llama").model
     cache = make_cache(method, model, cap=40, sink=4, compress_every=k, cache_slack=slack, max_drop=delta)
@@ -85,7 +86,8 @@ def test_start_recent_and_mit_generate_the_same_stream(tiny):
     model = tiny("tiny:gpt_neox").model
     model.generation_config.pad_token_id = 0
     prompt = torch.tensor([list(b"To be, or not to be")])
-    outs = [model.generate(prompt, max_new_tokens=150, do_sample=False, past_key_values=make_cache(m, model, cap=20, sink=4))
+    outs = [model.generate(prompt, max_new_tokens=150, do_sample=False,
+                           past_key_values=make_cache(m, model, cap=20, sink=4))
             for m in ("start_recent", "mit")]
     assert torch.equal(*outs)
 

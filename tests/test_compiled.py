@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 import torch._dynamo.testing
-from conftest import TINY
 
+from conftest import TINY
 from streamkv import StreamkvError, make_cache
 from streamkv.bench import run
 from streamkv.bench_tables import REFERENCE

@@ -70,7 +70,8 @@ def test_a_shift_that_never_fires_is_dense_exactly(runs):
 
 @needs_llamacpp
 def test_strict_shift_is_mit_up_to_the_engines_noise_floor(runs):
-    """n_keep = 4, n_discard = 1 keeps the tokens mit keeps: the NLL differs from mit's no more than dense from dense."""
+    """n_keep = 4, n_discard = 1 keeps the tokens mit keeps: the NLL differs from mit's no more than dense from
+    dense."""
     mit, a = runs("mit")
     peer, b = runs("llamacpp:shift")
     floor = mean_dnll(runs("dense")[1], runs("llamacpp:dense")[1])

@@ -32,7 +32,8 @@ def test_all_plays_are_one_text_in_name_order():
     texts = [plays[name].read_text(encoding="utf-8").rstrip("\n") for name in sorted(plays)]
     text = load_text("embedded:shakespeare/*")
     assert len(plays) == 38
-    assert len(text) == sum(map(len, texts)) + 2 * (len(texts) - 1) + 1  # a blank line between plays, one newline at the end
+    # a blank line between plays, one newline at the end
+    assert len(text) == sum(map(len, texts)) + 2 * (len(texts) - 1) + 1
     starts = [text.index(t) for t in texts]
     assert starts == sorted(starts) and starts[0] == 0
     assert load_text("embedded:shakespeare/hamlet") == plays["hamlet"].read_text(encoding="utf-8")  # one play as before
@@ -88,7 +89,8 @@ def test_config_errors_name_the_key():
     with pytest.raises(StreamkvError, match="config key long_stream.max_tokens: text 't' has 10 tokens, fewer than 20"):
         long_stream.stream_length(10, 20, "t")
     assert long_stream.stream_length(10, None, "t") == 10
-    assert long_stream.result_stem(CONFIG) == "results/long_stream/tiny/cap32_n3000_p1_float32_cpu_seed0/start_recent_s4_k1_sl0_md0_ov0_rf0"
+    assert (long_stream.result_stem(CONFIG)
+            == "results/long_stream/tiny/cap32_n3000_p1_float32_cpu_seed0/start_recent_s4_k1_sl0_md0_ov0_rf0")
 
 
 def test_end_to_end_on_a_tiny_model(tiny, tmp_path):

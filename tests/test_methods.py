@@ -60,7 +60,8 @@ def test_an_option_a_method_does_not_take_names_the_methods_that_do(option, valu
         p = EvalParams("m", "t", m.name, **{option: value})
         if option in m.options:
             continue
-        with pytest.raises(StreamkvError, match=f"{option.replace('_', '-')} applies to .*, not to '{re.escape(m.name)}'"):
+        with pytest.raises(StreamkvError,
+                           match=f"{option.replace('_', '-')} applies to .*, not to '{re.escape(m.name)}'"):
             p.resolved()
 
 

@@ -3,8 +3,8 @@ and parameter family it serves, on every tiny model family with real eviction an
 
 import numpy as np
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from streamkv.errors import StreamkvError
 from streamkv.evaluation import evaluate, load_tokens
 from streamkv.parallel import evaluate_parallel, schedule
@@ -22,7 +22,8 @@ FAMILIES = {
     "window": dict(method="window", compress_every=4),
     "dense": dict(method="dense"),
     "softlite naive": dict(method="start_recent", compress_every=8, cache_slack=2, max_drop=4),
-    "softlite cooldown": dict(method="start_recent", compress_every=8, cache_slack=4, max_drop=2, softlite_mode="cooldown"),
+    "softlite cooldown": dict(method="start_recent", compress_every=8, cache_slack=4, max_drop=2,
+                              softlite_mode="cooldown"),
     "overlap": dict(method="start_recent", compress_every=4, overlap=4),
     "original positions": dict(method="start_recent", positions="original"),
     "original positions lazy": dict(method="start_recent", positions="original", compress_every=4),
@@ -92,7 +93,8 @@ def test_evaluator_choice_and_errors():
 
 def test_result_records_its_evaluator(tiny, hamlet_bytes):
     record, trace = evaluate(tiny("tiny:llama"), hamlet_bytes[:100],
-                             EvalParams("m", "t", "start_recent", cap=CAP, max_tokens=100, evaluator="auto"), progress=False)
+                             EvalParams("m", "t", "start_recent", cap=CAP, max_tokens=100, evaluator="auto"),
+                             progress=False)
     assert record["status"] == "ok" and record["params"]["evaluator"] == "parallel"
     assert record["metrics"]["tpot_ms"] is None and trace.step_ms.isna().all()  # it times nothing
 
@@ -101,7 +103,8 @@ EMBEDDED = {
     "strict": dict(method="start_recent"),
     "lazy K=32": dict(method="start_recent", compress_every=32),
     "softlite naive": dict(method="start_recent", compress_every=8, cache_slack=2, max_drop=4),
-    "softlite cooldown": dict(method="start_recent", compress_every=8, cache_slack=2, max_drop=4, softlite_mode="cooldown"),
+    "softlite cooldown": dict(method="start_recent", compress_every=8, cache_slack=2, max_drop=4,
+                              softlite_mode="cooldown"),
     "window": dict(method="window"),
     "original positions": dict(method="start_recent", positions="original"),
 }

@@ -34,7 +34,8 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, config: str = "config/smoke.yaml", env: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, config: str = "config/smoke.yaml",
+              env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1", "--configfile", config]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
 
@@ -113,7 +114,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
 
 
 def test_peers_run_in_the_pipeline_and_agree_with_our_rows(done):
-    """kvpress in its own environment, scored by our loop: its per-token NLL is that of our row of the same semantics."""
+    """kvpress in its own environment, scored by our loop: its per-token NLL is that of our row of the same
+    semantics."""
     report = (done / "report/paper_tables.md").read_text()
     assert report.count("### Peers") == 2
     for peer, ours in (("kvpress StreamingLLM", "Ours (original positions)"),
@@ -127,7 +129,8 @@ def test_peers_run_in_the_pipeline_and_agree_with_our_rows(done):
 def test_probe_rules_write_their_tables(done):
     tables = {p: pd.read_csv(done / f"results/probes/{p}/tiny_llama/hamlet.csv") for p in PROBES}
     max_drop = tables["verify_max_drop_effect"]
-    assert sorted(zip(max_drop["mode"], max_drop.max_drop)) == [("cooldown", 0), ("cooldown", 2), ("naive", 0), ("naive", 2)]
+    assert sorted(zip(max_drop["mode"], max_drop.max_drop)) == [("cooldown", 0), ("cooldown", 2), ("naive", 0),
+                                                                ("naive", 2)]
     assert (max_drop.loc[max_drop["mode"] == "cooldown", "n_emergency"] == 0).all()
     assert len(tables["verify_slack_effect"]) == 2  # sigma 0 and 2, each control vs staged
     overhead = tables["profile_prune_overhead"]
@@ -185,7 +188,8 @@ def test_changing_the_baseline_reruns_it_and_every_comparison_with_it(done):
 def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(done):
     """mit and the ring take strict start_recent's NLLs (they only time their own step); with evaluator: decode,
     every row runs its own decode loop."""
-    proc = snakemake(done, "--dry-run", "--forceall", "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0/mit_s4.json")
+    proc = snakemake(done, "--dry-run", "--forceall",
+                     "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0/mit_s4.json")
     assert proc.returncode == 0 and "start_recent_s4_k1_sl0_md0_ov0_rf0.json" in proc.stdout
 
     def change(config):
@@ -249,7 +253,8 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
      "config key runs[8] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[8] ('lazy mit'): compress-every applies to window, start_recent, ring, the kvpress methods and llamacpp:shift, not to 'mit'"),
+     "config key runs[8] ('lazy mit'): compress-every applies to window, start_recent, ring, the kvpress methods "
+     "and llamacpp:shift, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),
      "config key ablations.softlite.texts: unknown text 'macbeth'"),
@@ -258,7 +263,8 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["ablations"].update(speed={"base": {"method": "start_recent"}, "values": [1]}),
      "config key ablations.speed: 'speed' is not a run parameter"),
     (lambda c: c["probes"]["verify_max_drop_effect"]["grid"].update(softlite_mode=["eager"]),
-     "config key probes.verify_max_drop_effect.grid ('softlite_mode=eager, max_drop=0'): unknown softlite-mode 'eager'"),
+     "config key probes.verify_max_drop_effect.grid ('softlite_mode=eager, max_drop=0'): "
+     "unknown softlite-mode 'eager'"),
     (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
      "'verify_everything' is not one of"),
     (lambda c: c["bench"].update(model="pythia"), "config key bench.model: unknown model 'pythia' (known: tiny_llama)"),
@@ -291,7 +297,8 @@ def test_paper_config_is_valid_in_a_dry_run(tmp_path):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "report/paper_tables.md", "--dry-run", config="config/paper.yaml")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "results/baselines/pythia28b/pg19/cap2048_n20000_p1_float16_cuda_seed0/recompute_s4_stride8.json" in proc.stdout
+    assert ("results/baselines/pythia28b/pg19/cap2048_n20000_p1_float16_cuda_seed0/recompute_s4_stride8.json"
+            in proc.stdout)
 
 
 def test_slurm_profile_is_valid_in_a_dry_run(tmp_path):

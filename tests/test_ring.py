@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from streamkv import EvalParams, StreamkvError, evaluate, make_cache
 
 
@@ -21,8 +21,10 @@ def stream(model, cache, tokens, chunk=1):
 @pytest.mark.parametrize("name,prefill", [(name, 20) for name in TINY] + [("tiny:llama", 1)])
 def test_ring_gives_the_nll_of_mit(tiny, hamlet_bytes, name, prefill):
     loaded, tokens = tiny(name), hamlet_bytes[:2048]
-    mit, a = evaluate(loaded, tokens, EvalParams("m", "t", "mit", cap=32, max_tokens=2048, prefill=prefill), progress=False)
-    ring, b = evaluate(loaded, tokens, EvalParams("m", "t", "ring", cap=32, max_tokens=2048, prefill=prefill), progress=False)
+    mit, a = evaluate(loaded, tokens, EvalParams("m", "t", "mit", cap=32, max_tokens=2048, prefill=prefill),
+                      progress=False)
+    ring, b = evaluate(loaded, tokens, EvalParams("m", "t", "ring", cap=32, max_tokens=2048, prefill=prefill),
+                       progress=False)
     assert np.abs(a.nll.values - b.nll.values).max() <= 1e-4
     assert b.kv_len.tolist() == a.kv_len.tolist()
     assert ring["metrics"]["n_prunes"] == mit["metrics"]["n_prunes"] > 0
@@ -68,7 +70,8 @@ def test_generate_streams_past_the_cap_like_mit(tiny):
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     prompt = torch.tensor([list(b"To be, or not to be")])
-    outs = [model.generate(prompt, max_new_tokens=150, do_sample=False, past_key_values=make_cache(m, model, cap=24, sink=4))
+    outs = [model.generate(prompt, max_new_tokens=150, do_sample=False,
+                           past_key_values=make_cache(m, model, cap=24, sink=4))
             for m in ("mit", "ring")]
     assert torch.equal(*outs) and outs[0].shape[-1] == prompt.shape[-1] + 150
 
@@ -116,13 +119,15 @@ def test_ring_options_are_checked(tiny, hamlet_bytes):
     stream(model, cache, hamlet_bytes[:40])
     with pytest.raises(StreamkvError, match="a chunk of 30 tokens does not fit the ring's window \\(28\\)"):
         stream(model, cache, hamlet_bytes[40:70], chunk=30)
-    with pytest.raises(StreamkvError, match="compress-every applies to window, start_recent, ring, the kvpress methods and llamacpp:shift, not to 'mit'"):
+    with pytest.raises(StreamkvError, match="compress-every applies to window, start_recent, ring, the kvpress "
+                                            "methods and llamacpp:shift, not to 'mit'"):
         EvalParams("m", "t", "mit", compress_every=8).resolved()
 
 
 # The lazy ring: start_recent's lazy pruning (K > 1) in fixed buffers.
 
-@pytest.mark.parametrize("name,prefill,k", [(name, 20, 8) for name in TINY] + [("tiny:llama", 1, 4), ("tiny:llama", 32, 5)])
+@pytest.mark.parametrize("name,prefill,k",
+                         [(name, 20, 8) for name in TINY] + [("tiny:llama", 1, 4), ("tiny:llama", 32, 5)])
 def test_lazy_ring_gives_the_nll_of_lazy_start_recent(tiny, hamlet_bytes, name, prefill, k):
     loaded, tokens = tiny(name), hamlet_bytes[:1024]
     runs = [evaluate(loaded, tokens, EvalParams("m", "t", method, cap=32, compress_every=k, max_tokens=1024,

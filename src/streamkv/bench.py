@@ -167,7 +167,8 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
         update = block_median(update_ms[name][cfg.warmup:], cfg.block)
         plan = block_median(plan_ms[name][cfg.warmup:], cfg.block)
-        rows.append({"cap": cap, "method": name, "tpot_ms": tpot, "forward_ms": tpot - update if np.isfinite(update) else tpot,
+        rows.append({"cap": cap, "method": name, "tpot_ms": tpot,
+                     "forward_ms": tpot - update if np.isfinite(update) else tpot,
                      "update_ms": update - plan if np.isfinite(update) else float("nan"), "plan_ms": plan,
                      "kv_bytes": steppers[name].kv_bytes(),
                      "timed_steps": int(np.isfinite(step_ms[name][cfg.warmup:]).sum())})
@@ -323,7 +324,8 @@ def memory_stream(model, tokens: list[int], method: str, cap: int, cfg: BenchCon
     kv = np.empty(n - cap, dtype=np.int64)
     step_ms = np.empty(n - cap)
     rss_start = None
-    for i, t in enumerate(tqdm(range(cap, n), desc=f"memory {method}", disable=not progress, mininterval=5.0, leave=False)):
+    for i, t in enumerate(tqdm(range(cap, n), desc=f"memory {method}", disable=not progress, mininterval=5.0,
+                               leave=False)):
         if t == rss_from:
             rss_start = current_rss_mb()
         t0 = time.perf_counter()
@@ -409,7 +411,8 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
            "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
     if "overhead" in cfg.sections:
         for cap in cfg.caps:
-            out["overhead"] += [_plain(r) for r in overhead(model, tokens, cap, cfg, progress, source).to_dict("records")]
+            out["overhead"] += [_plain(r)
+                                for r in overhead(model, tokens, cap, cfg, progress, source).to_dict("records")]
     if "compile" in cfg.sections and cfg.compile:
         out["compile"].append(_plain(compile_ratio(model, tokens, cfg.caps[0], cfg, progress)))
     if "memory" in cfg.sections:

@@ -61,8 +61,8 @@ def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame = frame.assign(met=frame.met.astype(object).where(frame.met.notna(), None),
                          overhead=_ratio_ci(frame, "overhead"), speedup=_ratio_ci(frame, "speedup"))
-    return frame.reindex(columns=["cap", "method", "tpot_ms", "overhead", "cache_work", "speedup", "forward_ms", "update_ms",
-                                  "plan_ms", "goal", "met"]).rename(
+    return frame.reindex(columns=["cap", "method", "tpot_ms", "overhead", "cache_work", "speedup", "forward_ms",
+                                  "update_ms", "plan_ms", "goal", "met"]).rename(
         columns={"tpot_ms": "TPOT ms", "overhead": "x no-eviction [95 % CI]", "cache_work": "cache work / step",
                  "speedup": "speedup vs recompute [95 % CI]", "met": "verdict",
                  "forward_ms": "forward ms", "update_ms": "cache update ms", "plan_ms": "planning ms"})
@@ -104,8 +104,8 @@ def bench_markdown(result: dict) -> str:
         parts += ["The parallel evaluator against the decode loop, same method, same tokens (each whole run):", "",
                   to_markdown(bench_evaluator_table(result["evaluator"]), _bench_cell), ""]
     if result["memory"]:
-        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the first "
-                  "and last 256 steps, or halves of a shorter stream):", "",
+        parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the "
+                  "first and last 256 steps, or halves of a shorter stream):", "",
                   to_markdown(bench_memory_table(result["memory"]), _bench_cell), ""]
     return "\n".join(parts)
 
@@ -143,9 +143,9 @@ def bench_findings(result: dict) -> list[str]:
         for method, row in rows.items():
             if not row.get("goal"):
                 continue
-            lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} {_bench_interval(row, 'overhead')} the no-eviction "
-                         f"forward, {row['speedup']:.2f}x {_bench_interval(row, 'speedup')} faster than recompute (ideal "
-                         f"{ideal:.2f}x); goal {row['goal']}: {row.get('met') or ''}")
+            lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} {_bench_interval(row, 'overhead')} "
+                         f"the no-eviction forward, {row['speedup']:.2f}x {_bench_interval(row, 'speedup')} "
+                         f"faster than recompute (ideal {ideal:.2f}x); goal {row['goal']}: {row.get('met') or ''}")
         for k, ours in ((1, STRICT), (result["config"]["lazy_k"], LAZY)):
             peer = rows.get(llamacpp_shift(k))
             if peer and ours in rows:
@@ -155,7 +155,8 @@ def bench_findings(result: dict) -> list[str]:
         if c["status"] == "ok":
             lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step at cap {c['cap']}: TPOT "
                          f"x{c['ratio']:.3f} of eager, max |dNLL| {c['nll_max_abs_diff']:.1e}, "
-                         f"{c['graphs_after_warmup']} graphs compiled after warm-up (first step {c['compile_sec']:.0f} s)")
+                         f"{c['graphs_after_warmup']} graphs compiled after warm-up "
+                         f"(first step {c['compile_sec']:.0f} s)")
         else:
             lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step failed: {c['error']}")
     for m in result["memory"]:

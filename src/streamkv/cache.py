@@ -100,7 +100,8 @@ class StreamingLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def _evict_and_append(self, stored: torch.Tensor, new: torch.Tensor, dropped: int, sinks=None, keep=None) -> torch.Tensor:
+    def _evict_and_append(self, stored: torch.Tensor, new: torch.Tensor, dropped: int, sinks=None,
+                          keep=None) -> torch.Tensor:
         if keep is not None:  # an explicit layout (refresh): the slots to keep, in their new order
             return torch.cat((stored.index_select(-2, keep), new), dim=-2)
         if not dropped:

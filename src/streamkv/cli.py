@@ -25,23 +25,27 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate one method on one text (the decode loop's per-token NLL, timed)")
-    e.add_argument("--model", required=True, help="model source, e.g. embedded:smollm2-135m, tiny:llama, hf:ORG/NAME, path:DIR")
+    e.add_argument("--model", required=True,
+                   help="model source, e.g. embedded:smollm2-135m, tiny:llama, hf:ORG/NAME, path:DIR")
     e.add_argument("--text", required=True, help="text source, e.g. embedded:shakespeare/hamlet, file:PATH, hf:pg19")
     e.add_argument("--method", required=True, help=f"one of: {methods.help_text()}")
     e.add_argument("--cap", type=int, default=256, help="KV budget in tokens, the current token included (default 256)")
-    e.add_argument("--sink", type=int, default=None, help="sink tokens kept at the start (default 4; window keeps none)")
+    e.add_argument("--sink", type=int, default=None,
+                   help="sink tokens kept at the start (default 4; window keeps none)")
     e.add_argument("--compress-every", type=int, default=1,
                    help=f"lazy prune period K ({methods.accepting('compress_every')}; the compression interval of "
                         "kvpress methods, n_discard of llama.cpp's shift)")
     e.add_argument("--cache-slack", type=int, default=0, help="softlite slack sigma: hard cap = sink + window + sigma")
-    e.add_argument("--max-drop", type=int, default=0, help="softlite max drop delta: most tokens one scheduled prune drops")
+    e.add_argument("--max-drop", type=int, default=0,
+                   help="softlite max drop delta: most tokens one scheduled prune drops")
     e.add_argument("--softlite-mode", default="naive", choices=list(SOFTLITE_MODES),
                    help="naive (the seeds' rule) or cooldown (keep the lazy rhythm; default naive)")
     e.add_argument("--overlap", type=int, default=0, help="extra recent tokens kept, charged to the cap (start_recent)")
     e.add_argument("--refresh", type=int, default=0, help="evicted tokens re-inserted at the tail (start_recent)")
     e.add_argument("--positions", default="cache", choices=["cache", "original"],
                    help="start_recent: kept keys at cache positions (default) or where they were rotated (as kvpress)")
-    e.add_argument("--profile", action="store_true", help="synchronise the device around cache updates (exact update times on GPU)")
+    e.add_argument("--profile", action="store_true",
+                   help="synchronise the device around cache updates (exact update times on GPU)")
     e.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
     e.add_argument("--prefill", type=int, default=1, help="tokens in the first forward (default 1)")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -62,7 +66,8 @@ def _add_eval(sub) -> None:
 
 
 def _add_summarize(sub) -> None:
-    s = sub.add_parser("summarize", help="print a markdown table of result files, with delta PPL and speedup vs recompute")
+    s = sub.add_parser("summarize",
+                       help="print a markdown table of result files, with delta PPL and speedup vs recompute")
     s.add_argument("results", nargs="+", help="result JSON files")
 
 
@@ -72,8 +77,10 @@ def _add_bench(sub) -> None:
     d = BenchConfig()
     b = sub.add_parser("bench", help="eviction overhead, speedup, compile and memory as ratios from one run")
     b.add_argument("--model", default="embedded:smollm2-135m", help="model source (default embedded:smollm2-135m)")
-    b.add_argument("--text", default="embedded:shakespeare/hamlet", help="text source (default embedded:shakespeare/hamlet)")
-    b.add_argument("--caps", type=int, nargs="+", default=list(d.caps), help="KV budgets of the overhead table (default 256)")
+    b.add_argument("--text", default="embedded:shakespeare/hamlet",
+                   help="text source (default embedded:shakespeare/hamlet)")
+    b.add_argument("--caps", type=int, nargs="+", default=list(d.caps),
+                   help="KV budgets of the overhead table (default 256)")
     b.add_argument("--sink", type=int, default=d.sink)
     b.add_argument("--lazy-k", type=int, default=d.lazy_k, help=f"K of the lazy row (default {d.lazy_k})")
     b.add_argument("--blocks", type=int, default=d.blocks, help=f"timed blocks per method (default {d.blocks})")
@@ -88,11 +95,14 @@ def _add_bench(sub) -> None:
                         "needs llama-cpp-python and a GGUF model)")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
-    b.add_argument("--stream-tokens", type=int, default=d.stream_tokens, help=f"memory stream length (default {d.stream_tokens})")
+    b.add_argument("--stream-tokens", type=int, default=d.stream_tokens,
+                   help=f"memory stream length (default {d.stream_tokens})")
     b.add_argument("--stream-methods", nargs="+", default=list(d.stream_methods),
                    help=f"methods of the memory stream (default {' '.join(d.stream_methods)})")
-    b.add_argument("--dense-tokens", type=int, default=None, help="a shorter stream for dense (default: --stream-tokens)")
-    b.add_argument("--rss-from", type=int, default=d.rss_from, help=f"RSS growth is measured from this step (default {d.rss_from})")
+    b.add_argument("--dense-tokens", type=int, default=None,
+                   help="a shorter stream for dense (default: --stream-tokens)")
+    b.add_argument("--rss-from", type=int, default=d.rss_from,
+                   help=f"RSS growth is measured from this step (default {d.rss_from})")
     b.add_argument("--evaluator-tokens", type=int, default=d.evaluator_tokens,
                    help=f"tokens the parallel evaluator and the decode loop both score (default {d.evaluator_tokens})")
     b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")

@@ -34,7 +34,8 @@ from .stepper import Stepper
 
 RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
-TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped", "prune_kind", "update_ms")
+TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped", "prune_kind",
+                 "update_ms")
 METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
                "kv_len_max", "n_prunes", "tokens_dropped", "n_emergency_prunes", "n_forced_prunes", "drop_max",
@@ -73,8 +74,8 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
         return make_peer_stepper(model, source or p.model, p.method, p.cap, p.sink, p.compress_every, p.dtype,
                                  p.max_tokens)
     cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
-                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode, positions=p.positions,
-                       overlap=p.overlap, refresh=p.refresh,
+                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
+                       positions=p.positions, overlap=p.overlap, refresh=p.refresh,
                        # this loop passes no position_ids, so the ring may keep its positions small
                        rebase_every=RING_REBASE if p.method == "ring" else None)
     device = next(model.parameters()).device
@@ -115,7 +116,8 @@ def _finite(x: float) -> float | None:
 
 
 @torch.inference_mode()
-def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams,
+             progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """Evaluate one configuration; return the result record and the per-token trace.
 
     The NLLs come from the evaluator `params.evaluator` resolves to (recorded in the result's params): the
@@ -180,7 +182,8 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
     # With a stride s (the recompute baseline at scale), only every s-th target is scored: the other steps
     # only extend the history.  Targets are picked by position, so the pairing with other runs is plain.
     scored = np.arange(n - 1) % p.stride == 0
-    for i, t in enumerate(tqdm(range(pre, n - 1), desc=f"{p.method}", disable=not progress, mininterval=2.0, leave=False)):
+    for i, t in enumerate(tqdm(range(pre, n - 1), desc=f"{p.method}", disable=not progress, mininterval=2.0,
+                               leave=False)):
         if not scored[t]:
             stepper.skip(ids[:, t : t + 1])
             nll.append(np.nan)

@@ -65,7 +65,8 @@ def make_cache(
     """
     n = num_attention_layers(model)
     if method not in methods.names(family="cache"):
-        raise StreamkvError(f"unknown cache method '{method}'; choose one of: {', '.join(methods.names(family='cache'))}")
+        raise StreamkvError(f"unknown cache method '{method}'; "
+                            f"choose one of: {', '.join(methods.names(family='cache'))}")
     if compress_every < 1:
         raise StreamkvError(f"compress_every must be >= 1, got {compress_every}")
     if max_drop < 0:
@@ -90,7 +91,8 @@ def make_cache(
     budget = Budget.derive(cap, sink=sink, cache_slack=cache_slack, overlap=overlap, refresh=refresh)
     if isinstance(refresh_select, str):
         if refresh_select not in REFRESH_SELECTORS:
-            raise StreamkvError(f"unknown refresh selection '{refresh_select}'; choose one of: {', '.join(REFRESH_SELECTORS)}")
+            raise StreamkvError(f"unknown refresh selection '{refresh_select}'; "
+                                f"choose one of: {', '.join(REFRESH_SELECTORS)}")
         refresh_select = REFRESH_SELECTORS[refresh_select]
     policy = StartRecent(budget.sink, budget.window + budget.overlap, compress_every, budget.cache_slack, max_drop,
                          softlite_mode)

@@ -115,7 +115,8 @@ def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name:
     top.set_ylabel(f"NLL (rolling mean, {smooth})")
     top.legend(loc="upper right", fontsize=8)
     if run is not None and len(run):
-        excess = (run.set_index("position").nll - baseline.set_index("position").nll).rolling(smooth, min_periods=1).mean()
+        excess = (run.set_index("position").nll
+                  - baseline.set_index("position").nll).rolling(smooth, min_periods=1).mean()
         bottom.plot(excess.index, excess.values, color="C1", lw=1)
         for pos in run.loc[run.pruned.astype(bool), "position"]:
             for ax in (top, bottom):
@@ -142,7 +143,8 @@ def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) 
     if len(ok) and swept:
         x, hue = swept[0], (swept[1] if len(swept) > 1 else None)
         if len(swept) > 2:  # a grid of three or more: one line per combination of the others
-            ok["combo"] = ok[swept[1:]].astype(str).agg(lambda r: ", ".join(f"{fmt.SYMBOL.get(c, c)}={v}" for c, v in zip(swept[1:], r)), axis=1)
+            ok["combo"] = ok[swept[1:]].astype(str).agg(
+                lambda r: ", ".join(f"{fmt.SYMBOL.get(c, c)}={v}" for c, v in zip(swept[1:], r)), axis=1)
             hue = "combo"
         for ax, y, label in ((axes[0], "delta_ppl_pct", "Δ PPL vs baseline (%)"), (axes[1], "speedup", "speedup (×)")):
             _lines(ax, ok.sort_values(x), x, y, hue)

@@ -69,7 +69,8 @@ def check(config: dict) -> None:
         return  # optional: only report/long_stream.md needs it
     s = spec(config)
     if s["model"] not in config["models"]:
-        raise StreamkvError(f"config key {KEY}.model: unknown model '{s['model']}' (known: {', '.join(config['models'])})")
+        raise StreamkvError(f"config key {KEY}.model: unknown model '{s['model']}' "
+                            f"(known: {', '.join(config['models'])})")
     params = eval_params(config)
     try:
         EvalParams(**{**params, "max_tokens": s["max_tokens"] or PREFILL + 1}).resolved()
@@ -139,7 +140,8 @@ def trend(table: pd.DataFrame, segment: int, seed: int = 0, n_boot: int = BOOTST
     # mean PPL of a quarter: exp of the mean of its segments' mean NLLs (each segment weighs the same)
     boot_ratio = np.exp(tail[rng.integers(0, q, (n_boot, q))].mean(1) - head[rng.integers(0, q, (n_boot, q))].mean(1))
     out.update(slope=_slope(x, y), slope_ci=tuple(np.nanpercentile(boot, [2.5, 97.5]).tolist()), quarter=q,
-               head_ppl=math.exp(head.mean()), tail_ppl=math.exp(tail.mean()), ratio=math.exp(tail.mean() - head.mean()),
+               head_ppl=math.exp(head.mean()), tail_ppl=math.exp(tail.mean()),
+               ratio=math.exp(tail.mean() - head.mean()),
                ratio_ci=tuple(np.percentile(boot_ratio, [2.5, 97.5]).tolist()))
     return out
 
@@ -163,7 +165,8 @@ def finding(table: pd.DataFrame, segment: int, tr: dict) -> str:
     """One sentence in numbers: first vs last segment, the trend with its intervals, and the verdict."""
     first = table[table.segment == tr["first_segment"]].iloc[0]
     last = table[table.segment == tr["last_segment"]].iloc[0]
-    text = (f"PPL {tr['first_ppl']:.2f} on the first segment (positions {int(first['first']):,}–{int(first['last']):,}) "
+    text = (f"PPL {tr['first_ppl']:.2f} on the first segment "
+            f"(positions {int(first['first']):,}–{int(first['last']):,}) "
             f"and {tr['last_ppl']:.2f} on the last ({int(last['first']):,}–{int(last['last']):,}"
             + (f"; the {tr['left_out']:,} positions after it, under half a segment, are left out)" if tr["left_out"]
                else ")"))
@@ -217,7 +220,8 @@ def render(record: dict, table: pd.DataFrame, segment: int, template: str | Path
     """The page report/long_stream.md from the run's record and its segment table."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)),
+                             undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     tr = trend(table, segment, seed=record["params"]["seed"])
     rows = [{"segment": int(r.segment), "first": f"{int(r.first):,}", "last": f"{int(r.last):,}", "n": f"{int(r.n):,}",

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-_VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress", "llama-cpp-python")
+_VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress",
+              "llama-cpp-python")
 
 
 def imported_modules(roots: tuple[str, ...]) -> tuple[str, ...]:
@@ -39,7 +40,8 @@ def imported_modules(roots: tuple[str, ...]) -> tuple[str, ...]:
 # The modules a result depends on (the decode loop, the parallel evaluator, the bench, the job I/O, and everything
 # they import) and the ones that only read results (aggregation, diagnosis, probes, report): editing a module of the
 # latter alone must not re-run evaluations.
-EVALUATION_MODULES = imported_modules(("evaluation", "parallel", "timing", "bench", "jobio", "sources", "kvpress_worker"))
+EVALUATION_MODULES = imported_modules(("evaluation", "parallel", "timing", "bench", "jobio", "sources",
+                                       "kvpress_worker"))
 ANALYSIS_MODULES = tuple(m for m in imported_modules(("summary", "spikes", "stats", "probes", "report", "figures",
                                                       "bench_tables"))
                          if m not in EVALUATION_MODULES)
@@ -57,8 +59,10 @@ def code_hash(modules: tuple[str, ...] | None = None) -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(PACKAGE_DIR), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(PACKAGE_DIR), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:

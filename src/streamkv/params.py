@@ -76,7 +76,8 @@ class EvalParams:
         if p.stride < 1:
             raise StreamkvError(f"stride must be >= 1, got {p.stride}")
         if p.softlite_mode not in SOFTLITE_MODES:
-            raise StreamkvError(f"unknown softlite-mode '{p.softlite_mode}'; choose one of: {', '.join(SOFTLITE_MODES)}")
+            raise StreamkvError(f"unknown softlite-mode '{p.softlite_mode}'; "
+                                f"choose one of: {', '.join(SOFTLITE_MODES)}")
         if p.positions not in POSITIONS:
             raise StreamkvError(f"unknown positions '{p.positions}'; choose one of: {', '.join(POSITIONS)}")
         methods.check_options(p.method, **{k: getattr(p, k) for k in methods.OPTIONS})
@@ -99,7 +100,8 @@ class EvalParams:
         if p.prefill >= p.max_tokens:
             raise StreamkvError(f"prefill ({p.prefill}) must be smaller than max-tokens ({p.max_tokens})")
         if p.method not in DENSE_METHODS and p.prefill > p.cap:
-            raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): the prefill forward would attend beyond the budget")
+            raise StreamkvError(f"prefill ({p.prefill}) must not exceed cap ({p.cap}): "
+                                "the prefill forward would attend beyond the budget")
         if p.seed < 0:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
         if p.timing_steps < 0:
@@ -149,8 +151,10 @@ class BenchConfig:
 
     def check(self) -> "BenchConfig":
         if self.block < self.lazy_k:
-            raise StreamkvError(f"block ({self.block}) must be at least lazy_k ({self.lazy_k}): a block holds a whole lazy period")
-        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k", "evaluator_tokens"):
+            raise StreamkvError(f"block ({self.block}) must be at least lazy_k ({self.lazy_k}): "
+                                "a block holds a whole lazy period")
+        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k",
+                     "evaluator_tokens"):
             if getattr(self, name) < 1:
                 raise StreamkvError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [s for s in self.sections if s not in BENCH_SECTIONS]

@@ -106,7 +106,8 @@ class KvpressStepper(Stepper):
             rows, vocab = reply["shape"]
             raw = self.proc.stdout.read(rows * vocab * 4)
         except BrokenPipeError as exc:
-            raise StreamkvError(f"the kvpress worker of '{self.method}' stopped (exit status {self.proc.wait()})") from exc
+            raise StreamkvError(f"the kvpress worker of '{self.method}' stopped "
+                                f"(exit status {self.proc.wait()})") from exc
         self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
         self._kv_bytes, self.peak_memory_mb = reply["kv_bytes"], reply["rss_mb"]
         self.versions = reply.get("versions", self.versions)

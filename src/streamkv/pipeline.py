@@ -74,7 +74,8 @@ def text_source(config: dict, text: str) -> str:
 def max_tokens(config: dict, text: str) -> int:
     """Tokens evaluated on `text`: its own `max_tokens` if it sets one, else the protocol's."""
     spec = config["texts"][text]
-    return spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict) else config["protocol"]["max_tokens"]
+    return (spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict)
+            else config["protocol"]["max_tokens"])
 
 
 def setting_id(config: dict, text: str, n: int | None = None, cap: int | None = None) -> str:
@@ -208,16 +209,18 @@ def check(config: dict) -> None:
                                 f"(it compares rows that differ in {', '.join(probes.PROBES[probe].sweeps)})")
     for key, spec in (config.get("ablations") or {}).items():
         if "values" in spec and key not in RUN_KEYS:
-            raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot sweep it; "
-                                f"name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
+            raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot "
+                                f"sweep it; name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
     for group, name, order, texts, run, where, row_n, row_cap in _rows(config):
         place = where if where.startswith(("runs", "peers")) else where.rsplit(".", 1)[0]
         for text in texts:
             if text not in config["texts"]:
-                raise StreamkvError(f"config key {place}.texts: unknown text '{text}' (known: {', '.join(config['texts'])})")
+                raise StreamkvError(f"config key {place}.texts: unknown text '{text}' "
+                                    f"(known: {', '.join(config['texts'])})")
             if row_n and row_n > max_tokens(config, text):
-                raise StreamkvError(f"config key {place}.max_tokens: {row_n} is more than text '{text}' is evaluated on "
-                                    f"({max_tokens(config, text)}); a row may use fewer tokens than its text, not more")
+                raise StreamkvError(f"config key {place}.max_tokens: {row_n} is more than text '{text}' "
+                                    f"is evaluated on ({max_tokens(config, text)}); "
+                                    "a row may use fewer tokens than its text, not more")
         params = normalise_run(run)
         try:
             for text in texts:
@@ -243,7 +246,8 @@ def check(config: dict) -> None:
             if bad:
                 raise StreamkvError(f"config key {section}.{key}.control: {', '.join(bad)} is not swept here "
                                     f"(swept: {', '.join(sorted(swept))})")
-    groups = {f"ablation:{k}" for k in config.get("ablations") or {}} | {f"probe:{k}" for k in config.get("probes") or {}}
+    groups = ({f"ablation:{k}" for k in config.get("ablations") or {}}
+              | {f"probe:{k}" for k in config.get("probes") or {}})
     for i, finding in enumerate(config.get("findings") or []):
         if finding["group"] not in groups:
             raise StreamkvError(f"config key findings[{i}].group: no sweep '{finding['group']}' "
@@ -261,7 +265,8 @@ def _check_bench(config: dict) -> None:
         return
     for key, known in (("model", "models"), ("text", "texts")):
         if spec[key] not in config[known]:
-            raise StreamkvError(f"config key bench.{key}: unknown {key} '{spec[key]}' (known: {', '.join(config[known])})")
+            raise StreamkvError(f"config key bench.{key}: unknown {key} '{spec[key]}' "
+                                f"(known: {', '.join(config[known])})")
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k not in ("model", "text")}
     try:
         BenchConfig(**settings).check()

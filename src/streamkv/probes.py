@@ -42,7 +42,8 @@ def max_drop_effect(part: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
                      "n_forced": r.n_forced_prunes, "drop_mean": float(np.mean(drops)) if drops else None,
                      "drop_max": r.drop_max, "drops": drop_histogram(drops),
                      **{k: getattr(r, k) for k in QUALITY}})
-    return pd.DataFrame(rows).sort_values(["cache_slack", "mode", "max_drop"]).reset_index(drop=True) if rows else pd.DataFrame()
+    return (pd.DataFrame(rows).sort_values(["cache_slack", "mode", "max_drop"]).reset_index(drop=True) if rows
+            else pd.DataFrame())
 
 
 def slack_effect(part: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:

@@ -75,7 +75,8 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
         ok = row.status == "ok"
         rows.append({
             "name": row.name, "method": row.method, "configuration": configuration(row), "status": row.status,
-            "ppl": fmt.num(row.ppl, 3) if ok else (_not_installed(row.method) if row.status == NOT_INSTALLED else FAILED),
+            "ppl": (fmt.num(row.ppl, 3) if ok
+                    else (_not_installed(row.method) if row.status == NOT_INSTALLED else FAILED)),
             "delta_ppl": (_interval(row.delta_ppl_pct, getattr(row, "delta_ppl_lo", None),
                                     getattr(row, "delta_ppl_hi", None))
                           if ok and row.group != "baseline" else ("0" if ok else "–")),
@@ -207,8 +208,8 @@ def spike_rows(part: pd.DataFrame) -> list[dict]:
     for r in ok.drop_duplicates("file").itertuples():
         rows.append({"name": r.name if r.group in ROW_GROUPS else f"{r.group.split(':', 1)[1]}: {fmt.short(r.name)}",
                      "configuration": configuration(r), "events": int(r.spike_events), "peak": fmt.num(r.spike_peak),
-                     "width": fmt.num(r.spike_width, 1), "area": fmt.num(r.spike_area), "excess": fmt.num(r.excess_nll_mean, 3),
-                     "delta_ppl": fmt.pct(r.delta_ppl_pct)})
+                     "width": fmt.num(r.spike_width, 1), "area": fmt.num(r.spike_area),
+                     "excess": fmt.num(r.excess_nll_mean, 3), "delta_ppl": fmt.pct(r.delta_ppl_pct)})
     return rows
 
 
@@ -234,10 +235,12 @@ def negative_results(part: pd.DataFrame) -> list[str]:
         if not (len(naive_on) and len(naive_off)):
             continue
         a, b = naive_off.iloc[0], naive_on.iloc[0]
-        out.append(f"max_drop, naive rule (K={int(b.compress_every)}, σ={int(b.cache_slack)}): δ={int(b.max_drop)} makes "
-                   f"{int(b.n_prunes)} prunes against {int(a.n_prunes)} with δ=0 ({int(b.n_emergency_prunes)} of them "
-                   f"emergency prunes); mean spike area {fmt.num(a.spike_area)} → {fmt.num(b.spike_area)}; TPOT "
-                   f"{a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, ΔPPL {fmt.pct(a.delta_ppl_pct)} → {fmt.pct(b.delta_ppl_pct)}.")
+        out.append(f"max_drop, naive rule (K={int(b.compress_every)}, σ={int(b.cache_slack)}): δ={int(b.max_drop)} "
+                   f"makes {int(b.n_prunes)} prunes against {int(a.n_prunes)} with δ=0 "
+                   f"({int(b.n_emergency_prunes)} of them emergency prunes); "
+                   f"mean spike area {fmt.num(a.spike_area)} → {fmt.num(b.spike_area)}; "
+                   f"TPOT {a.tpot_ms:.1f} → {b.tpot_ms:.1f} ms, "
+                   f"ΔPPL {fmt.pct(a.delta_ppl_pct)} → {fmt.pct(b.delta_ppl_pct)}.")
     return out
 
 
@@ -289,13 +292,15 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
     sweep points against their controls and of the findings."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)),
+                             undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
         stats=config["stats"], sections=sections(frame, config, compared=compared),
-        failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error} for r in failed.itertuples()],
+        failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
+                for r in failed.itertuples()],
         meta=provenance(frame),
         performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
                       "text": b["config"].get("text_key", b["config"].get("text")),

@@ -50,8 +50,8 @@ class RingLayer(StreamingLayer):
         if owner.store_k is None:
             owner.allocate(key_states, value_states)
         if key_states.shape[:2] != owner.store_k.shape[1:3] or key_states.shape[-1] != owner.store_k.shape[-1]:
-            raise StreamkvError(f"the ring stacks every layer's keys in one buffer, so all layers need the same KV shape; "
-                                f"got {tuple(key_states.shape)} after {tuple(owner.store_k.shape[1:])}")
+            raise StreamkvError(f"the ring stacks every layer's keys in one buffer, so all layers need the same "
+                                f"KV shape; got {tuple(key_states.shape)} after {tuple(owner.store_k.shape[1:])}")
         i = next(i for i, layer in enumerate(owner.layers) if layer is self)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.buf_k, self.buf_v, self.raw_sinks = owner.store_k[i], owner.store_v[i], owner.raw_sinks[i]
@@ -103,7 +103,8 @@ class RingLayer(StreamingLayer):
         return self.buf_k[:, :, :n], self.buf_v[:, :, :n]
 
     def update_static(self, key_states, value_states, first_layer: bool):
-        """A full ring, one token: write its slot (the sinks of every layer move at the first layer); return all slots."""
+        """A full ring, one token: write its slot (the sinks of every layer move at the first layer); return all
+        slots."""
         owner = self.owner
         if first_layer:  # pos_t + 1 - cap: the sinks' positions, just before the window
             owner.rotate_sinks(*owner.aligner.angles(owner.pos_t + (1 - owner.cap) + owner.sink_offsets))
@@ -354,7 +355,8 @@ class LazyRingCache(RingCache):
             moved = min(staged, self.ring)  # the newest staged tokens replace the oldest ring tokens
             first = self.sink + self.ring + staged - moved
             memo["flush"] = (torch.arange(first, first + moved, device=device),
-                             torch.tensor([self.sink + (self.head + i) % self.ring for i in range(moved)], device=device))
+                             torch.tensor([self.sink + (self.head + i) % self.ring for i in range(moved)],
+                                          device=device))
             self.head = (self.head + moved) % self.ring
             self.count -= staged
         positions = list(range(self.seen, self.seen + q))

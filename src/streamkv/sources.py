@@ -55,7 +55,8 @@ def _offline_error(kind: str, src: str, exc: BaseException, alternative: str) ->
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
@@ -122,7 +123,8 @@ def _tiny_config(name: str):
         return GPTNeoXConfig(**common, num_attention_heads=4, use_parallel_residual=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.25})
-    raise StreamkvError(f"unknown tiny model 'tiny:{name}'; choose one of: {', '.join('tiny:' + n for n in TINY_MODELS)}")
+    raise StreamkvError(f"unknown tiny model 'tiny:{name}'; "
+                        f"choose one of: {', '.join('tiny:' + n for n in TINY_MODELS)}")
 
 
 TINY_MODELS = ("llama", "llama-linear", "llama-llama3", "gpt_neox")
@@ -144,7 +146,8 @@ class LoadedModel:
     source: str
 
 
-def load_model(src: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None) -> LoadedModel:
+def load_model(src: str, dtype: str = "float32", device: str = "cpu",
+               attn_implementation: str | None = None) -> LoadedModel:
     """Load the model and tokenizer named by `src`, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -49,7 +49,8 @@ def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
     frame["delta_ppl_pct"] = (frame.ppl / frame.baseline_ppl - 1) * 100
     frame["speedup"] = frame.baseline_tpot_ms / frame.tpot_ms
     if "tpot_ratio" in frame and "baseline_tpot_ratio" in frame:
-        relative = pd.to_numeric(frame.baseline_tpot_ratio, errors="coerce") / pd.to_numeric(frame.tpot_ratio, errors="coerce")
+        relative = (pd.to_numeric(frame.baseline_tpot_ratio, errors="coerce")
+                    / pd.to_numeric(frame.tpot_ratio, errors="coerce"))
         frame["speedup"] = relative.where(relative.notna(), frame.speedup)
     return frame
 
@@ -90,8 +91,8 @@ def pipeline_summary(rows) -> pd.DataFrame:
     if "tpot_ratio" not in frame:  # results from before the interleaved timing
         frame["tpot_ratio"] = float("nan")
     base = frame[frame.group == "baseline"][["model_key", "text_key", "ppl", "tpot_ms", "tpot_ratio", "status"]]
-    base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms", "tpot_ratio": "baseline_tpot_ratio",
-                                "status": "baseline_status"})
+    base = base.rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms",
+                                "tpot_ratio": "baseline_tpot_ratio", "status": "baseline_status"})
     frame = _add_deltas(frame.merge(base, on=["model_key", "text_key"], how="left"))
     other_budget = frame.cap != frame.groupby(["model_key", "text_key"]).cap.transform(
         lambda caps: caps[frame.loc[caps.index, "group"] == "baseline"].max())
@@ -169,12 +170,14 @@ def with_intervals(frame: pd.DataFrame, bootstrap: dict | None = None, traces=No
     from .stats import compare
 
     traces = traces or _Traces()
-    base = {(r.model_key, r.text_key): r.file for r in frame[(frame.group == "baseline") & (frame.status == "ok")].itertuples()}
+    base = {(r.model_key, r.text_key): r.file
+            for r in frame[(frame.group == "baseline") & (frame.status == "ok")].itertuples()}
     cols = {"delta_ppl_lo": [], "delta_ppl_hi": [], "n_paired": []}
     pct = frame.delta_ppl_pct.to_numpy(dtype=float, copy=True)
     for i, row in enumerate(frame.itertuples()):
         b = base.get((row.model_key, row.text_key))
-        if row.status != "ok" or row.group == "baseline" or b is None or row.cap != frame.loc[frame.file == b, "cap"].iloc[0]:
+        if (row.status != "ok" or row.group == "baseline" or b is None
+                or row.cap != frame.loc[frame.file == b, "cap"].iloc[0]):
             lo = hi = math.nan
             n = None
         else:
