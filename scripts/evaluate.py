@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from streamkv.errors import NotInstalled, StreamkvError
-from streamkv.evaluation import TRACE_COLUMNS, EvalParams, evaluate, failed_record, timed_row
+from streamkv.evaluation import EvalParams, evaluate, failed_record, timed_row
 from streamkv.jobio import log_to, write_json, write_trace
+from streamkv.results import TRACE_COLUMNS
 from streamkv.sources import load_model
 
 with log_to(snakemake.log[0]):

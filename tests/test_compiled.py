@@ -89,7 +89,7 @@ def test_the_compiled_step_compiles_once_and_matches_eager(tiny, hamlet_bytes):
 
 def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
-    cfg = BenchConfig(caps=(48,), lazy_k=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,
+    cfg = BenchConfig(caps=(48,), compress_every=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,
                       dense_tokens=300, rss_from=100, stream_methods=("ring", "start_recent", "dense"),
                       evaluator_tokens=300)
     out = run(model, hamlet_bytes[:1000], cfg, progress=False)
@@ -113,22 +113,23 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
 
 
 def test_bench_names_a_bad_option(capsys):
-    assert main(["bench", "--lazy-k", "32", "--block", "16"]) == 2
-    assert "block (16) must be at least lazy_k (32)" in capsys.readouterr().err
+    assert main(["bench", "--compress-every", "32", "--block", "16"]) == 2
+    assert "block (16) must be at least compress_every (32)" in capsys.readouterr().err
     assert main(["bench", "--sections", "speed"]) == 2
     assert "unknown bench section(s) speed" in capsys.readouterr().err
 
 
 def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--lazy-k", "8", "--block", "8", "--blocks", "1",
-                 "--warmup", "1", "--no-compile", "--peers", "--stream-tokens", "100", "--rss-from", "60",
-                 "--stream-methods", "ring", "--evaluator-tokens", "120", "--quiet", "--out", str(out)]) == 0
+    assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--compress-every", "8", "--block", "8",
+                 "--blocks", "1", "--warmup", "1", "--no-compile", "--peers", "--stream-tokens", "100",
+                 "--rss-from", "60", "--stream-methods", "ring", "--evaluator-tokens", "120", "--quiet",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
     assert "| 48 | start_recent K=8 | 120 |" in printed  # the evaluator section
     record = json.loads(out.read_text())
-    peers = 2 if kvpress_python() else 0  # kvpress at K = 1 and lazy_k, where its environment is
+    peers = 2 if kvpress_python() else 0  # kvpress at K = 1 and compress_every, where its environment is
     assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
     if peers:
         assert "| 48 | kvpress streaming_llm K=8 |" in printed
@@ -139,7 +140,7 @@ def test_bench_puts_llamacpp_shift_against_its_own_decode(tiny, hamlet_bytes):
     pytest.importorskip("llama_cpp")
     from streamkv import bench
 
-    cfg = BenchConfig(caps=(48,), lazy_k=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()
+    cfg = BenchConfig(caps=(48,), compress_every=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()
     # byte tokens are valid ids of the embedded model too; the torch rows run the tiny model, llama.cpp the GGUF
     table = bench.overhead(tiny("tiny:llama").model, hamlet_bytes, 48, cfg, progress=False,
                            source="embedded:smollm2-135m").set_index("method")

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, full_forward_nll
 from streamkv import EvalParams, evaluate
-from streamkv.evaluation import METRIC_KEYS, TRACE_COLUMNS
+from streamkv.results import METRIC_KEYS, TRACE_COLUMNS
 
 
 def run(loaded, tokens, method, **kw):
@@ -117,8 +117,8 @@ def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
         "                   evaluator=evaluator, timing_steps=8)\n"
         "    record, trace = evaluate(loaded, tokens, p, progress=False)\n"
         "write_json(record, sys.argv[1])\n"
-        "run(loaded.model, tokens, BenchConfig(caps=(32,), lazy_k=4, blocks=2, block=4, warmup=1, compile=False,\n"
-        "    stream_tokens=100, dense_tokens=80, rss_from=20, evaluator_tokens=80), progress=False)\n"
+        "run(loaded.model, tokens, BenchConfig(caps=(32,), compress_every=4, blocks=2, block=4, warmup=1,\n"
+        "    compile=False, stream_tokens=100, dense_tokens=80, rss_from=20, evaluator_tokens=80), progress=False)\n"
         "ran = {m.split('.')[1] for m in sys.modules if m.startswith('streamkv.')}\n"
         "print(sorted(ran - set(EVALUATION_MODULES)))\n")
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "r.json")], capture_output=True, text=True,

@@ -82,3 +82,42 @@ def test_the_cli_help_lists_every_method(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for m in methods.REGISTRY.values():
         assert m.name in out
+
+
+def test_the_schema_names_the_registry_probes():
+    from streamkv.probes import PROBES
+
+    assert tuple(SCHEMA["properties"]["probes"]["propertyNames"]["enum"]) == tuple(PROBES)
+
+
+def test_the_kvpress_worker_serves_every_kvpress_method():
+    from streamkv.kvpress_worker import PRESSES
+
+    assert tuple(f"kvpress:{p}" for p in PRESSES) == methods.names(family="kvpress")
+
+
+def test_no_module_imports_a_module_that_imports_it():
+    """The import graph of src/streamkv (lazy imports included) has no cycle."""
+    import ast
+
+    from streamkv.meta import PACKAGE_DIR
+
+    graph = {}
+    for path in PACKAGE_DIR.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[path.stem] = deps & {p.stem for p in PACKAGE_DIR.glob("*.py")} - {"__init__"}
+
+    def cycle_from(node, stack):
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        for dep in sorted(graph.get(node, ())):
+            found = cycle_from(dep, stack + [node])
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))

@@ -268,7 +268,7 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
      "'verify_everything' is not one of"),
     (lambda c: c["bench"].update(model="pythia"), "config key bench.model: unknown model 'pythia' (known: tiny_llama)"),
-    (lambda c: c["bench"].update(block=4), "config key bench: block (4) must be at least lazy_k (8)"),
+    (lambda c: c["bench"].update(block=4), "config key bench: block (4) must be at least compress_every (8)"),
     (lambda c: c["bench"].update(stream_methods=["ring", "h2o"]), "'h2o' is not one of"),
     (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),
      "config key ablations.softlite.grid ('compress_every=4, cache_slack=0, max_drop=0, refresh=30'): budget"),

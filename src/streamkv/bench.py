@@ -53,14 +53,13 @@ from .bench_tables import (
 from .cache import num_attention_layers
 from .compiled import RingDecoder
 from .errors import StreamkvError
-from .evaluation import CachedStepper, forward_time_ms, make_stepper
 from .extras import kvpress_python, llamacpp_version
-from .factory import make_cache
+from .factory import make_cache, make_stepper
 from .params import BenchConfig, EvalParams
 from .peers import LlamaCppStepper
 from .sources import gguf_path
 from .stats import LEVEL, N_BOOT, SEED
-from .stepper import Stepper
+from .stepper import CachedStepper, Stepper, forward_time_ms
 from .timing import SameLengthCache, block_means, block_median
 
 
@@ -85,7 +84,7 @@ def _gguf(source: str | None) -> Path | None:
         return None
 
 
-def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False, source: str | None = None) -> dict:
+def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None) -> dict:
     """Every method of the overhead table, each with its own state, built by the decode loop's factory.
 
     The two references are the bench's own: the no-eviction forward (`SameLengthCache`) and, with peers,
@@ -100,18 +99,18 @@ def contenders(model, cap: int, sink: int, lazy_k: int, peers: bool = False, sou
 
     kvpress, llamacpp = {}, {}
     if peers and kvpress_python() and hasattr(model, "model"):
-        kvpress = {f"kvpress streaming_llm K={k}": stepper("kvpress:streaming_llm", k) for k in (1, lazy_k)}
+        kvpress = {f"kvpress streaming_llm K={k}": stepper("kvpress:streaming_llm", k) for k in (1, compress_every)}
     gguf = _gguf(source) if peers and llamacpp_version() else None
     if gguf is not None:
         llamacpp = {LLAMACPP_REFERENCE: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True),
-                    **{llamacpp_shift(k): stepper("llamacpp:shift", k) for k in (1, lazy_k)}}
+                    **{llamacpp_shift(k): stepper("llamacpp:shift", k) for k in (1, compress_every)}}
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
         STRICT: stepper("start_recent"),
-        LAZY: stepper("start_recent", lazy_k),
+        LAZY: stepper("start_recent", compress_every),
         "mit": stepper("mit"),
         "ring": stepper("ring"),
-        "ring lazy": stepper("ring", lazy_k),
+        "ring lazy": stepper("ring", compress_every),
         "ring (fixed shapes)": _Decoder(RingDecoder(model, make_cache("ring", model, cap=cap, sink=sink))),
         **kvpress,
         **llamacpp,
@@ -133,7 +132,7 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.lazy_k, peers=cfg.peers, source=source)
+    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source)
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])
@@ -355,7 +354,7 @@ def evaluator_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progre
     n = cfg.evaluator_tokens
     loaded = LoadedModel(model, None, source or "")
     rows = []
-    for method, k in (("start_recent", 1), ("start_recent", cfg.lazy_k)):
+    for method, k in (("start_recent", 1), ("start_recent", cfg.compress_every)):
         runs = {}
         for evaluator in ("parallel", "decode"):
             p = EvalParams("-", "-", method, cap=cap, sink=cfg.sink, compress_every=k, max_tokens=n, prefill=cap,

@@ -146,7 +146,7 @@ def bench_findings(result: dict) -> list[str]:
             lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} {_bench_interval(row, 'overhead')} "
                          f"the no-eviction forward, {row['speedup']:.2f}x {_bench_interval(row, 'speedup')} "
                          f"faster than recompute (ideal {ideal:.2f}x); goal {row['goal']}: {row.get('met') or ''}")
-        for k, ours in ((1, STRICT), (result["config"]["lazy_k"], LAZY)):
+        for k, ours in ((1, STRICT), (result["config"]["compress_every"], LAZY)):
             peer = rows.get(llamacpp_shift(k))
             if peer and ours in rows:
                 lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "

@@ -10,7 +10,7 @@ with the same cap always see the same number of keys at their hard limit.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import StreamkvError
 
@@ -66,6 +66,3 @@ class Budget:
     def soft(self) -> int:
         """Keys kept right after a prune: sinks plus the recent window."""
         return self.sink + self.window
-
-    def as_dict(self) -> dict:
-        return asdict(self)

@@ -24,7 +24,7 @@ query itself needs no help from the cache:
 
 Both give the same attention; the tests hold them to it.
 
-`refresh` (the seeds' tail re-insertion) keeps up to R evicted tokens, chosen
+`refresh` (the study's tail re-insertion) keeps up to R evicted tokens, chosen
 by a selection strategy, and puts them back at the tail of the cache at every
 prune, so they sit next to the newest tokens whatever their original position.
 It needs keys that can move freely, so it runs on the un-rotated (`mit`)
@@ -54,7 +54,7 @@ class Step:
     q: int  # incoming tokens
     dropped: int  # tokens evicted before appending
     kv_len: int  # keys the queries attend to after the update
-    kind: str = ""  # the prune's kind (policy.PRUNE_KINDS)
+    kind: str = ""  # the prune's kind (policy.LAZY, FORCED or EMERGENCY; "" without one)
     update_s: float = 0.0  # time spent in the cache update, all layers (plan_s included)
     plan_s: float = 0.0  # of which deciding the step (policy, layout, counters), once per forward
     memo: dict = field(default_factory=dict)  # per-step values shared by all layers
@@ -218,7 +218,7 @@ class MitLayer(StreamingLayer):
 
 
 def select_uniform(positions: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices of `budget` candidates evenly spaced in rank (the seeds' uniform strategy)."""
+    """Indices of `budget` candidates evenly spaced in rank (the study's uniform strategy)."""
     n = positions.numel()
     if n <= budget:
         return torch.arange(n)
@@ -244,19 +244,13 @@ class StreamingCache(Cache):
     (with the update time of the last forward) and `nbytes()` expose what it did.
     """
 
-    def __init__(self, layer_cls: type[StreamingLayer], num_layers: int, policy, aligner: RotaryAligner | None,
-                 refresh: int = 0, select: Callable[[torch.Tensor, int], torch.Tensor] = select_uniform):
+    def __init__(self, layer_cls: type[StreamingLayer], num_layers: int, policy, aligner: RotaryAligner | None):
         self.policy = policy
         self.aligner = aligner
-        self.refresh = refresh
-        self.select = select
         self.sync: Callable[[], None] | None = None  # set to a device synchronise to time updates exactly on GPU
         self.seen = 0
         self.n_prunes = self.tokens_dropped = self.n_emergency = self.n_forced = 0
         self.last_step: Step | None = None
-        # refresh layout: [sinks][recent, older part][refreshed tokens][recent, newer part]
-        self.n_before = self.n_refresh = 0
-        self.slot_pos = torch.empty(0, dtype=torch.long)  # original position of every stored slot (refresh only)
         super().__init__(layers=[layer_cls(self) for _ in range(num_layers)])
 
     @property
@@ -269,10 +263,9 @@ class StreamingCache(Cache):
 
     def _plan(self, q: int) -> tuple[Prune, int]:
         """The prune this forward makes and the number of keys it attends to."""
-        length = self.kv_length - self.n_refresh  # the refreshed tokens are outside the policy's count
+        length = self.kv_length
         prune = self.policy.plan(length, q, self.seen)
-        refreshed = min(self.refresh, self.n_refresh + prune.dropped) if prune.dropped else self.n_refresh
-        return prune, length - prune.dropped + q + refreshed
+        return prune, length - prune.dropped + q
 
     def mask_sizes(self, q: int) -> tuple[int, int]:
         # The mask is built before the layers run, from the same plan the
@@ -280,32 +273,11 @@ class StreamingCache(Cache):
         kv_length = self._plan(q)[1]
         return kv_length, self.seen + q - kv_length
 
-    def _refresh_layout(self, step: Step) -> None:
-        """Evict the oldest recent tokens, re-select the refreshed ones and put them at the tail."""
-        s, a, r = self.policy.sink, self.n_before, self.n_refresh
-        total = self.slot_pos.numel()
-        if step.dropped:
-            recent = torch.cat((torch.arange(s, s + a), torch.arange(s + a + r, total)))
-            candidates = torch.cat((torch.arange(s + a, s + a + r), recent[: step.dropped]))
-            candidates = candidates[torch.argsort(self.slot_pos[candidates])]
-            chosen = candidates[self.select(self.slot_pos[candidates], self.refresh)]
-            if chosen.numel() != min(self.refresh, candidates.numel()):  # the mask was sized for that many
-                raise StreamkvError(f"refresh selection returned {chosen.numel()} tokens; it must return "
-                                    f"min(budget, candidates) = {min(self.refresh, candidates.numel())}")
-            keep = torch.cat((torch.arange(s), recent[step.dropped :], chosen))
-            step.memo["keep"] = keep.to(self.layers[0].keys.device)
-            self.slot_pos = self.slot_pos[keep]
-            self.n_before, self.n_refresh = recent.numel() - step.dropped, chosen.numel()
-        self.slot_pos = torch.cat((self.slot_pos, step.position + torch.arange(step.q)))
-
     def _begin_step(self, key_states, value_states) -> Step:
         """What this forward does to the cache, decided once (at layer 0) for every layer."""
         q = key_states.shape[-2]
         prune, kv_len = self._plan(q)
-        step = Step(self.seen, q, prune.dropped, kv_len, prune.kind)
-        if self.refresh:
-            self._refresh_layout(step)
-        return step
+        return Step(self.seen, q, prune.dropped, kv_len, prune.kind)
 
     def _after_begin(self) -> None:
         """Called once per forward, after `seen` counts its tokens (subclasses hook in here)."""
@@ -336,9 +308,60 @@ class StreamingCache(Cache):
     def reset(self):
         super().reset()
         self.seen = self.n_prunes = self.tokens_dropped = self.n_emergency = self.n_forced = 0
+        self.last_step = None
+
+
+class RefreshCache(StreamingCache):
+    """Start+Recent that re-inserts up to `refresh` evicted tokens at the tail (the study's refresh).
+
+    The layout is [sinks][recent, older part][refreshed tokens][recent, newer part]: the policy counts the
+    sinks and the recent tokens; at every prune the refreshed tokens and the ones just evicted are the
+    candidates, `select` picks `refresh` of them, and they go back between the recent ones.  Keys are kept
+    un-rotated and rotated at their in-cache positions every step (`MitLayer`), since a refreshed token
+    moves.
+    """
+
+    def __init__(self, num_layers: int, policy, aligner: RotaryAligner, refresh: int,
+                 select: Callable[[torch.Tensor, int], torch.Tensor] = select_uniform):
+        self.refresh = refresh
+        self.select = select
+        self.n_before = self.n_refresh = 0
+        self.slot_pos = torch.empty(0, dtype=torch.long)  # original position of every stored slot
+        super().__init__(MitLayer, num_layers, policy, aligner)
+
+    def _plan(self, q: int) -> tuple[Prune, int]:
+        length = self.kv_length - self.n_refresh  # the refreshed tokens are outside the policy's count
+        prune = self.policy.plan(length, q, self.seen)
+        refreshed = min(self.refresh, self.n_refresh + prune.dropped) if prune.dropped else self.n_refresh
+        return prune, length - prune.dropped + q + refreshed
+
+    def _begin_step(self, key_states, value_states) -> Step:
+        step = super()._begin_step(key_states, value_states)
+        self._refresh_layout(step)
+        return step
+
+    def _refresh_layout(self, step: Step) -> None:
+        """Evict the oldest recent tokens, re-select the refreshed ones and put them at the tail."""
+        s, a, r = self.policy.sink, self.n_before, self.n_refresh
+        total = self.slot_pos.numel()
+        if step.dropped:
+            recent = torch.cat((torch.arange(s, s + a), torch.arange(s + a + r, total)))
+            candidates = torch.cat((torch.arange(s + a, s + a + r), recent[: step.dropped]))
+            candidates = candidates[torch.argsort(self.slot_pos[candidates])]
+            chosen = candidates[self.select(self.slot_pos[candidates], self.refresh)]
+            if chosen.numel() != min(self.refresh, candidates.numel()):  # the mask was sized for that many
+                raise StreamkvError(f"refresh selection returned {chosen.numel()} tokens; it must return "
+                                    f"min(budget, candidates) = {min(self.refresh, candidates.numel())}")
+            keep = torch.cat((torch.arange(s), recent[step.dropped :], chosen))
+            step.memo["keep"] = keep.to(self.layers[0].keys.device)
+            self.slot_pos = self.slot_pos[keep]
+            self.n_before, self.n_refresh = recent.numel() - step.dropped, chosen.numel()
+        self.slot_pos = torch.cat((self.slot_pos, step.position + torch.arange(step.q)))
+
+    def reset(self):
+        super().reset()
         self.n_before = self.n_refresh = 0
         self.slot_pos = torch.empty(0, dtype=torch.long)
-        self.last_step = None
 
 
 def num_attention_layers(model: nn.Module) -> int:

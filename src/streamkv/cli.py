@@ -39,7 +39,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--max-drop", type=int, default=0,
                    help="softlite max drop delta: most tokens one scheduled prune drops")
     e.add_argument("--softlite-mode", default="naive", choices=list(SOFTLITE_MODES),
-                   help="naive (the seeds' rule) or cooldown (keep the lazy rhythm; default naive)")
+                   help="naive (the study's rule) or cooldown (keep the lazy rhythm; default naive)")
     e.add_argument("--overlap", type=int, default=0, help="extra recent tokens kept, charged to the cap (start_recent)")
     e.add_argument("--refresh", type=int, default=0, help="evicted tokens re-inserted at the tail (start_recent)")
     e.add_argument("--positions", default="cache", choices=["cache", "original"],
@@ -82,17 +82,19 @@ def _add_bench(sub) -> None:
     b.add_argument("--caps", type=int, nargs="+", default=list(d.caps),
                    help="KV budgets of the overhead table (default 256)")
     b.add_argument("--sink", type=int, default=d.sink)
-    b.add_argument("--lazy-k", type=int, default=d.lazy_k, help=f"K of the lazy row (default {d.lazy_k})")
+    b.add_argument("--compress-every", type=int, default=d.compress_every,
+                   help=f"K of the lazy rows (default {d.compress_every})")
     b.add_argument("--blocks", type=int, default=d.blocks, help=f"timed blocks per method (default {d.blocks})")
-    b.add_argument("--block", type=int, default=d.block, help=f"steps per block, at least --lazy-k (default {d.block})")
+    b.add_argument("--block", type=int, default=d.block,
+                   help=f"steps per block, at least --compress-every (default {d.block})")
     b.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default {d.warmup})")
     b.add_argument("--recompute-every", type=int, default=d.recompute_every,
                    help=f"time recompute on every n-th step only (default {d.recompute_every})")
     b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
     b.add_argument("--peers", action="store_true",
-                   help="add the peers to the overhead table: kvpress StreamingLLMPress (K = 1 and --lazy-k; needs "
-                        ".venv-kvpress) and llama.cpp's context shift (K = 1 and --lazy-k, against its own decode; "
-                        "needs llama-cpp-python and a GGUF model)")
+                   help="add the peers to the overhead table: kvpress StreamingLLMPress (K = 1 and --compress-every; "
+                        "needs .venv-kvpress) and llama.cpp's context shift (K = 1 and --compress-every, against its "
+                        "own decode; needs llama-cpp-python and a GGUF model)")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
     b.add_argument("--stream-tokens", type=int, default=d.stream_tokens,
@@ -157,7 +159,7 @@ def run_bench(args) -> int:
     from .sources import load_model
 
     cfg = BenchConfig(
-        caps=tuple(args.caps), sink=args.sink, lazy_k=args.lazy_k, blocks=args.blocks, block=args.block,
+        caps=tuple(args.caps), sink=args.sink, compress_every=args.compress_every, blocks=args.blocks, block=args.block,
         warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, peers=args.peers,
         compile_mode=args.compile_mode,
         compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),

@@ -11,8 +11,6 @@ timer.
 
 from __future__ import annotations
 
-import math
-import resource
 import time
 from dataclasses import asdict
 
@@ -24,64 +22,13 @@ from tqdm.auto import tqdm
 
 from . import meta
 from .errors import StreamkvError
-from .factory import make_cache
+from .factory import make_stepper
 from .params import EvalParams
-from .peers import is_peer, make_peer_stepper
-from .policy import EMERGENCY, FORCED
-from .recompute import RecomputeStepper
+from .results import METRIC_KEYS, TIMING_KEYS, peak_memory_mb, quality_metrics, trace_frame
 from .sources import LoadedModel, encode, load_text
-from .stepper import Stepper
+from .stepper import forward_time_ms
 
-RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
-TRACE_COLUMNS = ("step", "position", "target", "nll", "step_ms", "kv_len", "pruned", "dropped", "prune_kind",
-                 "update_ms")
-METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
-               "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
-               "kv_len_max", "n_prunes", "tokens_dropped", "n_emergency_prunes", "n_forced_prunes", "drop_max",
-               "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "timed_steps")
-
-# What the timing part measures (the rest of the metrics come from the NLLs and the cache's schedule).
-TIMING_KEYS = ("tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms", "prefill_sec", "kv_bytes_peak",
-               "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "timed_steps")
-
-
-class CachedStepper(Stepper):
-    """Runs forwards through the model with a cache; a streaming cache's record of its last step (`last_step`)
-    says what the forward did, a cache without one (the timing reference) keeps the defaults."""
-
-    def __init__(self, model: torch.nn.Module, cache):
-        self.model = model
-        self.cache = cache
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
-        step = self.cache.last_step
-        if step is not None:
-            self.kv_len, self.dropped, self.kind = step.kv_len, step.dropped, step.kind
-            self.update_ms, self.plan_ms = step.update_s * 1e3, step.plan_s * 1e3
-        return logits
-
-    def kv_bytes(self) -> int:
-        return self.cache.nbytes()
-
-
-def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = None):
-    """The object that runs the forwards of method `p.method`; `source`: the model's source (peers that load it)."""
-    if p.method == "recompute":
-        return RecomputeStepper(model, p.sink, p.cap - p.sink)
-    if is_peer(p.method):
-        return make_peer_stepper(model, source or p.model, p.method, p.cap, p.sink, p.compress_every, p.dtype,
-                                 p.max_tokens)
-    cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
-                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
-                       positions=p.positions, overlap=p.overlap, refresh=p.refresh,
-                       # this loop passes no position_ids, so the ring may keep its positions small
-                       rebase_every=RING_REBASE if p.method == "ring" else None)
-    device = next(model.parameters()).device
-    if p.profile and device.type == "cuda":
-        cache.sync = lambda: torch.cuda.synchronize(device)
-    return CachedStepper(model, cache)
 
 
 def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = None) -> list[int]:
@@ -94,25 +41,10 @@ def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = N
     return ids[:n]
 
 
-def forward_time_ms(stepper, t0: float) -> float:
-    """The forward's time: the stepper's own where it runs elsewhere (a peer's worker), else since t0."""
-    return stepper.forward_ms or (time.perf_counter() - t0) * 1e3
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _mean(values: np.ndarray) -> float | None:
     """Mean of the finite values, None if there are none (e.g. the recompute baseline has no cache updates)."""
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 @torch.inference_mode()
@@ -223,7 +155,7 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
         "ttft_ms": prefill_sec * 1e3,
         "prefill_sec": prefill_sec,
         "total_sec": total_sec,
-        "peak_memory_mb": stepper.peak_memory_mb or _peak_memory_mb(device),
+        "peak_memory_mb": stepper.peak_memory_mb or peak_memory_mb(device),
         "kv_bytes_peak": int(kv_bytes_peak),
         "update_ms_mean": _mean(update_ms),
         "update_ms_prune": _mean(update_ms[dropped > 0]),
@@ -232,47 +164,6 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
     if stepper.versions:
         provenance["peer_versions"] = stepper.versions
     return _record(p, metrics, provenance, nll_arr), trace
-
-
-def trace_frame(ids: torch.Tensor, nll: np.ndarray, pre: int, prefill_ms: float, step_ms: np.ndarray,
-                kv_len: np.ndarray, dropped: np.ndarray, kinds: np.ndarray, update_ms: np.ndarray) -> pd.DataFrame:
-    """The per-token trace: the prefill's scored targets (step 0) first, then one row per decode step."""
-    n = ids.shape[-1]
-    n_dec = n - 1 - pre
-    return pd.DataFrame({
-        "step": np.concatenate([np.zeros(pre, dtype=np.int64), np.arange(1, n_dec + 1)]),
-        "position": np.arange(n - 1),
-        "target": ids[0, 1:].cpu().numpy(),
-        "nll": nll,
-        "step_ms": np.concatenate([np.full(pre, prefill_ms), step_ms]),
-        "kv_len": np.concatenate([np.full(pre, pre, dtype=np.int64), kv_len]),
-        "pruned": np.concatenate([np.zeros(pre, dtype=bool), dropped > 0]),
-        "dropped": np.concatenate([np.zeros(pre, dtype=np.int64), dropped]),
-        "prune_kind": np.concatenate([np.full(pre, "", dtype=object), kinds]).astype(str),
-        "update_ms": np.concatenate([np.full(pre, np.nan), update_ms]),
-    })
-
-
-def quality_metrics(nll: np.ndarray, pre: int, kv_len: np.ndarray, dropped: np.ndarray, kinds: np.ndarray,
-                    prefill_dropped: int = 0, prefill_kind: str = "") -> dict:
-    """Every metric that does not time anything (PPL, KV lengths, prunes); the timed ones are None."""
-    nll_mean = float(nll.mean())
-    kv_decode = kv_len if kv_len.size else np.array([pre])
-    metrics = dict.fromkeys(METRIC_KEYS)
-    metrics.update({
-        "ppl": math.exp(nll_mean) if math.isfinite(nll_mean) and nll_mean < 700 else None,
-        "nll_mean": _finite(nll_mean),
-        "n_scored": int(nll.size),
-        "kv_len_min": int(kv_decode.min()),
-        "kv_len_mean": float(kv_decode.mean()),
-        "kv_len_max": int(kv_decode.max()),
-        "n_prunes": int((dropped > 0).sum() + (prefill_dropped > 0)),
-        "tokens_dropped": int(dropped.sum() + prefill_dropped),
-        "n_emergency_prunes": int((kinds == EMERGENCY).sum() + (prefill_kind == EMERGENCY)),
-        "n_forced_prunes": int((kinds == FORCED).sum() + (prefill_kind == FORCED)),
-        "drop_max": int(max(dropped.max(initial=0), prefill_dropped)),
-    })
-    return metrics
 
 
 def _record(p: EvalParams, metrics: dict, provenance: dict, nll: np.ndarray) -> dict:

@@ -6,6 +6,7 @@ that no module imports the module that imports it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,14 +18,38 @@ from .cache import (
     REFRESH_SELECTORS,
     MitLayer,
     RealignedLayer,
+    RefreshCache,
     StreamingCache,
     num_attention_layers,
 )
 from .errors import StreamkvError
-from .params import POSITIONS
+from .params import POSITIONS, EvalParams
+from .peers import is_peer, make_peer_stepper
 from .policy import KeepAll, StartRecent
+from .recompute import RecomputeStepper
 from .ring import LazyRingCache, RingCache
 from .rope import RotaryAligner
+from .stepper import CachedStepper
+
+RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
+
+
+def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = None):
+    """The object that runs the forwards of method `p.method`; `source`: the model's source (peers that load it)."""
+    if p.method == "recompute":
+        return RecomputeStepper(model, p.sink, p.cap - p.sink)
+    if is_peer(p.method):
+        return make_peer_stepper(model, source or p.model, p.method, p.cap, p.sink, p.compress_every, p.dtype,
+                                 p.max_tokens)
+    cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
+                       cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
+                       positions=p.positions, overlap=p.overlap, refresh=p.refresh,
+                       # this loop passes no position_ids, so the ring may keep its positions small
+                       rebase_every=RING_REBASE if p.method == "ring" else None)
+    device = next(model.parameters()).device
+    if p.profile and device.type == "cuda":
+        cache.sync = lambda: torch.cuda.synchronize(device)
+    return CachedStepper(model, cache)
 
 
 def make_cache(
@@ -64,9 +89,8 @@ def make_cache(
     `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
-    if method not in methods.names(family="cache"):
-        raise StreamkvError(f"unknown cache method '{method}'; "
-                            f"choose one of: {', '.join(methods.names(family='cache'))}")
+    if method not in BUILDERS:
+        raise StreamkvError(f"unknown cache method '{method}'; choose one of: {', '.join(BUILDERS)}")
     if compress_every < 1:
         raise StreamkvError(f"compress_every must be >= 1, got {compress_every}")
     if max_drop < 0:
@@ -78,24 +102,90 @@ def make_cache(
                             "without refresh")
     methods.check_options(method, compress_every=compress_every, cache_slack=cache_slack, max_drop=max_drop,
                           softlite_mode=softlite_mode, positions=positions, overlap=overlap, refresh=refresh)
-    if method == "dense":
-        return StreamingCache(RealignedLayer, n, KeepAll(), None)
-    if method == "ring":
-        budget = Budget.derive(cap, sink=sink)
-        if compress_every > 1:
-            return LazyRingCache(n, budget.cap, budget.sink, compress_every, RotaryAligner(model), rebase_every)
-        return RingCache(n, budget.cap, budget.sink, RotaryAligner(model), rebase_every)
-    if method == "window":
-        budget = Budget.derive(cap, sink=0)
-        return StreamingCache(RealignedLayer, n, StartRecent(0, budget.window, compress_every), None)
-    budget = Budget.derive(cap, sink=sink, cache_slack=cache_slack, overlap=overlap, refresh=refresh)
     if isinstance(refresh_select, str):
         if refresh_select not in REFRESH_SELECTORS:
             raise StreamkvError(f"unknown refresh selection '{refresh_select}'; "
                                 f"choose one of: {', '.join(REFRESH_SELECTORS)}")
         refresh_select = REFRESH_SELECTORS[refresh_select]
-    policy = StartRecent(budget.sink, budget.window + budget.overlap, compress_every, budget.cache_slack, max_drop,
-                         softlite_mode)
-    layer_cls = MitLayer if method == "mit" or refresh else RealignedLayer
-    aligner = None if positions == "original" else RotaryAligner(model)
-    return StreamingCache(layer_cls, n, policy, aligner, refresh, refresh_select)
+    options = Options(n, cap, sink, compress_every, cache_slack, max_drop, softlite_mode, overlap, refresh,
+                      refresh_select, rebase_every, positions)
+    return BUILDERS[method](model, options)
+
+
+@dataclass(frozen=True)
+class Options:
+    """A cache's settings, checked against its method's record (`make_cache`'s arguments)."""
+
+    num_layers: int
+    cap: int | None
+    sink: int
+    compress_every: int
+    cache_slack: int
+    max_drop: int
+    softlite_mode: str
+    overlap: int
+    refresh: int
+    refresh_select: Callable[[torch.Tensor, int], torch.Tensor]
+    rebase_every: int | None
+    positions: str
+
+
+# method name -> (model, Options) -> cache.  A new cache method: a record in streamkv.methods and a builder here
+# (`register` does both at run time, e.g. for a policy defined outside the package).
+BUILDERS: dict[str, Callable[[nn.Module, Options], StreamingCache]] = {}
+
+
+def register(method: methods.Method, build: Callable[[nn.Module, Options], StreamingCache]) -> None:
+    """Add a cache method: its registry record and the function that builds its cache."""
+    if method.family != "cache":
+        raise StreamkvError(f"'{method.name}': only cache methods have a builder (family 'cache')")
+    methods.REGISTRY[method.name] = method
+    BUILDERS[method.name] = build
+
+
+def builder(name: str):
+    def add(build):
+        BUILDERS[name] = build
+        return build
+
+    return add
+
+
+@builder("dense")
+def _dense(model: nn.Module, o: Options) -> StreamingCache:
+    return StreamingCache(RealignedLayer, o.num_layers, KeepAll(), None)
+
+
+@builder("window")
+def _window(model: nn.Module, o: Options) -> StreamingCache:
+    budget = Budget.derive(o.cap, sink=0)
+    return StreamingCache(RealignedLayer, o.num_layers, StartRecent(0, budget.window, o.compress_every), None)
+
+
+def _start_recent_policy(o: Options) -> StartRecent:
+    budget = Budget.derive(o.cap, sink=o.sink, cache_slack=o.cache_slack, overlap=o.overlap, refresh=o.refresh)
+    return StartRecent(budget.sink, budget.window + budget.overlap, o.compress_every, budget.cache_slack, o.max_drop,
+                       o.softlite_mode)
+
+
+@builder("start_recent")
+def _start_recent(model: nn.Module, o: Options) -> StreamingCache:
+    policy = _start_recent_policy(o)
+    if o.refresh:
+        return RefreshCache(o.num_layers, policy, RotaryAligner(model), o.refresh, o.refresh_select)
+    aligner = None if o.positions == "original" else RotaryAligner(model)
+    return StreamingCache(RealignedLayer, o.num_layers, policy, aligner)
+
+
+@builder("mit")
+def _mit(model: nn.Module, o: Options) -> StreamingCache:
+    return StreamingCache(MitLayer, o.num_layers, _start_recent_policy(o), RotaryAligner(model))
+
+
+@builder("ring")
+def _ring(model: nn.Module, o: Options) -> StreamingCache:
+    budget = Budget.derive(o.cap, sink=o.sink)
+    if o.compress_every > 1:
+        return LazyRingCache(o.num_layers, budget.cap, budget.sink, o.compress_every, RotaryAligner(model),
+                             o.rebase_every)
+    return RingCache(o.num_layers, budget.cap, budget.sink, RotaryAligner(model), o.rebase_every)

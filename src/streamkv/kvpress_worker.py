@@ -36,8 +36,9 @@ import torch
 PRESSES = ("streaming_llm", "streaming_llm_unsorted", "streaming_llm+rerotate", "knorm")
 
 
-def build_press(name: str, cap: int, sink: int, interval: int):
-    """The DecodingPress of `name`: compress every `interval` steps to cap - 1 keys (the next query is the cap-th)."""
+def build_press(name: str, cap: int, sink: int, compress_every: int):
+    """The DecodingPress of `name`: compress every `compress_every` steps to cap - 1 keys (the next query is the
+    cap-th)."""
     from kvpress import DecodingPress, KeyRerotationPress, KnormPress, StreamingLLMPress
     from kvpress.utils import compute_n_kept
 
@@ -72,7 +73,7 @@ def build_press(name: str, cap: int, sink: int, interval: int):
     }[name]()
     cls = AnyDecodingPress if name == "streaming_llm+rerotate" else DecodingPress
     # hidden_states_buffer_size=0: these scorers read keys only, no buffered hidden states needed
-    return cls(base_press=scorer, compression_interval=interval, target_size=cap - 1, hidden_states_buffer_size=0)
+    return cls(base_press=scorer, compression_interval=compress_every, target_size=cap - 1, hidden_states_buffer_size=0)
 
 
 def serve(args) -> None:
@@ -87,7 +88,7 @@ def serve(args) -> None:
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation=args.attn).eval()
-    press = build_press(args.press, args.cap, args.sink, args.interval)
+    press = build_press(args.press, args.cap, args.sink, args.compress_every)
     cache = DynamicCache(config=model.config)
     in_cache_positions = args.press.endswith("+rerotate")
     seen = evicted = 0
@@ -128,19 +129,15 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--versions", action="store_true", help="print the peer environment's versions and exit")
     parser.add_argument("--model", help="a transformers model directory")
     parser.add_argument("--press", choices=PRESSES)
     parser.add_argument("--cap", type=int)
     parser.add_argument("--sink", type=int, default=4)
-    parser.add_argument("--interval", type=int, default=1)
+    parser.add_argument("--compress-every", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.versions:
-        print(json.dumps(versions()))
-        return 0
     serve(args)
     return 0
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .cache import RefreshCache
 from .errors import StreamkvError
 from .rope import RotaryAligner
 
@@ -95,7 +96,7 @@ def schedule(policy, n_inputs: int, prefill: int) -> Schedule:
 
 def policy_of(cache) -> object:
     """The policy object of a cache this evaluator can follow, or an error that says why it cannot."""
-    if getattr(cache, "refresh", 0):
+    if isinstance(cache, RefreshCache):
         raise StreamkvError("refresh re-inserts evicted tokens at the tail, so the keys attended are not a sink "
                             "prefix plus a contiguous window: use the decode loop (--evaluator decode)")
     return cache.policy
@@ -241,7 +242,8 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     `params` must be resolved; the cache is built as the decode loop builds it, and only its policy is used.
     """
     from . import meta
-    from .evaluation import _peak_memory_mb, make_stepper, quality_metrics, trace_frame
+    from .factory import make_stepper
+    from .results import peak_memory_mb, quality_metrics, trace_frame
 
     p = params
     model = loaded.model
@@ -261,5 +263,5 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     trace = trace_frame(ids, nll, pre, math.nan, untimed, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:],
                         untimed)
     metrics = quality_metrics(nll, pre, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:])
-    metrics.update(total_sec=total_sec, peak_memory_mb=_peak_memory_mb(device))
+    metrics.update(total_sec=total_sec, peak_memory_mb=peak_memory_mb(device))
     return metrics, trace, provenance

@@ -133,9 +133,9 @@ class BenchConfig:
 
     caps: tuple[int, ...] = (256,)
     sink: int = 4
-    lazy_k: int = 32
+    compress_every: int = 32
     blocks: int = 8  # timed blocks per method (after the warm-up)
-    block: int = 32  # steps per block (at least lazy_k, so a block holds a lazy prune)
+    block: int = 32  # steps per block (at least compress_every, so a block holds a lazy prune)
     warmup: int = 16
     recompute_every: int = 4  # recompute is timed on every n-th step (its history gets every token)
     compile: bool = True
@@ -150,10 +150,10 @@ class BenchConfig:
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":
-        if self.block < self.lazy_k:
-            raise StreamkvError(f"block ({self.block}) must be at least lazy_k ({self.lazy_k}): "
+        if self.block < self.compress_every:
+            raise StreamkvError(f"block ({self.block}) must be at least compress_every ({self.compress_every}): "
                                 "a block holds a whole lazy period")
-        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "lazy_k",
+        for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "compress_every",
                      "evaluator_tokens"):
             if getattr(self, name) < 1:
                 raise StreamkvError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,6 +167,7 @@ class BenchConfig:
             raise StreamkvError(f"evaluator_tokens ({self.evaluator_tokens}) must exceed the first cap "
                                 f"({self.caps[0]}) + 1: the prefill fills the cap, then the loop decodes")
         for cap in self.caps:
-            if cap <= self.sink + self.lazy_k:
-                raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and lazy_k {self.lazy_k}")
+            if cap <= self.sink + self.compress_every:
+                raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and compress_every "
+                                    f"{self.compress_every}")
         return self

@@ -59,17 +59,17 @@ def is_peer(method: str) -> bool:
     return method in PEER_METHODS
 
 
-def make_peer_stepper(model: torch.nn.Module, source: str, method: str, cap: int, sink: int | None, interval: int,
+def make_peer_stepper(model: torch.nn.Module, source: str, method: str, cap: int, sink: int | None, compress_every: int,
                       dtype: str, max_tokens: int):
     if method in LLAMACPP_METHODS:
-        return LlamaCppStepper(gguf_path(source), method, cap, sink, interval, max_tokens)
-    return KvpressStepper(model, method, cap, sink, interval, dtype)
+        return LlamaCppStepper(gguf_path(source), method, cap, sink, compress_every, max_tokens)
+    return KvpressStepper(model, method, cap, sink, compress_every, dtype)
 
 
 class KvpressStepper(Stepper):
     """A stepper of the decode loop whose forwards run in the kvpress worker (no cache timers here)."""
 
-    def __init__(self, model: torch.nn.Module, method: str, cap: int, sink: int, interval: int, dtype: str):
+    def __init__(self, model: torch.nn.Module, method: str, cap: int, sink: int, compress_every: int, dtype: str):
         python = kvpress_python()
         if python is None:
             raise NotInstalled(f"method '{method}' needs kvpress, which is not installed: {INSTALL_HINT}")
@@ -86,7 +86,7 @@ class KvpressStepper(Stepper):
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         self.proc = subprocess.Popen(
             [python, str(WORKER), "--model", self._dir.name, "--press", method.split(":", 1)[1], "--cap", str(cap),
-             "--sink", str(sink), "--interval", str(interval), "--dtype", dtype, "--attn", attn,
+             "--sink", str(sink), "--compress-every", str(compress_every), "--dtype", dtype, "--attn", attn,
              "--threads", str(torch.get_num_threads())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr.fileno() if _has_fileno() else None)
         self.method = method
@@ -138,19 +138,19 @@ class LlamaCppStepper(Stepper):
 
     # (no cache timers: the shift's work is done inside the next decode)
 
-    def __init__(self, gguf: Path, method: str, cap: int, sink: int | None, interval: int, max_tokens: int,
+    def __init__(self, gguf: Path, method: str, cap: int, sink: int | None, compress_every: int, max_tokens: int,
                  threads: int | None = None, reference: bool = False):
         if llamacpp_version() is None:
             raise NotInstalled(f"method '{method}' needs llama-cpp-python, which is not installed: {LLAMACPP_HINT}")
         import llama_cpp as lc
 
         sink = sink or 0
-        self.lc, self.method, self.sink, self.discard = lc, method, sink, interval
+        self.lc, self.method, self.sink, self.compress_every = lc, method, sink, compress_every
         # The timing reference of `streamkv bench`: a decode over the prefill's cells (cap), after which the new
         # cell is removed again; what the shift costs on top of llama.cpp's own decode.
         self.reference = reference
         self.dense = method == "llamacpp:dense"
-        self.budget = max_tokens if self.dense else cap + interval - 1
+        self.budget = max_tokens if self.dense else cap + compress_every - 1
         if not self.dense:
             Budget.derive(cap, sink=sink)  # (sink < cap, as for our own caches)
         # llama-cpp-python logs every tensor it loads through this logger; only errors reach the job's log
@@ -182,7 +182,7 @@ class LlamaCppStepper(Stepper):
 
     def _shift(self) -> None:
         """llama.cpp's context shift: drop cells [sink, sink + K), move the rest K positions back."""
-        lc, keep, n = self.lc, self.sink, self.discard
+        lc, keep, n = self.lc, self.sink, self.compress_every  # n_discard
         lc.llama_memory_seq_rm(self.mem, 0, keep, keep + n)
         lc.llama_memory_seq_add(self.mem, 0, keep + n, self.n_past, -n)
         self.n_past -= n

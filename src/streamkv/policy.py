@@ -11,6 +11,7 @@ plan before the layers run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import StreamkvError
 
@@ -19,7 +20,6 @@ NONE = ""
 LAZY = "lazy"  # on the rhythm (a multiple of K), the staged amount
 FORCED = "forced"  # on the rhythm, but more than the staged amount, so the hard cap holds
 EMERGENCY = "emergency"  # off the rhythm: the hard cap was reached between scheduled prunes
-PRUNE_KINDS = (NONE, LAZY, FORCED, EMERGENCY)
 
 SOFTLITE_MODES = ("naive", "cooldown")
 
@@ -28,6 +28,22 @@ SOFTLITE_MODES = ("naive", "cooldown")
 class Prune:
     dropped: int = 0
     kind: str = NONE
+
+
+class Policy(Protocol):
+    """What a streaming cache asks its eviction policy; `KeepAll` and `StartRecent` are the built-in ones.
+
+    The evicted tokens are always the oldest ones after the `sink` first: a policy decides how many, and when.
+    """
+
+    sink: int  # tokens at the start that are never evicted
+
+    def plan(self, length: int, q: int, position: int) -> Prune:
+        """The prune the forward of `q` tokens at stream position `position` makes, with `length` stored."""
+
+    @property
+    def max_kv(self) -> int | None:
+        """The most keys a query may see (None: unbounded), to size the cache's buffers."""
 
 
 @dataclass
@@ -61,7 +77,7 @@ class StartRecent:
 
     `mode` says how softlite (sigma, delta > 0) sizes a scheduled prune:
 
-    * `naive` (the seeds' rule): drop min(over C, delta).  When delta < K the
+    * `naive` (the study's rule): drop min(over C, delta).  When delta < K the
       cache climbs to H and emergency prunes take over, every few steps: the
       "frequency trap" (more prunes, not fewer).
     * `cooldown`: keep the lazy rhythm.  A scheduled prune drops at least

@@ -31,7 +31,7 @@ NOT_INSTALLED = "not_installed"  # the status of a peer row whose optional packa
 
 
 def configuration(row) -> str:
-    """The parameters that define a row, in the seeds' notation."""
+    """The parameters that define a row, in the study's notation."""
     if row.method in DENSE_METHODS:
         return "full cache"
     parts = [f"S={fmt.count(row.sink)}", f"W={fmt.count(row.window)}"]
@@ -214,7 +214,7 @@ def spike_rows(part: pd.DataFrame) -> list[dict]:
 
 
 def negative_results(part: pd.DataFrame) -> list[str]:
-    """The seeds' negative results, re-measured: overlap and refresh against the same run without them."""
+    """The study's negative results, re-measured: overlap and refresh against the same run without them."""
     out = []
     ok = part[part.status == "ok"]
     for key, symbol in (("refresh", "R"), ("overlap", "O")):

@@ -17,7 +17,7 @@ Start+Recent, whatever order the slots are in (attention does not care about
 slot order once every key is visible).
 
 Absolute positions grow with the stream and float32 angles lose precision
-(FACTS: ~1e-4 at position 20k).  With `rebase_every`, once the stream is that
+(float32 angles are off by about 1e-4 at position 20k).  With `rebase_every`, once the stream is that
 far past the last base the cache subtracts an offset from every position: the
 window keys are rotated back once and `get_seq_length()` reports positions
 from the new base, so a forward without explicit `position_ids` places the

@@ -97,8 +97,3 @@ class RotaryAligner:
             self._shift_cache[delta] = self.angles(torch.tensor([delta]))
         cos, sin = self._shift_cache[delta]
         return self.rotate(keys, cos, sin)
-
-    def at_positions(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate key `i` of `keys` by the angles of `positions[i]`."""
-        cos, sin = self.angles(positions)
-        return self.rotate(keys, cos, sin)

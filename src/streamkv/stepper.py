@@ -10,6 +10,7 @@ for them.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -40,3 +41,28 @@ class Stepper:
 
     def close(self) -> None:
         """Release what the stepper holds outside this process (a peer's worker); nothing by default."""
+
+
+class CachedStepper(Stepper):
+    """Runs forwards through the model with a cache; a streaming cache's record of its last step (`last_step`)
+    says what the forward did, a cache without one (the timing reference) keeps the defaults."""
+
+    def __init__(self, model: torch.nn.Module, cache):
+        self.model = model
+        self.cache = cache
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        step = self.cache.last_step
+        if step is not None:
+            self.kv_len, self.dropped, self.kind = step.kv_len, step.dropped, step.kind
+            self.update_ms, self.plan_ms = step.update_s * 1e3, step.plan_s * 1e3
+        return logits
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes()
+
+
+def forward_time_ms(stepper, t0: float) -> float:
+    """The forward's time: the stepper's own where it runs elsewhere (a peer's worker), else since t0."""
+    return stepper.forward_ms or (time.perf_counter() - t0) * 1e3

@@ -113,7 +113,8 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     cache's update times and its bytes at peak).
     """
     from .cache import num_attention_layers
-    from .evaluation import CachedStepper, forward_time_ms, make_stepper
+    from .factory import make_stepper
+    from .stepper import CachedStepper, forward_time_ms
 
     model = loaded.model
     device = next(model.parameters()).device
