@@ -8,6 +8,7 @@ pipeline already made under its own parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import fmt
+from .fmt import to_markdown
 
 QUALITY = ["ppl", "delta_ppl_pct", "tpot_ms", "speedup", "spike_events", "spike_peak", "spike_width", "spike_area"]
 
@@ -235,6 +237,28 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
 def finding(probe: str, table: pd.DataFrame) -> str:
     """The probe's result in one or two sentences, numbers only (no verdict the numbers do not carry)."""
     return PROBES[probe].finding(table) if len(table) else "No finished runs."
+
+
+_COLUMN_NAMES = {"compress_every": "K", "cache_slack": "σ", "max_drop": "δ", "delta_ppl_pct": "ΔPPL %",
+                 "tpot_ms": "TPOT ms", "speedup": "speedup", "spike_events": "events", "spike_peak": "peak",
+                 "spike_width": "width", "spike_area": "area", "kv_len_max": "KV max"}
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A probe's table in the report, its columns in the study's symbols."""
+    if table.empty:
+        return "(no finished runs)"
+    return to_markdown(table.rename(columns=_COLUMN_NAMES), cell=_probe_cell)
+
+
+def _probe_cell(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.0f}" if float(v).is_integer() else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
+    return str(v).replace("|", "\\|")
 
 
 def probe_table(probe: str, summary: pd.DataFrame, events: pd.DataFrame, model: str, text: str) -> pd.DataFrame:

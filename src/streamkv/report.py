@@ -10,16 +10,15 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from . import fmt
 from .bench_tables import bench_findings, bench_markdown
-from .fmt import to_markdown
 from .params import DENSE_METHODS, LAZY_METHODS, PEER_SETUP
 from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
+from .probes import markdown as probe_markdown
 from .summary import ROW_GROUPS, trace_path
 
 FAILED = "FAILED"
@@ -175,27 +174,6 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
 
 
 CROSS_CHECK_TOL = 1e-4  # |dNLL| at which two implementations of the same semantics are said to differ
-
-
-_COLUMN_NAMES = {"compress_every": "K", "cache_slack": "σ", "max_drop": "δ", "delta_ppl_pct": "ΔPPL %",
-                 "tpot_ms": "TPOT ms", "speedup": "speedup", "spike_events": "events", "spike_peak": "peak",
-                 "spike_width": "width", "spike_area": "area", "kv_len_max": "KV max"}
-
-
-def probe_markdown(table: pd.DataFrame) -> str:
-    if table.empty:
-        return "(no finished runs)"
-    return to_markdown(table.rename(columns=_COLUMN_NAMES), cell=_probe_cell)
-
-
-def _probe_cell(v) -> str:
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            return "–"
-        return f"{v:.0f}" if float(v).is_integer() else (f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
-    return str(v).replace("|", "\\|")
 
 
 def spike_rows(part: pd.DataFrame) -> list[dict]:
