@@ -16,9 +16,9 @@ from .errors import StreamkvError
 # The options a method may accept beyond cap, sink and the protocol (the others must stay at their defaults).
 # compress_every is the prune period K (a lazy method prunes K tokens at once); the softlite and Auto-cap
 # terms are start_recent's; stride subsamples the recompute baseline's targets.
-OPTIONS = ("compress_every", "cache_slack", "max_drop", "softlite_mode", "positions", "overlap", "refresh", "stride")
 OPTION_DEFAULTS = {"compress_every": 1, "cache_slack": 0, "max_drop": 0, "softlite_mode": "naive",
                    "positions": "cache", "overlap": 0, "refresh": 0, "stride": 1}
+OPTIONS = tuple(OPTION_DEFAULTS)
 START_RECENT_OPTIONS = frozenset({"compress_every", "cache_slack", "max_drop", "softlite_mode", "positions",
                                   "overlap", "refresh"})
 

@@ -14,7 +14,8 @@ import pandas as pd
 
 from . import fmt
 from .bench_tables import bench_findings, bench_markdown
-from .params import DENSE_METHODS, LAZY_METHODS, PEER_SETUP
+from .methods import get as method_record
+from .params import DENSE_METHODS, LAZY_METHODS
 from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
@@ -100,7 +101,7 @@ def _finite(v) -> bool:
 
 
 def _not_installed(method: str) -> str:
-    return f"not installed (install with `{PEER_SETUP[method.split(':', 1)[0]]}`)"
+    return f"not installed (install with `{method_record(method).setup}`)"
 
 
 def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes",
