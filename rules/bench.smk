@@ -1,5 +1,7 @@
 # The performance benchmark (`streamkv bench`): eviction overhead, speedup, compile and memory as
 # ratios from one run, for the Performance section of the report. Configured by the `bench` key.
+# A section that fails is recorded in the JSON as failed, with its error, and the job still succeeds:
+# the report shows the failure beside the sections that finished.
 
 rule bench:
     input:

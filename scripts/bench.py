@@ -4,7 +4,7 @@ from pathlib import Path
 
 from streamkv import bench
 from streamkv.bench_tables import bench_markdown
-from streamkv.jobio import log_to, write_json
+from streamkv.jobio import log_to
 from streamkv.params import BenchConfig
 from streamkv.sources import load_model
 
@@ -17,8 +17,9 @@ with log_to(snakemake.log[0]):
     p = snakemake.params
     loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=p.dtype, device=p.device)
     tokens = bench.stream_tokens(loaded, p.text, bench.tokens_needed(cfg))
-    result = bench.run(loaded.model, tokens, cfg, source=loaded.source)
-    result["config"].update(model=snakemake.wildcards.model, text=snakemake.wildcards.text, text_source=p.text,
-                            dtype=p.dtype, device=p.device)
-    write_json(result, snakemake.output[0])
+    # A failed section is recorded in the result (the job still succeeds, so the report shows the failure
+    # beside the sections that finished); the file is rewritten as each section finishes.
+    result = bench.run(loaded.model, tokens, cfg, source=loaded.source, out=snakemake.output[0],
+                       context=dict(model=snakemake.wildcards.model, text=snakemake.wildcards.text,
+                                    text_source=p.text, dtype=p.dtype, device=p.device))
     print(bench_markdown(result))

@@ -36,7 +36,7 @@ with log_to(snakemake.log[0]):
     except NotInstalled as exc:  # an optional peer: its row says how to install it
         print(exc)
         record = failed_record(params, str(exc), status="not_installed")
-    except (StreamkvError, RuntimeError, MemoryError) as exc:
+    except (StreamkvError, OSError, RuntimeError, MemoryError) as exc:  # (OSError: a peer's pipe, a full disk)
         traceback.print_exc()
         record = failed_record(params, f"{type(exc).__name__}: {exc}")
     # the trace first, then the result that names it (each written atomically)

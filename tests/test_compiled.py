@@ -7,12 +7,12 @@ import torch
 import torch._dynamo.testing
 
 from conftest import TINY
+from optional_peers import EXPECT_KVPRESS, needs_llamacpp
 from streamkv import StreamkvError, make_cache
 from streamkv.bench import run
 from streamkv.bench_tables import REFERENCE
 from streamkv.cli import main
 from streamkv.compiled import RingDecoder
-from streamkv.extras import kvpress_python
 from streamkv.params import BenchConfig
 
 
@@ -129,15 +129,15 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
     assert "| 48 | start_recent K=8 | 120 |" in printed  # the evaluator section
     record = json.loads(out.read_text())
-    peers = 2 if kvpress_python() else 0  # kvpress at K = 1 and compress_every, where its environment is
+    peers = 2 if EXPECT_KVPRESS else 0  # kvpress at K = 1 and compress_every (CI: always)
     assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
     if peers:
         assert "| 48 | kvpress streaming_llm K=8 |" in printed
 
 
+@needs_llamacpp
 def test_bench_puts_llamacpp_shift_against_its_own_decode(tiny, hamlet_bytes):
     """llama.cpp's rows: overhead against llama.cpp's decode without a shift (1 for that reference), no speedup."""
-    pytest.importorskip("llama_cpp")
     from streamkv import bench
 
     cfg = BenchConfig(caps=(48,), compress_every=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()

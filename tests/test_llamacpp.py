@@ -2,23 +2,19 @@
 
 These tests need llama-cpp-python (`make setup-llamacpp`, which `make test`
 runs). Without it they are skipped, except in CI, where a missing llama.cpp is a failure.
-llama.cpp runs its own kernels (4-bit weights, quantised activations, F16 keys and values), so against our
+llama.cpp runs its own kernels (the GGUF file's Q4_1 weights, F16 keys and values), so against our
 float32 forward the per-token NLL differs everywhere; the tests compare each shift row with the difference of
 the dense rows (the noise floor) and check llama.cpp against itself exactly.
 """
 
-import os
-
 import numpy as np
 import pytest
 
+from optional_peers import needs_llamacpp
 from streamkv import EvalParams, StreamkvError, evaluate, load_model
 from streamkv.errors import NotInstalled
 from streamkv.evaluation import load_tokens
-from streamkv.extras import llamacpp_version
 
-needs_llamacpp = pytest.mark.skipif(llamacpp_version() is None and not os.environ.get("CI"),
-                                    reason="llama-cpp-python is not installed (make setup-llamacpp)")
 N, CAP, PREFILL = 400, 64, 16
 
 

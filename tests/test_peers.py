@@ -5,16 +5,11 @@ runs). Without it they are skipped, except in CI, where a missing peer
 environment is a failure.
 """
 
-import os
-
 import numpy as np
 import pytest
 
+from optional_peers import needs_kvpress
 from streamkv import EvalParams, StreamkvError, evaluate
-from streamkv.extras import kvpress_python
-
-needs_kvpress = pytest.mark.skipif(kvpress_python() is None and not os.environ.get("CI"),
-                                   reason="the kvpress environment is not installed (make setup-kvpress)")
 
 CAP, SINK = 32, 4
 # A prefill that is a multiple of K and leaves room for the query (<= cap - 1): kvpress compresses every K decode

@@ -8,9 +8,10 @@ the block's mean: a block holds a whole lazy period, so a lazy prune is
 charged to the method instead of being hidden by a median of single steps.
 
 * overhead: TPOT(method) / TPOT(reference).  The reference is the same forward
-  at the same KV length with no eviction work (`SameLengthCache`: `cap` slots,
-  each new token written into the last one; its logits are meaningless, its
-  cost is the floor every cache pays);
+  over exactly `cap` keys with no eviction work (`SameLengthCache`: `cap`
+  slots, each new token written into the last one; its logits are meaningless,
+  its cost is the floor every cache pays; a lazy method attends to up to
+  cap + K - 1 keys, so its ratio includes those extra keys);
   llama.cpp's rows (with peers) are another engine: their overhead is against
   llama.cpp's own decode over cap keys with no shift, and they have no speedup;
 * speedup: TPOT(recompute) / TPOT(method); the ideal is TPOT(recompute) /
@@ -22,6 +23,10 @@ charged to the method instead of being hidden by a median of single steps.
   warm-up), or the exact error if the stack refuses it;
 * memory: over a long stream, the cache's bytes (min and max once it is
   full) and the process RSS from step `rss_from` to the end, per method.
+
+A section that raises is recorded as failed, with its error, and the others
+still run; given a file, `run` rewrites it as each part of a section finishes,
+so a run that dies later keeps what it had measured.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import resource
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,7 +61,8 @@ from .compiled import RingDecoder
 from .errors import StreamkvError
 from .extras import kvpress_python, llamacpp_version
 from .factory import make_cache, make_stepper
-from .params import BenchConfig, EvalParams
+from .jobio import write_json
+from .params import BENCH_SECTIONS, BenchConfig, EvalParams
 from .peers import LlamaCppStepper
 from .sources import gguf_path
 from .stats import LEVEL, N_BOOT, SEED
@@ -285,8 +292,7 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
                 times[name][i] = (time.perf_counter() - t0) * 1e3
                 nll[name][i] = _target_nll(logits, target)
     except Exception as exc:  # a measured negative: keep the stack's own words
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:4000],
-                      where=traceback.format_exc(limit=-3)[-2000:])
+        record.update(status="failed", error=_error_text(exc), where=traceback.format_exc(limit=-3)[-2000:])
         return record
     eager_ms, compiled_ms = np.median(times["eager"][warm:]), np.median(times["compiled"][warm:])
     record.update(
@@ -402,22 +408,67 @@ def _plain(record: dict) -> dict:
     return out
 
 
-def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, source: str | None = None) -> dict:
-    """Every section of the benchmark on one model; a dict ready for JSON (`source`: the model's, for llama.cpp)."""
+def _error_text(exc: BaseException) -> str:
+    """The exception's type and message, as kept in a result (bounded: some messages carry whole graphs)."""
+    return f"{type(exc).__name__}: {exc}".strip()[:4000]
+
+
+def _section_parts(model, tokens: list[int], cfg: BenchConfig, progress: bool,
+                   source: str | None) -> dict[str, Callable[[], Iterator[list[dict]]]]:
+    """Each section as its parts (a cap, a stream method), each part's rows computed when it is reached."""
+    cap = cfg.caps[0]
+    return {
+        "overhead": lambda: ([_plain(r) for r in overhead(model, tokens, c, cfg, progress, source).to_dict("records")]
+                             for c in cfg.caps),
+        "compile": lambda: iter([[_plain(compile_ratio(model, tokens, cap, cfg, progress))]]),
+        "memory": lambda: ([_plain(memory_stream(model, tokens, m, cap, cfg, progress))] for m in cfg.stream_methods),
+        "evaluator": lambda: iter([[_plain(r) for r in evaluator_speed(model, tokens, cap, cfg, progress, source)]]),
+    }
+
+
+def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, source: str | None = None,
+        out: str | Path | None = None, context: dict | None = None) -> dict:
+    """Every section of the benchmark on one model; a dict ready for JSON (`source`: the model's, for llama.cpp).
+
+    `out`: the result file, rewritten (atomically) as each section starts and each of its parts finishes;
+    `context`: what the caller adds to the result's config (model, text, ...), in every version of the file.
+    The result's `sections` holds each section's status ("pending", "running", "ok", "failed" or "skipped"),
+    error and seconds; `failed` names the failed ones and `status` is "failed" if there are any.
+    """
     cfg.check()
     device = next(model.parameters()).device
-    out = {"config": asdict(cfg), "overhead": [], "compile": [], "memory": [], "evaluator": [],
-           "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
-    if "overhead" in cfg.sections:
-        for cap in cfg.caps:
-            out["overhead"] += [_plain(r)
-                                for r in overhead(model, tokens, cap, cfg, progress, source).to_dict("records")]
-    if "compile" in cfg.sections and cfg.compile:
-        out["compile"].append(_plain(compile_ratio(model, tokens, cfg.caps[0], cfg, progress)))
-    if "memory" in cfg.sections:
-        for method in cfg.stream_methods:
-            out["memory"].append(_plain(memory_stream(model, tokens, method, cfg.caps[0], cfg, progress)))
-    if "evaluator" in cfg.sections:
-        out["evaluator"] = [_plain(r) for r in evaluator_speed(model, tokens, cfg.caps[0], cfg, progress, source)]
-    return out
+    chosen = [s for s in BENCH_SECTIONS if s in cfg.sections and (s != "compile" or cfg.compile)]
+    result = {"config": {**asdict(cfg), **(context or {})}, "status": "running", "failed": [],
+              "sections": {s: {"status": "pending" if s in chosen else "skipped", "error": None, "seconds": None}
+                           for s in BENCH_SECTIONS},
+              "overhead": [], "compile": [], "memory": [], "evaluator": [],
+              "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
 
+    def save():
+        if out is not None:
+            write_json(result, out)
+
+    parts = _section_parts(model, tokens, cfg, progress, source)
+    for name in chosen:
+        section = result["sections"][name]
+        section["status"] = "running"
+        save()
+        t0 = time.perf_counter()
+        try:
+            for rows in parts[name]():
+                result[name] += rows
+                save()
+        except Exception as exc:  # the other sections still run; the rows of the parts done so far stay
+            where = "".join(traceback.format_tb(exc.__traceback__, limit=-3))[-2000:]  # the message is in error
+            section.update(status="failed", error=_error_text(exc), where=where)
+        else:
+            # torch.compile refusing the step is measured, not raised: its row carries the error
+            refused = [r["error"] for r in result[name] if r.get("status") == "failed"]
+            section.update(status="failed" if refused else "ok", error=refused[0] if refused else None)
+        section["seconds"] = time.perf_counter() - t0
+        if section["status"] == "failed":
+            result["failed"].append(name)
+        save()
+    result["status"] = "failed" if result["failed"] else "ok"
+    save()
+    return result

@@ -91,9 +91,29 @@ def bench_memory_table(rows: list[dict]) -> pd.DataFrame:
                  "step_ms_last": "step ms, end"})
 
 
+def bench_failures(result: dict) -> dict[str, str]:
+    """Each failed section of a bench result -> its error on one line, shortened (results without
+    section statuses, from before they were recorded, have none)."""
+    out = {}
+    for name, section in (result.get("sections") or {}).items():
+        if section["status"] == "failed":
+            error = " ".join(str(section.get("error") or "no error recorded").split())
+            out[name] = error if len(error) <= 500 else error[:499] + "…"
+    return out
+
+
 def bench_markdown(result: dict) -> str:
-    """The tables of a `streamkv bench` result as markdown (what the command prints, the Performance section)."""
+    """The tables of a `streamkv bench` result as markdown (what the command prints, the Performance section).
+
+    A failed section is a line with its error (its table follows with the rows it finished, if any); a
+    section still running is one the run never finished (its file was written before it stopped).
+    """
     parts = []
+    for name, error in bench_failures(result).items():
+        parts += [f"**Section {name} failed:** {_bench_cell(error)}", ""]
+    for name, section in (result.get("sections") or {}).items():
+        if section["status"] == "running":
+            parts += [f"**Section {name} did not finish** (the run stopped during it).", ""]
     if result["overhead"]:
         parts += ["Eviction overhead, speedup and time split (medians of block means, methods interleaved):", "",
                   to_markdown(bench_overhead_table(result["overhead"]), _bench_cell), ""]

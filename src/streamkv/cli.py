@@ -1,18 +1,22 @@
 """Command line: `streamkv eval ...` (also `python -m streamkv`).
 
-A mistake in the options is one line on stderr and exit status 2, never a
-traceback.  A run that starts but cannot finish (non-finite NLL, out of
-memory) still writes its result file, with status "failed" and the reason,
-and exits 1.
+A mistake in the input (an option, a source, an output path, a result file)
+is one line on stderr and exit status 2, never a traceback; all of it is
+checked before the model load.  A run that starts but cannot finish (a
+non-finite NLL or perplexity, out of memory, a peer that dies) still writes
+its result file, with status "failed" and the reason, and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from . import methods
-from .errors import StreamkvError
+from .errors import NotInstalled, StreamkvError
 from .jobio import write_json, write_trace
 from .params import EVALUATORS, PARALLEL_METHODS, EvalParams
 from .policy import SOFTLITE_MODES
@@ -20,7 +24,7 @@ from .policy import SOFTLITE_MODES
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
 
 def _add_eval(sub) -> None:
@@ -71,6 +75,17 @@ def _add_summarize(sub) -> None:
     s.add_argument("results", nargs="+", help="result JSON files")
 
 
+def _positive(value: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse prints the message on one line, exit status 2)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
 def _add_bench(sub) -> None:
     from .params import BENCH_SECTIONS, BenchConfig
 
@@ -110,14 +125,40 @@ def _add_bench(sub) -> None:
     b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--out", default=None, help="result JSON file (the tables are printed either way)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def check_output(path: str, option: str) -> None:
+    """An error unless `path` can be written: its folder exists or can be made, and takes new files.
+
+    Checked before the model load, so that a typo costs no run; the folder is made here, as the write would.
+    """
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise StreamkvError(f"{option} '{path}' is a directory; name a file in it, e.g. {target / 'result.json'}")
+        folder = existing = target.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise StreamkvError(f"cannot write {option} '{path}': '{existing}' is a file, not a directory; "
+                                "choose another path")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".streamkv-probe-")  # root passes os.access, not a write
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = f" ('{exc.filename}')" if exc.filename else ""
+        raise StreamkvError(f"cannot write {option} '{path}': {exc.strerror or exc}{where}; "
+                            "choose another path") from None
+
+
 def run_eval(args) -> int:
     from .evaluation import evaluate, failed_record, load_tokens
-    from .sources import load_model, load_text
+    from .params import LLAMACPP_METHODS
+    from .sources import check_attn, check_device, gguf_path, load_model, load_text
 
     params = EvalParams(
         model=args.model, text=args.text, method=args.method, cap=args.cap, sink=args.sink,
@@ -127,15 +168,33 @@ def run_eval(args) -> int:
         prefill=args.prefill, dtype=args.dtype, device=args.device, seed=args.seed, profile=args.profile,
         evaluator=args.evaluator, timing_steps=args.timing_steps, stride=args.stride,
     )
-    params.resolved()  # option and text errors before the (slow) model load
+    # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
+    params.resolved()
+    if args.timing_steps:  # the timing part runs on the tokens loaded here, max-tokens of them
+        from .timing import WARMUP, timing_steps
+
+        need = args.cap + WARMUP + timing_steps(args.timing_steps, args.compress_every)
+        if need > args.max_tokens:
+            raise StreamkvError(f"timing-steps {args.timing_steps} needs {need} tokens (a prefill of cap {args.cap}, "
+                                f"{need - args.cap} steps), more than max-tokens ({args.max_tokens}); raise "
+                                "--max-tokens or lower --timing-steps")
+    check_device(args.device)
+    check_attn(args.attn)
+    if args.method in LLAMACPP_METHODS:
+        gguf_path(args.model)  # llama.cpp runs the model's GGUF file
     text = load_text(args.text, min_chars=16 * args.max_tokens)
+    check_output(args.out, "--out")
+    if args.trace:
+        check_output(args.trace, "--trace")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     tokens = load_tokens(loaded, args.text, args.max_tokens, text)
     try:
         record, trace = evaluate(loaded, tokens, params, progress=not args.quiet)
-    except (RuntimeError, MemoryError) as exc:  # the run itself broke: keep a failed record
+    except NotInstalled:  # a peer's package is missing: nothing ran, and the message says how to install it
+        raise
+    except (StreamkvError, OSError, RuntimeError, MemoryError) as exc:  # the run broke: keep a failed record
         write_json(failed_record(params, f"{type(exc).__name__}: {exc}"), args.out)
-        print(f"streamkv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"streamkv: run failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     if args.trace:  # the trace first: a result never names a trace that is not there
         write_trace(trace, args.trace)
@@ -154,7 +213,7 @@ def run_bench(args) -> int:
     import torch
 
     from . import bench
-    from .bench_tables import bench_markdown
+    from .bench_tables import bench_failures, bench_markdown
     from .params import BenchConfig
     from .sources import load_model
 
@@ -170,12 +229,18 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     tokens = bench.stream_tokens(loaded, args.text, bench.tokens_needed(cfg))
-    result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet, source=loaded.source)
-    result["config"].update(model=args.model, text=args.text, dtype=args.dtype, device=args.device)
-    if args.out:
-        write_json(result, args.out)
+    # the file is rewritten as each section finishes: a section that dies later loses none before it
+    result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet, source=loaded.source, out=args.out,
+                       context=dict(model=args.model, text=args.text, dtype=args.dtype, device=args.device))
     print(bench_markdown(result))
-    return 0
+    for name, error in bench_failures(result).items():
+        print(f"streamkv: bench section {name} failed: {error}", file=sys.stderr)
+    return 1 if result["failed"] else 0
+
+
+def _one_line(exc: BaseException | str) -> str:
+    """The message on one line, whatever line breaks the values in it hold."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(args.results))
             return 0
         if args.command == "bench":
+            if args.out:  # (the bench writes its file as each section finishes, the first after the model load)
+                check_output(args.out, "--out")
             return run_bench(args)
         return run_eval(args)
     except StreamkvError as exc:
-        print(f"streamkv: error: {exc}", file=sys.stderr)
+        print(f"streamkv: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -60,6 +60,9 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams,
     a no-eviction reference, so that `tpot_ratio` can be compared across jobs.
     """
     p = params.resolved()
+    if len(tokens) < p.max_tokens:  # a short list would end the loop early and score fewer targets than asked
+        raise StreamkvError(f"evaluate() got {len(tokens)} tokens, fewer than max_tokens ({p.max_tokens}); pass at "
+                            f"least max_tokens tokens (load_tokens gives them) or lower max_tokens")
     if p.evaluator == "parallel":
         from .parallel import evaluate_parallel
 
@@ -167,12 +170,17 @@ def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress
 
 
 def _record(p: EvalParams, metrics: dict, provenance: dict, nll: np.ndarray) -> dict:
-    """The result record; a run with a non-finite NLL is failed, and says where."""
+    """The result record; a run with a non-finite NLL or perplexity is failed, and says why."""
     status, error = "ok", None
     bad = np.flatnonzero(~np.isfinite(nll))
     if bad.size:
         status = "failed"
         error = f"non-finite NLL at {bad.size} of {nll.size} targets (first at position {int(bad[0])})"
+    elif metrics["ppl"] is None:
+        status = "failed"
+        error = (f"the mean NLL ({metrics['nll_mean']:.1f} nats) overflowed exp: the perplexity is past the float "
+                 "range, the model's predictions have collapsed"
+                 + ("; float16 overflows do this, try --dtype bfloat16 or float32" if p.dtype == "float16" else ""))
     return {"status": status, "error": error, "params": p.record(), "metrics": metrics, "meta": provenance}
 
 

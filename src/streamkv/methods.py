@@ -34,6 +34,11 @@ class Method:
     default_sink: int | None = 4  # None: evicts nothing, keeps no sinks; 0: keeps none by design
     parallel: bool = False  # the exact parallel evaluator (streamkv.parallel) can produce its NLLs
     setup: str | None = None  # the command that installs a peer's optional package
+    # How its KV bytes are known: "measured" from the cache tensors it holds (streamkv's caches), or "computed"
+    # from shapes and counts where there are no tensors of ours to read: recompute keeps no cache (the bytes its
+    # forward computes), a kvpress cache lives in the worker (its bytes scaled to the keys a step attends), and
+    # llama.cpp's is its allocation (cells x bytes per cell from the model's dimensions).
+    kv_bytes: str = "measured"
 
     @property
     def lazy(self) -> bool:
@@ -72,7 +77,8 @@ class Method:
 
 
 def _kvpress(name: str, summary: str, default_sink: int | None = 4) -> Method:
-    return Method(name, "kvpress", summary, frozenset({"compress_every"}), default_sink, setup="make setup-kvpress")
+    return Method(name, "kvpress", summary, frozenset({"compress_every"}), default_sink, setup="make setup-kvpress",
+                  kv_bytes="computed")
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
@@ -87,15 +93,15 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("ring", "cache", "Start+Recent in preallocated buffers (strict or lazy K): nothing is moved on eviction",
            frozenset({"compress_every"}), parallel=True),
     Method("recompute", "baseline", "the baseline: a fresh forward over sinks + window for every token",
-           frozenset({"stride"})),
+           frozenset({"stride"}), kv_bytes="computed"),
     _kvpress("kvpress:streaming_llm", "kvpress's StreamingLLMPress (original positions), in its own environment"),
     _kvpress("kvpress:streaming_llm_unsorted", "kvpress's StreamingLLMPress with its unsorted kept indices"),
     _kvpress("kvpress:streaming_llm+rerotate", "kvpress's StreamingLLMPress with keys re-rotated (pos-shift)"),
     _kvpress("kvpress:knorm", "kvpress's KnormPress (keeps the keys of smallest norm, no sinks)", default_sink=0),
     Method("llamacpp:shift", "llamacpp", "llama.cpp's context shift (K = n_discard) on the GGUF file",
-           frozenset({"compress_every"}), setup="make setup-llamacpp"),
+           frozenset({"compress_every"}), setup="make setup-llamacpp", kv_bytes="computed"),
     Method("llamacpp:dense", "llamacpp", "llama.cpp without eviction (its own reference)", default_sink=None,
-           setup="make setup-llamacpp"),
+           setup="make setup-llamacpp", kv_bytes="computed"),
 )}
 
 NAMES = tuple(REGISTRY)

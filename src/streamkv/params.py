@@ -29,6 +29,7 @@ POSITIONS = ("cache", "original")
 # (streamkv.parallel) for the methods whose cache contents depend on positions only; auto picks parallel there.
 EVALUATORS = ("auto", "parallel", "decode")
 PARALLEL_METHODS = methods.names(parallel=True)
+DTYPES = ("float32", "float16", "bfloat16")  # (the torch dtypes are streamkv.sources.DTYPES)
 
 
 @dataclass
@@ -68,6 +69,9 @@ class EvalParams:
         """Check every option against the method and fill method defaults; raise `StreamkvError` if impossible."""
         p = EvalParams(**asdict(self))
         method = methods.get(p.method)
+        for name, value in asdict(p).items():  # torch and numpy take 64-bit integers only
+            if isinstance(value, int) and value >= 2**63:
+                raise StreamkvError(f"{name.replace('_', '-')} ({value}) is out of range; use a value below 2**63")
         for name in ("cache_slack", "max_drop", "overlap", "refresh"):
             if getattr(p, name) < 0:
                 raise StreamkvError(f"{name.replace('_', '-')} must be >= 0, got {getattr(p, name)}")
@@ -93,6 +97,10 @@ class EvalParams:
             p.sink = method.default_sink
         # cap >= 1, sink < cap, and a window remains after every other term
         Budget.derive(p.cap, sink=p.sink or 0, cache_slack=p.cache_slack, overlap=p.overlap, refresh=p.refresh)
+        if p.method == "ring" and p.compress_every > 1 and p.cap - p.sink < 2:
+            raise StreamkvError(f"the lazy ring (compress-every {p.compress_every}) needs a window of at least 2 "
+                                f"tokens, cap ({p.cap}) - sink ({p.sink}) leaves {p.cap - p.sink}; raise cap or "
+                                "use compress-every 1")
         if p.max_tokens < 2:
             raise StreamkvError(f"max-tokens must be >= 2 (one context token and one target), got {p.max_tokens}")
         if p.prefill < 1:
@@ -108,6 +116,8 @@ class EvalParams:
             raise StreamkvError(f"timing-steps must be >= 0, got {p.timing_steps}")
         if p.evaluator not in EVALUATORS:
             raise StreamkvError(f"unknown evaluator '{p.evaluator}'; choose one of: {', '.join(EVALUATORS)}")
+        if p.dtype not in DTYPES:
+            raise StreamkvError(f"unknown dtype '{p.dtype}'; choose one of: {', '.join(DTYPES)}")
         reason = p.parallel_reason()
         if p.evaluator == "parallel" and reason:
             raise StreamkvError(f"evaluator 'parallel' cannot serve this run: {reason}; use --evaluator decode or auto")
@@ -150,24 +160,54 @@ class BenchConfig:
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":
-        if self.block < self.compress_every:
-            raise StreamkvError(f"block ({self.block}) must be at least compress_every ({self.compress_every}): "
-                                "a block holds a whole lazy period")
+        """Raise `StreamkvError` unless every section can run with these settings."""
         for name in ("blocks", "block", "recompute_every", "compile_steps", "stream_tokens", "compress_every",
                      "evaluator_tokens"):
             if getattr(self, name) < 1:
                 raise StreamkvError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sink", "warmup", "rss_from"):
+            if getattr(self, name) < 0:
+                raise StreamkvError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.block < self.compress_every:
+            raise StreamkvError(f"block ({self.block}) must be at least compress_every ({self.compress_every}): "
+                                "a block holds a whole lazy period")
+        if self.recompute_every > self.block:
+            raise StreamkvError(f"recompute_every ({self.recompute_every}) must be at most block ({self.block}): "
+                                "every block times recompute at least once")
+        if not self.caps:
+            raise StreamkvError("caps must name at least one KV budget")
+        for cap in self.caps:
+            if cap <= self.sink + self.compress_every:
+                raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and compress_every "
+                                    f"{self.compress_every}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise StreamkvError(f"unknown compile mode '{self.compile_mode}'; "
+                                f"choose one of: {', '.join(m for m in COMPILE_MODES if m)}")
         bad = [s for s in self.sections if s not in BENCH_SECTIONS]
         if bad:
             raise StreamkvError(f"unknown bench section(s) {', '.join(bad)}; choose from: {', '.join(BENCH_SECTIONS)}")
         bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
         if bad:
             raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")
-        if "evaluator" in self.sections and self.evaluator_tokens <= self.caps[0] + 1:
+        cap = self.caps[0]  # the compile, memory and evaluator sections run at the first cap
+        if "memory" in self.sections:
+            # Each stream starts with a prefill of the cap, then decodes one token per step.
+            if self.stream_tokens <= cap:
+                raise StreamkvError(f"stream_tokens ({self.stream_tokens}) must exceed the first cap ({cap}): "
+                                    "the memory stream decodes after a prefill of the cap")
+            if self.dense_tokens is not None and "dense" in self.stream_methods and self.dense_tokens <= cap:
+                raise StreamkvError(f"dense_tokens ({self.dense_tokens}) must exceed the first cap ({cap}): "
+                                    "the memory stream decodes after a prefill of the cap")
+            if self.rss_from >= self.stream_tokens:
+                raise StreamkvError(f"rss_from ({self.rss_from}) must be a step of the memory stream, below "
+                                    f"stream_tokens ({self.stream_tokens}); lower rss_from")
+        if self.dense_tokens is not None and self.dense_tokens < 1:
+            raise StreamkvError(f"dense_tokens must be >= 1, got {self.dense_tokens}")
+        if "evaluator" in self.sections and self.evaluator_tokens <= cap + 1:
             raise StreamkvError(f"evaluator_tokens ({self.evaluator_tokens}) must exceed the first cap "
-                                f"({self.caps[0]}) + 1: the prefill fills the cap, then the loop decodes")
-        for cap in self.caps:
-            if cap <= self.sink + self.compress_every:
-                raise StreamkvError(f"cap {cap} leaves no window for sink {self.sink} and compress_every "
-                                    f"{self.compress_every}")
+                                f"({cap}) + 1: the prefill fills the cap, then the loop decodes")
         return self
+
+
+# torch.compile's modes (None: its default)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -20,8 +20,9 @@ by K - 1 past that, like our lazy pruning):
 * `kvpress:knorm`: KnormPress, a score-based press (keeps the keys of lowest norm).
 
 llama.cpp (the optional extra `llama-cpp-python`, `make setup-llamacpp`) runs
-in this process on the model's GGUF file, with its own kernels (quantised
-weights and activations, an F16 KV cache), through its C API:
+in this process on the model's GGUF file, with its own kernels, the file's
+weight type and its context's cache type (both recorded with the result),
+through its C API:
 
 * `llamacpp:shift`: its context shift, which is StreamingLLM: when a token
   would exceed the budget, keep the first `sink` cells (n_keep), remove the
@@ -177,8 +178,11 @@ class LlamaCppStepper(Stepper):
         self.cells = lc.llama_n_ctx(self.ctx)
         self.n_past = self.kv_len = self.dropped = 0
         self.kind = ""
-        self.versions = {"llama-cpp-python": llamacpp_version(), "gguf": Path(gguf).name, "kv_cache": "f16",
-                         "threads": params.n_threads}
+        # What the report says of this engine is read here, not assumed: the file's weight type, the cache's
+        # number type and the cells it allocated for the budget.
+        self.versions = {"llama-cpp-python": llamacpp_version(), "gguf": Path(gguf).name,
+                         "gguf_type": gguf_file_type(gguf), "kv_cache": _ggml_type_name(params.type_k, "f16"),
+                         "kv_cells": int(self.cells), "kv_budget": int(self.budget), "threads": params.n_threads}
 
     def _shift(self) -> None:
         """llama.cpp's context shift: drop cells [sink, sink + K), move the rest K positions back."""
@@ -223,6 +227,43 @@ class LlamaCppStepper(Stepper):
             self.lc.llama_free(self.ctx)
             self.lc.llama_model_free(self.model)
             self.ctx = None
+
+
+def gguf_file_type(path: str | Path) -> str | None:
+    """The weight type of a GGUF file as llama.cpp names it (`Q8_0`, `Q4_K_M`, `F16`), or None if unreadable.
+
+    `general.file_type` where the file records it; otherwise the type that holds most of the tensors' elements.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        logging.getLogger(__name__).warning("could not read the GGUF header of %s: %s", path, exc)
+        return None
+    field = reader.fields.get("general.file_type")
+    if field is not None and field.data:
+        try:
+            kind = gguf.LlamaFileType(int(field.parts[field.data[0]][0]))
+        except ValueError:
+            kind = None
+        if kind is not None and kind != gguf.LlamaFileType.GUESSED:
+            return kind.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    elements: dict[str, int] = {}
+    for tensor in reader.tensors:
+        name = gguf.GGMLQuantizationType(tensor.tensor_type).name
+        elements[name] = elements.get(name, 0) + int(tensor.n_elements)
+    return max(elements, key=elements.get) if elements else None
+
+
+def _ggml_type_name(value, default: str) -> str:
+    """A ggml type number (a llama.cpp context's cache type) as its lower-case name (`f16`)."""
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(int(value)).name.lower()
+    except (TypeError, ValueError):
+        return default
 
 
 def _has_fileno() -> bool:

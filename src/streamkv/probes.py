@@ -25,6 +25,37 @@ def _drops(events: pd.DataFrame, file: str) -> list[int]:
     return events.loc[events.file == file, "dropped"].astype(int).tolist() if len(events) else []
 
 
+def dropped_tokens(events: pd.DataFrame, row) -> dict[int, tuple[int, int]] | None:
+    """Which tokens a run dropped where: decode position -> [first, end) of the token positions dropped there.
+
+    A prune drops the oldest tokens after the `sink` first (`policy.Policy`), so the prune steps and sizes fix
+    the tokens: the i-th token dropped is token sink + i.  Position -1 stands for the prefill's prune (the
+    spike events hold the decode steps only; the prefill's drops are the rest of `tokens_dropped`).  None where
+    that does not determine them: a method whose layout is not Start+Recent's (refresh re-inserts evicted
+    tokens, a peer picks its own), or prune events that do not account for every prune of the run.
+    """
+    from .methods import REGISTRY
+
+    method = REGISTRY.get(row.method)
+    if method is None or method.family != "cache" or method.dense or getattr(row, "refresh", 0):
+        return None
+    ev = events[events.file == row.file].sort_values("position") if len(events) else events
+    decode = [(int(p), int(d)) for p, d in zip(ev.get("position", []), ev.get("dropped", []))]
+    prefill = int(row.tokens_dropped) - sum(d for _, d in decode)
+    if prefill < 0 or len(decode) + (prefill > 0) != int(row.n_prunes):
+        return None
+    out, first = {}, int(row.sink or 0)
+    for position, n in ([(-1, prefill)] if prefill else []) + decode:
+        out[position] = (first, first + n)
+        first += n
+    return out
+
+
+def first_difference(a: dict | None, b: dict | None) -> int | None:
+    """The first decode position (-1: the prefill) where two runs dropped different tokens; None if nowhere."""
+    return next((p for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p)), None)
+
+
 def drop_histogram(drops: list[int]) -> str:
     """Drop sizes as `size x count`, largest count first: `8x12, 4x3`."""
     if not drops:
@@ -58,11 +89,14 @@ def slack_effect(part: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
             if control.empty:
                 continue
             c = control.iloc[0]
-            same = _drops(events, c.file) == _drops(events, staged.file)
+            a, b = dropped_tokens(events, c), dropped_tokens(events, staged)
+            differ = first_difference(a, b) if a is not None and b is not None else None
+            same = "–" if a is None or b is None else ("yes" if differ is None else "no")
             rows.append({
                 "cache_slack": sigma, "mode": mode, "max_drop": staged.max_drop, "window": staged.window,
                 "prunes_control": c.n_prunes, "prunes_staged": staged.n_prunes,
-                "emergency_staged": staged.n_emergency_prunes, "same_drops": same,
+                "emergency_staged": staged.n_emergency_prunes, "same_tokens_dropped": same,
+                "first_difference": differ,
                 "ppl_control": c.ppl, "ppl_staged": staged.ppl, "ppl_diff_pct": (staged.ppl / c.ppl - 1) * 100,
                 "area_control": c.spike_area, "area_staged": staged.spike_area,
                 "area_diff": _diff(staged.spike_area, c.spike_area),
@@ -119,20 +153,37 @@ def max_drop_finding(t: pd.DataFrame) -> str:
 
 
 def slack_finding(t: pd.DataFrame) -> str:
-    same = int(t.same_drops.sum())
-    return (f"At {same} of {len(t)} σ values the staged run (δ > 0) made prunes of the same sizes in the same "
-            f"order as its control (δ = 0). Staged minus control: PPL {t.ppl_diff_pct.min():+.2f} % to "
+    same = t.same_tokens_dropped.astype(str)
+    known = t[same.isin(["yes", "no"])]
+    differ = known[known.same_tokens_dropped == "no"]
+    compared = (f"In {int((same == 'yes').sum())} of {len(known)} pairs the staged run (δ > 0) dropped the same "
+                "tokens at the same decode steps as its control (δ = 0), compared step by step (a prune drops the "
+                "oldest tokens after the sinks, so each run's prune steps and sizes give the tokens)")
+    if not len(known):
+        compared = ("Which tokens the runs dropped could not be compared (no prune events that account for every "
+                    "prune, or a layout that re-inserts tokens)")
+    elif len(differ):
+        compared += "; they first differ at " + ", ".join(
+            f"{_position(r.first_difference)} (σ={r.cache_slack}, {r.mode})" for r in differ.itertuples())
+    if len(known) < len(t):
+        compared += f"; {len(t) - len(known)} pair(s) not comparable"
+    return (f"{compared}. Staged minus control: PPL {t.ppl_diff_pct.min():+.2f} % to "
             f"{t.ppl_diff_pct.max():+.2f} %, prune events {int((t.prunes_staged - t.prunes_control).min()):+d} to "
             f"{int((t.prunes_staged - t.prunes_control).max()):+d}, TPOT {t.tpot_diff_pct.min():+.1f} % to "
             f"{t.tpot_diff_pct.max():+.1f} %.")
 
 
+def _position(p) -> str:
+    return "the prefill" if p == -1 else f"position {int(p)}"
+
+
 def prune_overhead_finding(t: pd.DataFrame) -> str:
     first, last = t.iloc[0], t.iloc[-1]
     costs = t.prune_cost_ms.dropna()
-    return (f"A prune step spends {fmt.num(costs.min())}–{fmt.num(costs.max())} ms more in the cache update than a "
-            f"step without one. The update takes {fmt.num(first.update_share_pct)} % of the step at "
-            f"K={int(first.compress_every)} and {fmt.num(last.update_share_pct)} % at K={int(last.compress_every)}; "
+    spread = f"{costs.min():+.2f} to {costs.max():+.2f} ms" if len(costs) else "– (no step of each kind)"
+    return (f"The cache update of a prune step minus that of a step without one: {spread}. The update takes "
+            f"{fmt.num(first.update_share_pct)} % of the step at K={int(first.compress_every)} and "
+            f"{fmt.num(last.update_share_pct)} % at K={int(last.compress_every)}; "
             f"TPOT goes from {first.tpot_ms:.1f} to {last.tpot_ms:.1f} ms.")
 
 

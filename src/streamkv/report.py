@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import fmt
-from .bench_tables import bench_findings, bench_markdown
+from .bench_tables import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE, bench_failures, bench_findings, bench_markdown
+from .methods import REGISTRY as METHODS
 from .methods import get as method_record
 from .params import DENSE_METHODS, LAZY_METHODS
 from .pipeline import max_tokens, text_source
@@ -88,7 +89,8 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
             "tpot_steady": fmt.num(row.tpot_steady_ms) if ok else "–",
             "speedup": f"{row.speedup:.2f}×" if ok and math.isfinite(row.speedup) else "–",
             "kv": f"{int(row.kv_len_min)} / {row.kv_len_mean:.1f} / {int(row.kv_len_max)}" if ok else "–",
-            "kv_mib": fmt.num(row.kv_bytes_peak / 2**20) if ok else "–",
+            "kv_mib": (fmt.num(row.kv_bytes_peak / 2**20) + (COMPUTED_MARK if _kv_computed(row.method) else "")
+                       if ok else "–"),
             "prunes": (f"{int(row.n_prunes)} / {int(row.tokens_dropped)}" + _marked(row)) if ok else "–",
             "error": row.error if not ok else "",
             "value": fmt.short(row.name),
@@ -104,6 +106,93 @@ def _not_installed(method: str) -> str:
     return f"not installed (install with `{method_record(method).setup}`)"
 
 
+COMPUTED_MARK = "†"  # a KV MiB value computed from shapes or allocations, not read from cache tensors
+# How each family's computed KV bytes come about (`methods.Method.kv_bytes`).
+KV_COMPUTED = {
+    "baseline": "recompute keeps no cache; its value is the keys and values its forward computes over the sinks "
+                "and the window (layers × KV heads × head dim × bytes per value × keys)",
+    "kvpress": "a kvpress cache lives in its worker process; its value is the bytes of the worker's cache tensors "
+               "scaled to the keys a step attends (the press evicts after the attention)",
+    "llamacpp": "llama.cpp's is its allocation: the cells of its context × the bytes of one cell, from the "
+                "model's dimensions",
+}
+
+
+def _kv_computed(method: str) -> bool:
+    record = METHODS.get(method)
+    return record is not None and record.kv_bytes == "computed"
+
+
+def kv_note(rows: list[dict]) -> str:
+    """The footnote of a table's KV MiB column: how its computed (marked) values come about; "" if none is."""
+    families = []
+    for r in rows:
+        if r["status"] == "ok" and _kv_computed(r["method"]) and METHODS[r["method"]].family not in families:
+            families.append(METHODS[r["method"]].family)
+    if not families:
+        return ""
+    return (f"{COMPUTED_MARK} KV MiB computed, not measured: " + "; ".join(KV_COMPUTED[f] for f in families)
+            + ". Unmarked KV MiB values are measured: the bytes of the cache's key and value tensors at their peak.")
+
+
+def _peer_meta(row) -> dict:
+    """What a peer recorded about itself (`meta.peer_versions`): a dict, whichever way the frame stored it."""
+    meta = getattr(row, "meta_peer_versions", None)
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    return {k: v for k, v in meta.items() if v is not None} if isinstance(meta, dict) else {}
+
+
+def llamacpp_engine(peers: pd.DataFrame, dtype: str) -> str:
+    """What the llama.cpp rows ran, as their results record it: the GGUF file's weight type, the KV cache's type,
+    the cells allocated for the budget; "" without a llama.cpp row."""
+    rows = [r for r in peers.itertuples() if METHODS.get(r.method) is not None
+            and METHODS[r.method].family == "llamacpp"]
+    if not rows:
+        return ""
+    metas = [(r, _peer_meta(r)) for r in rows if r.status == "ok"]
+    weights = sorted({str(m["gguf_type"]) for _, m in metas if m.get("gguf_type")})
+    caches = sorted({str(m["kv_cache"]).upper() for _, m in metas if m.get("kv_cache")})
+    kernels = (f"its own kernels, {' / '.join(weights)} weights (the GGUF file's type)" if weights
+               else "its own kernels and its own weight format")
+    kernels += f" and a KV cache in {' / '.join(caches)}" if caches else ""
+    cells = [f"{r.name}: {int(m['kv_cells'])} cells for a budget of {int(m['kv_budget'])}" for r, m in metas
+             if m.get("kv_cells") is not None and m.get("kv_budget") is not None]
+    allocated = f"the cells it allocates ({'; '.join(cells)})" if cells else "the cells it allocates"
+    return (f"llama.cpp runs the model's GGUF file with {kernels}, so its PPL, TPOT and speedup (against our "
+            f"{dtype} recompute) are those of another engine; its KV MiB is computed from {allocated}")
+
+
+def reference_kv(rows: pd.DataFrame) -> str:
+    """How many keys the timed rows attend to, against the timing reference's cap keys at every step.
+
+    The reference holds exactly cap keys; a lazy row holds between cap and cap + K - 1 between its prunes, a
+    softlite row may hold fewer than cap.  The numbers are the row's KV len over its evaluation.
+    """
+    if "tpot_ratio" not in rows:
+        return ""
+    timed = rows[(rows.status == "ok") & pd.to_numeric(rows.tpot_ratio, errors="coerce").notna()]
+    if timed.empty:
+        return ""
+    caps = sorted({int(c) for c in timed.cap})
+    other, dense = [], []
+    for r in timed.itertuples():
+        if r.method in DENSE_METHODS or (METHODS.get(r.method) is not None and METHODS[r.method].dense):
+            dense.append(r.name)
+        elif (int(r.kv_len_min), int(r.kv_len_max)) != (int(r.cap), int(r.cap)):
+            other.append(f"{r.name} {int(r.kv_len_min)} to {int(r.kv_len_max)} keys, mean {r.kv_len_mean:.1f}")
+    text = (f"The timing reference (× ref) attends to cap = {' / '.join(map(str, caps))} keys at every step; "
+            + (f"rows that attend to another number (KV len over their evaluation): {'; '.join(other)}"
+               if other else "every timed row attends to cap keys as well (KV len over its evaluation)"))
+    if dense:
+        text += (f"; {', '.join(dense)} keeps every token, so at its i-th timed step it attends to cap + i keys "
+                 "(after a prefill of cap)")
+    return text + "."
+
+
 def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes",
              compared: pd.DataFrame | None = None) -> list[dict]:
     """One section per (model, text): method table, findings, ablations, probes, spike diagnosis, negative results.
@@ -111,7 +200,8 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
     `compared`: the intervals of sweep points against their controls and of the findings (`summary.comparisons`).
     """
     out = []
-    compared = compared if compared is not None else pd.DataFrame(columns=["model_key", "text_key", "kind", "group"])
+    empty = pd.DataFrame(columns=["model_key", "text_key", "kind", "group", "claim"])
+    compared = compared if compared is not None else empty
     for (model_key, text_key), part in frame.groupby(["model_key", "text_key"], sort=False):
         here = compared[(compared.model_key == model_key) & (compared.text_key == text_key)]
         methods = part[part.group.isin(["baseline", "methods"])]
@@ -131,10 +221,16 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
                                "finding": probe_finding(probe, table),
                                "figure": f"figures/{model_key}/{text_key}/{probe}.png"})
         peers = part[part.group == "peers"]
+        checks = cross_checks(part, config)
+        dtype = config["protocol"].get("dtype", "float32")
+        method_rows, peer_rows = table_rows(methods), table_rows(peers)
         out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
-                    "peers": table_rows(peers), "cross_checks": cross_checks(part, config),
+                    "peers": peer_rows, "cross_checks": checks,
+                    "cross_notes": cross_check_notes(checks, dtype), "llamacpp": llamacpp_engine(peers, dtype),
+                    "kv_notes": {"methods": kv_note(method_rows), "peers": kv_note(peer_rows)},
+                    "reference_kv": reference_kv(pd.concat([methods, peers])),
                     "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key),
-                    "methods": table_rows(methods), "ablations": ablations, "probes": probes,
+                    "methods": method_rows, "ablations": ablations, "probes": probes,
                     "findings": findings(here[here.kind == "finding"]),
                     "spikes": spike_rows(part), "negative": negative_results(part),
                     "figures": {kind: f"figures/{model_key}/{text_key}/{kind}.png"
@@ -155,7 +251,8 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
         if peer is None or ours is None:
             continue  # not run on this text, or no cross-check asked for
         check = {"peer": peer.name, "ours": ours.name, "max_dnll": "–", "mean_dnll": "–", "dppl": "–", "first": "–",
-                 "floor": "–"}
+                 "floor": "–", "differing": "–", "method": peer.method, "prefill": _int(getattr(peer, "prefill", None)),
+                 "cap": _int(getattr(peer, "cap", None)), "max_abs": None, "n_above": None, "n": None}
         if peer.status == "ok" and ours.status == "ok":
             a = pd.read_parquet(trace_path(peer.file), columns=["position", "nll"]).set_index("position").nll
             b = pd.read_parquet(trace_path(ours.file), columns=["position", "nll"]).set_index("position").nll
@@ -163,7 +260,8 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
             above = diff.index[diff > CROSS_CHECK_TOL]
             check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}",
                          dppl=f"{(peer.ppl / ours.ppl - 1) * 100:+.3f}",
-                         first=str(int(above[0])) if len(above) else "none")
+                         first=str(int(above[0])) if len(above) else "none", differing=f"{len(above)} of {len(diff)}",
+                         max_abs=float(diff.max()), n_above=len(above), n=len(diff))
         elif peer.status == NOT_INSTALLED:
             check["dppl"] = _not_installed(peer.method)
         checks[peer.name] = check
@@ -175,6 +273,51 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
 
 
 CROSS_CHECK_TOL = 1e-4  # |dNLL| at which two implementations of the same semantics are said to differ
+
+
+def _int(v) -> int | None:
+    return int(v) if v is not None and v == v else None
+
+
+def _family(method: str) -> str | None:
+    record = METHODS.get(method)
+    return record.family if record is not None else None
+
+
+def cross_check_notes(checks: list[dict], dtype: str) -> list[str]:
+    """What the cross-checks of this run show, in sentences computed from them (measured ones only)."""
+    notes = []
+    measured = [c for c in checks if c["max_abs"] is not None]
+    kvpress = [c for c in measured if _family(c["method"]) == "kvpress"]
+    full = [c for c in kvpress if c["prefill"] is not None and c["cap"] is not None and c["prefill"] >= c["cap"]]
+    below = [c for c in kvpress if c["prefill"] is not None and c["cap"] is not None and c["prefill"] < c["cap"]]
+    if full:
+        worst = max(c["max_abs"] for c in full)
+        notes.append("kvpress compresses after the attention, from the first decode step on: after a prefill that "
+                     "fills the cap its first decode step attends cap + 1 keys, and the states that step leaves in "
+                     f"the cache {'differ from' if worst > CROSS_CHECK_TOL else 'still agree within 1e-4 with'} "
+                     f"ours until the cross-check ends (max |ΔNLL| {worst:.1e} over "
+                     f"{len(full)} such cross-check{'s' if len(full) > 1 else ''}).")
+    if below:
+        worst = max(c["max_abs"] for c in below)
+        where = ", ".join(f"{c['peer']} (prefill {c['prefill']}, cap {c['cap']})" for c in below)
+        notes.append(f"With a prefill below the cap, kvpress and our row differ by at most {worst:.1e} in NLL "
+                     f"({'within' if worst <= CROSS_CHECK_TOL else 'above'} the 1e-4 tolerance): {where}.")
+    elif kvpress:
+        notes.append("With a prefill below the cap (a multiple of K) the test suite checks that kvpress and our "
+                     "rows agree within 1e-4 in NLL (`tests/test_peers.py`, on a tiny model); no cross-check of this "
+                     "run has such a prefill, so it is not measured here.")
+    llama = [c for c in measured if _family(c["method"]) == "llamacpp"]
+    dense = [c for c in llama if METHODS[c["method"]].dense]
+    if dense:
+        c = dense[0]
+        notes.append(f"llama.cpp's NLLs differ from our {dtype} forward's by more than 1e-4 at {c['n_above']} of "
+                     f"{c['n']} targets without eviction ({c['peer']} vs {c['ours']}); that difference is the noise "
+                     "floor, so a shift row's difference beyond it is what the two evictions do differently.")
+    elif llama:
+        notes.append(f"llama.cpp runs another forward than our {dtype} one, and no dense cross-check of this run "
+                     "measures that difference alone: a shift row's difference holds both.")
+    return notes
 
 
 def spike_rows(part: pd.DataFrame) -> list[dict]:
@@ -265,6 +408,46 @@ def provenance(frame: pd.DataFrame) -> dict:
             "first": min(distinct("meta_host_time"), default="–"), "last": max(distinct("meta_host_time"), default="–")}
 
 
+def timing_notes(frame: pd.DataFrame, bench: list[dict] | None = None) -> dict:
+    """What this run's numbers say about the drift of step times, for the prose around the timed columns.
+
+    `drift`: the spread of the no-eviction reference's TPOT, which every timed row's job measures again on the
+    same forward (model and cap), so its spread is the drift between jobs; `bench_width`: the half-widths of the
+    bench's ratio intervals, relative to the ratio; `evaluator`: the bench's check of the parallel evaluator;
+    `llamacpp_bench`: whether the bench timed llama.cpp against its own decode.
+    """
+    notes = {"drift": "", "bench_width": "", "evaluator": "",
+             "llamacpp_bench": any(str(r.get("method", "")).startswith(LLAMACPP) for b in bench or []
+                                   for r in b.get("overhead") or [])}
+    if "tpot_ref_ms" in frame:
+        ok = frame[frame.status == "ok"].drop_duplicates("file")
+        ok = ok.assign(ref=pd.to_numeric(ok.tpot_ref_ms, errors="coerce")).dropna(subset=["ref"])
+        spreads = [(g.ref.max() / g.ref.min() - 1, model, int(cap), g) for (model, cap), g in
+                   ok.groupby(["model_key", "cap"]) if len(g) > 1 and g.ref.min() > 0]
+        if spreads:
+            spread, model, cap, g = max(spreads, key=lambda s: s[0])
+            notes["drift"] = (f"the no-eviction reference's TPOT, timed again in each of {len(g)} jobs on the same "
+                              f"forward ({model}, cap {cap}), ranged from {g.ref.min():.2f} to {g.ref.max():.2f} ms "
+                              f"(+{spread * 100:.1f} %)")
+    halves = []
+    for b in bench or []:
+        for r in b.get("overhead") or []:
+            if r.get("method") in (REFERENCE, LLAMACPP_REFERENCE):
+                continue  # (a reference over itself: 1 exactly)
+            v, lo, hi = (r.get(k) for k in ("overhead", "overhead_lo", "overhead_hi"))
+            if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v, lo, hi)) and v > 0:
+                halves.append((hi - lo) / 2 / v * 100)
+    if halves:
+        notes["bench_width"] = (f"the 95 % intervals of the ratios below are ±{pd.Series(halves).median():.1f} % "
+                                f"of the ratio at the median and ±{max(halves):.1f} % at the widest "
+                                f"({len(halves)} ratios)")
+    checks = [r for b in bench or [] for r in b.get("evaluator") or [] if _finite(r.get("nll_max_abs_diff"))]
+    if checks:
+        notes["evaluator"] = (f"the Performance section's check measures a max |ΔNLL| of "
+                              f"{max(r['nll_max_abs_diff'] for r in checks):.1e} against the decode loop")
+    return notes
+
+
 def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[dict] | None = None,
            compared: pd.DataFrame | None = None) -> str:
     """The report; `bench`: `streamkv bench` results for the Performance section; `compared`: the intervals of
@@ -280,8 +463,9 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
         stats=config["stats"], sections=sections(frame, config, compared=compared),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
-        meta=provenance(frame),
+        meta=provenance(frame), timing=timing_notes(frame, bench),
         performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
                       "text": b["config"].get("text_key", b["config"].get("text")),
-                      "findings": bench_findings(b), "tables": bench_markdown(b)} for b in bench or []],
+                      "findings": bench_findings(b), "tables": bench_markdown(b),
+                      "failed": list(bench_failures(b))} for b in bench or []],
     )

@@ -40,6 +40,14 @@ def finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
+def perplexity(nll_mean: float) -> float | None:
+    """exp(mean NLL); None where that is not a finite float (a non-finite NLL, or one past ~709.8 nats)."""
+    try:
+        return finite(math.exp(nll_mean))
+    except OverflowError:
+        return None
+
+
 def trace_frame(ids: torch.Tensor, nll: np.ndarray, pre: int, prefill_ms: float, step_ms: np.ndarray,
                 kv_len: np.ndarray, dropped: np.ndarray, kinds: np.ndarray, update_ms: np.ndarray) -> pd.DataFrame:
     """The per-token trace: the prefill's scored targets (step 0) first, then one row per decode step."""
@@ -66,7 +74,7 @@ def quality_metrics(nll: np.ndarray, pre: int, kv_len: np.ndarray, dropped: np.n
     kv_decode = kv_len if kv_len.size else np.array([pre])
     metrics = dict.fromkeys(METRIC_KEYS)
     metrics.update({
-        "ppl": math.exp(nll_mean) if math.isfinite(nll_mean) and nll_mean < 700 else None,
+        "ppl": perplexity(nll_mean),
         "nll_mean": finite(nll_mean),
         "n_scored": int(nll.size),
         "kv_len_min": int(kv_decode.min()),

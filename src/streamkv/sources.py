@@ -46,10 +46,15 @@ def _scheme(src: str, kind: str, schemes: tuple[str, ...]) -> tuple[str, str]:
     return scheme, rest
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its first), or its type where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _offline_error(kind: str, src: str, exc: BaseException, alternative: str) -> StreamkvError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return StreamkvError(
-        f"{kind} source '{src}' needs the Hugging Face Hub, which cannot be reached from here ({reason}); "
+        f"{kind} source '{src}' needs the Hugging Face Hub, which cannot be reached from here ({_first_line(exc)}); "
         f"use the embedded {kind} instead: {alternative}"
     )
 
@@ -139,6 +144,51 @@ def embedded_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+DEVICE_HINT = "use cpu, cuda or cuda:N"
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device `device` names, or an error if it is malformed or this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise StreamkvError(f"unknown device '{device}'; {DEVICE_HINT}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreamkvError(f"device '{device}' needs CUDA, which is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise StreamkvError(f"device '{device}' does not exist: this machine has {count} CUDA device(s), "
+                                f"cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise StreamkvError(f"device '{device}' needs Apple's MPS, which is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise StreamkvError(f"device '{device}' is not supported; {DEVICE_HINT}")
+    return dev
+
+
+def attention_implementations() -> list[str]:
+    """The attention implementations transformers knows ("eager" and the registered ones)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def check_attn(attn_implementation: str | None) -> None:
+    """An error unless `attn_implementation` is None (the model's default) or one transformers knows.
+
+    Checked before the load: a tiny model takes the name into its config unchecked and would fail at its first
+    forward, a checkpoint only after its weights are read.
+    """
+    if attn_implementation is None:
+        return
+    known = attention_implementations()
+    if attn_implementation not in known:
+        raise StreamkvError(f"unknown attention implementation '{attn_implementation}'; "
+                            f"choose one of: {', '.join(known)}")
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -149,22 +199,37 @@ class LoadedModel:
 def load_model(src: str, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None) -> LoadedModel:
     """Load the model and tokenizer named by `src`, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in DTYPES:
         raise StreamkvError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     scheme, rest = _scheme(src, "model", ("embedded", "tiny", "hf", "path"))
+    check_device(device)
+    check_attn(attn_implementation)
     torch_dtype = DTYPES[dtype]
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    try:
+        model, tokenizer = _load(src, scheme, rest, kwargs)
+    except (ImportError, ValueError) as exc:
+        if not attn_implementation or isinstance(exc, StreamkvError):
+            raise
+        # transformers knows the name but refuses it here: its package is missing, or the model lacks it
+        raise StreamkvError(f"attention implementation '{attn_implementation}' cannot be used for '{src}' here: "
+                            f"{_first_line(exc).rstrip('.')}; use eager or sdpa") from None
+    return LoadedModel(model.to(device).eval(), tokenizer, src)
+
+
+def _load(src: str, scheme: str, rest: str, kwargs: dict):
+    """The model and tokenizer of a checked source (`kwargs`: dtype and attn_implementation, for transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if scheme == "tiny":
         config = _tiny_config(rest)
-        config._attn_implementation = attn_implementation or "eager"
+        config._attn_implementation = kwargs.get("attn_implementation", "eager")
         # A fixed seed makes `tiny:*` the same model on every machine and run.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
         tokenizer = ByteTokenizer()
     elif scheme == "embedded":
         if rest != EMBEDDED_MODEL.split(":", 1)[1]:
@@ -176,17 +241,25 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu",
         folder = Path(rest)
         if not folder.is_dir():
             raise StreamkvError(f"model source '{src}': no such directory")
-        marker = _read_marker(folder)
-        if marker.get("attn_implementation") and not attn_implementation:
-            kwargs["attn_implementation"] = marker["attn_implementation"]
         ggufs = sorted(folder.glob("*.gguf"))
-        if not (folder / "config.json").exists() and ggufs:
+        if not (folder / "config.json").exists() and not ggufs:
+            raise StreamkvError(f"model source '{src}' holds no model: {folder} has no config.json and no .gguf "
+                                "file; name a folder written by save_pretrained, or one with a .gguf file")
+        marker = _read_marker(folder)
+        if marker.get("attn_implementation") and "attn_implementation" not in kwargs:
+            kwargs["attn_implementation"] = marker["attn_implementation"]
+        if not (folder / "config.json").exists():
             kwargs["gguf_file"] = ggufs[0].name
-        tokenizer = load_tokenizer(folder, kwargs.get("gguf_file"))
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        try:
+            tokenizer = load_tokenizer(folder, kwargs.get("gguf_file"))
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except (OSError, json.JSONDecodeError) as exc:  # missing weights or tokenizer files, a corrupt file
+            raise StreamkvError(f"model source '{src}' cannot be loaded: {_first_line(exc)}; name a folder "
+                                "written by save_pretrained (config, weights and tokenizer), or one with a .gguf "
+                                "file") from None
     else:  # hf
         model, tokenizer = _load_hub_model(src, rest, kwargs)
-    return LoadedModel(model.to(device).eval(), tokenizer, src)
+    return model, tokenizer
 
 
 PREPARED_MARKER = "streamkv_source.json"
@@ -224,7 +297,12 @@ def load_tokenizer(folder: str | Path, gguf_file: str | None = None):
 
 def _read_marker(folder: Path) -> dict:
     path = folder / PREPARED_MARKER
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StreamkvError(f"cannot read {path}: {_first_line(exc)}; delete it, or prepare the folder again") from None
 
 
 def save_checkpoint(model, folder: str | Path) -> None:
@@ -317,7 +395,13 @@ def load_text(src: str, min_chars: int = 0) -> str:
         path = Path(rest)
         if not path.is_file():
             raise StreamkvError(f"text source '{src}': no such file")
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise StreamkvError(f"text source '{src}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                                f"offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        except OSError as exc:
+            raise StreamkvError(f"text source '{src}' cannot be read: {exc.strerror or exc}") from None
     return _load_hub_text(src, rest, min_chars)
 
 

@@ -8,21 +8,55 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import methods
+from .errors import StreamkvError
 from .fmt import to_markdown
 from .params import LAZY_METHODS
 from .pipeline import RUN_KEYS
 
 ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
 
-# A run is compared with the recompute baseline that scored the same tokens under the same budget.
+# A run is compared with the recompute baseline that scored the same tokens under the same budget (and the
+# same sink: see `baseline_of`).
 BASELINE_KEYS = ("model", "text", "cap", "max_tokens", "prefill", "dtype", "device")
+RESULT_KEYS = ("status", "error", "params", "metrics")  # what every result file holds
 
 
-def load_results(paths) -> pd.DataFrame:
-    """Flatten result JSON files into a frame: params, metrics, status, error, source file."""
+def read_result(path, rerun: str | None = None) -> dict:
+    """One result file's record, or an error that names the file and says what is wrong with it.
+
+    `rerun`: how to write the file again (with `{path}`), the fix a broken file's message gives; by default the
+    command line's (run it again, or leave it out).
+    """
+    fix = rerun.format(path=path) if rerun else None  # (None: the command line's fixes, below)
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StreamkvError(f"cannot read result file '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise StreamkvError(f"'{path}' is not a streamkv result: it is not UTF-8 JSON text; "
+                            f"{fix or 'pass the files `streamkv eval --out` writes'}") from None
+    except json.JSONDecodeError as exc:
+        raise StreamkvError(f"result file '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                            f"{exc.colno}); it may have been cut short: "
+                            f"{fix or 'run it again or leave it out'}") from None
+    missing = [k for k in RESULT_KEYS if k not in record] if isinstance(record, dict) else list(RESULT_KEYS)
+    if not missing:
+        missing = [name for name, there in (("params.method", isinstance(record["params"], dict)
+                                             and "method" in record["params"]),
+                                            ("metrics", isinstance(record["metrics"], dict))) if not there]
+    if missing:
+        raise StreamkvError(f"'{path}' is not a streamkv result (it has no {', '.join(missing)}); "
+                            f"{fix or 'pass the files `streamkv eval --out` writes'}")
+    return record
+
+
+def load_results(paths, rerun: str | None = None) -> pd.DataFrame:
+    """Flatten result JSON files into a frame: params, metrics, status, error, source file (`rerun`: see
+    `read_result`)."""
     rows = []
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        record = read_result(path, rerun)
         meta = record.get("meta") or {}
         row = {**record["params"], **record["metrics"], "status": record["status"], "error": record["error"],
                "file": str(path), **{f"meta_{k}": v for k, v in meta.items() if k != "versions"},
@@ -31,13 +65,45 @@ def load_results(paths) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _equal(column: pd.Series, value) -> pd.Series:
+    """Where `column` equals `value`, a missing value (None, NaN) equal to a missing one."""
+    return (column == value) | (column.isna() & pd.isna(value))
+
+
+def baseline_of(run: dict, frame: pd.DataFrame) -> str | None:
+    """The file of `run`'s recompute baseline among the rows of `frame`, None if it has none.
+
+    The baseline is the finished recompute run with the same tokens and budget (`BASELINE_KEYS`) and the same
+    sink, since recompute keeps sinks as a Start+Recent cache does.  A run that keeps no sinks by design (dense,
+    window) takes the one at its own sink if there is one, else the one at recompute's default sink, as
+    `streamkv eval --method recompute` runs it.  Two baselines that both fit are an error: the table would
+    depend on which came last.
+    """
+    rows = frame[(frame.method == "recompute") & (frame.status == "ok")]
+    for key in BASELINE_KEYS:
+        if key in frame.columns:
+            rows = rows[_equal(rows[key], run[key])]
+    found = rows[_equal(rows.sink, run["sink"])]
+    method = methods.REGISTRY.get(run["method"])
+    if found.empty and method is not None and (method.dense or method.sinkless):
+        found = rows[rows.sink == methods.get("recompute").default_sink]
+    if len(found) > 1:
+        setting = ", ".join(f"{k} {run[k]}" for k in ("cap", "sink", "max_tokens", "prefill") if k in run)
+        raise StreamkvError(f"{len(found)} recompute baselines fit '{run['file']}' ({setting}): "
+                            f"{', '.join(found.file)}; summarize only one of them")
+    return None if found.empty else found.file.iloc[0]
+
+
 def with_baseline(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add `delta_ppl_pct` and `speedup` against the recompute row of the same setting (NaN where there is none)."""
-    keys = [k for k in BASELINE_KEYS if k in frame.columns]
-    base = frame[(frame.method == "recompute") & (frame.status == "ok")]
-    base = base[keys + ["ppl", "tpot_ms"]].rename(columns={"ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms"})
-    base = base.drop_duplicates(subset=keys, keep="last")
-    return _add_deltas(frame.merge(base, on=keys, how="left"))
+    """Add `baseline` (its file), `delta_ppl_pct` and `speedup` against each run's recompute baseline (see
+    `baseline_of`; "none" and NaN where there is none)."""
+    frame = frame.copy()
+    frame["baseline"] = [baseline_of(run, frame) for run in frame.to_dict("records")]
+    base = frame[["file", "ppl", "tpot_ms"]].drop_duplicates("file").rename(
+        columns={"file": "baseline", "ppl": "baseline_ppl", "tpot_ms": "baseline_tpot_ms"})
+    out = _add_deltas(frame.merge(base, on="baseline", how="left"))
+    out["baseline"] = out.baseline.fillna("none")
+    return out
 
 
 def _add_deltas(frame: pd.DataFrame) -> pd.DataFrame:
@@ -67,12 +133,12 @@ def method_table(frame: pd.DataFrame) -> pd.DataFrame:
     out = with_baseline(frame)
     out.insert(0, "run", out.apply(label, axis=1))
     cols = ["run", "status", "sink", "window", "compress_every", "ppl", "delta_ppl_pct", "tpot_ms", "tpot_steady_ms",
-            "speedup", "kv_len_min", "kv_len_mean", "kv_len_max", "n_prunes", "tokens_dropped", "error"]
+            "speedup", "kv_len_min", "kv_len_mean", "kv_len_max", "n_prunes", "tokens_dropped", "baseline", "error"]
     return out[cols]
 
 
 def markdown(paths) -> str:
-    return to_markdown(method_table(load_results(paths)))
+    return to_markdown(method_table(load_results(dict.fromkeys(paths))))  # (a file named twice is one run)
 
 
 def pipeline_summary(rows) -> pd.DataFrame:
@@ -81,7 +147,8 @@ def pipeline_summary(rows) -> pd.DataFrame:
     `rows` holds `[path, model_key, text_key, labels]` with labels `(group, name, order)`;
     the row of group "baseline" of each (model, text) is what the others are compared with.
     """
-    results = load_results([r[0] for r in rows]).set_index("file")
+    results = load_results([r[0] for r in rows], rerun="run its job again: snakemake --forcerun {path}")
+    results = results.set_index("file")
     out = []
     for path, model_key, text_key, labels in rows:
         for group, name, order in labels:
