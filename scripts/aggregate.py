@@ -2,7 +2,7 @@
 with the NLL spike diagnosis of every run against its baseline, every delta PPL with its interval (paired on the
 targets both runs scored), and the intervals of every sweep point against its control and of the findings."""
 
-from streamkv.jobio import log_to
+from streamkv.jobio import log_to, write_table
 from streamkv.summary import comparisons, pipeline_summary, spike_diagnosis, with_intervals
 
 with log_to(snakemake.log[0]):
@@ -10,10 +10,9 @@ with log_to(snakemake.log[0]):
     frame, events, curves = spike_diagnosis(frame, **snakemake.params.diagnostics)
     frame = with_intervals(frame, snakemake.params.stats)
     compared = comparisons(frame, snakemake.params.controls, snakemake.params.findings, snakemake.params.stats)
-    frame.to_csv(snakemake.output.csv, index=False)
-    frame.to_parquet(snakemake.output.parquet, index=False)
-    events.to_parquet(snakemake.output.spike_events, index=False)
-    curves.to_parquet(snakemake.output.spike_curves, index=False)
-    compared.to_csv(snakemake.output.comparisons, index=False)
+    for table, path in ((frame, snakemake.output.csv), (frame, snakemake.output.parquet),
+                        (events, snakemake.output.spike_events), (curves, snakemake.output.spike_curves),
+                        (compared, snakemake.output.comparisons)):
+        write_table(table, path)
     print(f"{len(frame)} rows, {int((frame.status != 'ok').sum())} failed, {len(events)} prune events diagnosed, "
           f"{len(compared)} comparisons")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from streamkv.errors import NotInstalled, StreamkvError
 from streamkv.evaluation import EvalParams, evaluate, failed_record, timed_row
-from streamkv.jobio import log_to, write_json, write_trace
+from streamkv.jobio import log_to, write_json, write_table
 from streamkv.results import TRACE_COLUMNS
 from streamkv.sources import load_model
 
@@ -41,8 +41,8 @@ with log_to(snakemake.log[0]):
         record = failed_record(params, f"{type(exc).__name__}: {exc}")
     # the trace first, then the result that names it (each written atomically)
     if shared is not None and record["status"] == "ok":  # the shared per-token NLLs
-        write_trace(pd.read_parquet(snakemake.input.quality_trace), snakemake.output.trace)
+        write_table(pd.read_parquet(snakemake.input.quality_trace), snakemake.output.trace)
     else:  # keep the output contract: an empty trace for a failed run
-        write_trace(trace if trace is not None else pd.DataFrame(columns=list(TRACE_COLUMNS)), snakemake.output.trace)
+        write_table(trace if trace is not None else pd.DataFrame(columns=list(TRACE_COLUMNS)), snakemake.output.trace)
     write_json(record, snakemake.output.result)
     print(f"status {record['status']}: {record['error'] or record['metrics']['ppl']}")

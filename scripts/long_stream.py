@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streamkv import long_stream
 from streamkv.evaluation import EvalParams, evaluate
-from streamkv.jobio import log_to, write_json, write_trace
+from streamkv.jobio import log_to, write_json, write_table
 from streamkv.sources import encode, load_model, load_text
 
 with log_to(snakemake.log[0]):
@@ -26,7 +26,7 @@ with log_to(snakemake.log[0]):
     info = {"n_available": len(ids), "n_tokens": n, "tokens_per_s": record["metrics"]["n_scored"] / sec,
             "job_sec": time.perf_counter() - started}
     record[long_stream.KEY] = info
-    write_trace(trace, snakemake.output.trace)  # the trace first, then the result that names it
+    write_table(trace, snakemake.output.trace)  # the trace first, then the result that names it
     write_json(record, snakemake.output.result)
     print(f"status {record['status']}: PPL {record['metrics']['ppl']}, {info['tokens_per_s']:.1f} tokens/s "
           f"({sec:.1f} s in the evaluator, {info['job_sec']:.1f} s in all)")

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from streamkv.jobio import log_to
+from streamkv.jobio import log_to, write_text
 from streamkv.report import render
 
 with log_to(snakemake.log[0]):
     frame = pd.read_parquet(snakemake.input.summary)
     bench = [json.loads(Path(path).read_text()) for path in snakemake.input.bench]
     compared = pd.read_csv(snakemake.input.comparisons)
-    Path(snakemake.output[0]).write_text(render(frame, snakemake.input.template, snakemake.params.config, bench,
-                                                compared))
+    write_text(render(frame, snakemake.input.template, snakemake.params.config, bench, compared),
+               snakemake.output[0])
     print(f"wrote {snakemake.output[0]}")

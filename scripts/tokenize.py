@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from streamkv.jobio import log_to
+from streamkv.jobio import log_to, write_text
 from streamkv.sources import encode, load_text, load_tokenizer
 
 with log_to(snakemake.log[0]):
@@ -11,6 +11,6 @@ with log_to(snakemake.log[0]):
     n = snakemake.params.max_tokens
     text = load_text(snakemake.params.source, min_chars=16 * n)
     ids = encode(load_tokenizer(folder), text)
-    Path(snakemake.output[0]).write_text(json.dumps({"source": snakemake.params.source, "n_available": len(ids),
-                                                     "ids": ids[:n]}) + "\n")
+    write_text(json.dumps({"source": snakemake.params.source, "n_available": len(ids), "ids": ids[:n]}) + "\n",
+               snakemake.output[0])
     print(f"{snakemake.params.source}: {len(ids)} tokens, kept {min(n, len(ids))}")

@@ -222,7 +222,9 @@ def test_summarize_names_the_file_it_cannot_read(tmp_path, capsys):
     (["--recompute-every", "64"], "recompute_every (64) must be at most block (32): every block times recompute"),
     (["--compile-steps", "0"], "compile_steps must be >= 1, got 0"),
     (["--dense-tokens", "100"], "dense_tokens (100) must exceed the first cap (256)"),
-    (["--stream-tokens", "1000"], "rss_from (2000) must be a step of the memory stream, below stream_tokens (1000)"),
+    (["--stream-tokens", "1000"], "rss_from (2000) must be a decode step of the memory stream, from the first cap "
+                                  "(256) to below stream_tokens (1000); set rss_from in [256, 1000)"),
+    (["--rss-from", "100"], "rss_from (100) must be a decode step of the memory stream, from the first cap (256)"),
     (["--evaluator-tokens", "200"], "evaluator_tokens (200) must exceed the first cap (256) + 1"),
     (["--stream-methods", "h2o"], "unknown stream method(s) h2o; choose from: ring, start_recent, mit, dense, window"),
     (["--compile-mode", "fast"], "unknown compile mode 'fast'; choose one of: default, reduce-overhead, "),

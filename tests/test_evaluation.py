@@ -118,7 +118,7 @@ def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
         "    record, trace = evaluate(loaded, tokens, p, progress=False)\n"
         "write_json(record, sys.argv[1])\n"
         "run(loaded.model, tokens, BenchConfig(caps=(32,), compress_every=4, blocks=2, block=4, warmup=1,\n"
-        "    compile=False, stream_tokens=100, dense_tokens=80, rss_from=20, evaluator_tokens=80), progress=False)\n"
+        "    compile=False, stream_tokens=100, dense_tokens=80, rss_from=40, evaluator_tokens=80), progress=False)\n"
         "ran = {m.split('.')[1] for m in sys.modules if m.startswith('streamkv.')}\n"
         "print(sorted(ran - set(EVALUATION_MODULES)))\n")
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "r.json")], capture_output=True, text=True,

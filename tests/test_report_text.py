@@ -224,6 +224,11 @@ def test_the_drift_is_cited_from_the_run():
     assert "the Performance section's check measures a max |ΔNLL| of 2.5e-06 against the decode loop" in text
 
 
+def test_the_block_size_is_the_timing_parts(monkeypatch):
+    monkeypatch.setattr("streamkv.report.TIMING_BLOCK", 16)
+    assert "the median over blocks of 16 steps of the block mean" in report([row("Ours (strict)", "start_recent")])
+
+
 def test_without_timings_nothing_is_claimed_about_the_drift():
     notes = timing_notes(frame().assign(tpot_ref_ms=float("nan")), [])
     assert notes["drift"] == notes["bench_width"] == notes["evaluator"] == ""

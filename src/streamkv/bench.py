@@ -325,7 +325,7 @@ def memory_stream(model, tokens: list[int], method: str, cap: int, cfg: BenchCon
     cache = make_cache(method, model, cap=cap, sink=0 if method == "window" else cfg.sink)
     stepper = CachedStepper(model, cache)
     stepper.forward(ids[:, :cap])
-    rss_from = cfg.rss_from if cfg.rss_from < n else (n + cap) // 2
+    rss_from = cfg.rss_from if cfg.rss_from < n else (n + cap) // 2  # dense's shorter stream: its middle
     kv = np.empty(n - cap, dtype=np.int64)
     step_ms = np.empty(n - cap)
     rss_start = None

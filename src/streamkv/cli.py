@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import methods
 from .errors import NotInstalled, StreamkvError
-from .jobio import write_json, write_trace
+from .jobio import write_json, write_table
 from .params import EVALUATORS, PARALLEL_METHODS, EvalParams
 from .policy import SOFTLITE_MODES
 
@@ -119,7 +119,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--dense-tokens", type=int, default=None,
                    help="a shorter stream for dense (default: --stream-tokens)")
     b.add_argument("--rss-from", type=int, default=d.rss_from,
-                   help=f"RSS growth is measured from this step (default {d.rss_from})")
+                   help=f"RSS growth is measured from this decode step, at least the first cap (default {d.rss_from})")
     b.add_argument("--evaluator-tokens", type=int, default=d.evaluator_tokens,
                    help=f"tokens the parallel evaluator and the decode loop both score (default {d.evaluator_tokens})")
     b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")
@@ -197,7 +197,7 @@ def run_eval(args) -> int:
         print(f"streamkv: run failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     if args.trace:  # the trace first: a result never names a trace that is not there
-        write_trace(trace, args.trace)
+        write_table(trace, args.trace)
     write_json(record, args.out)
     m = record["metrics"]
     if record["status"] != "ok":

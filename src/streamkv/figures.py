@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import fmt
+from .jobio import atomic_path
 from .probes import PROBES, log2_axis
 from .summary import ROW_GROUPS
 
@@ -30,8 +31,8 @@ def _save(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 

@@ -1,8 +1,8 @@
-"""A job's outputs and log: results and traces written atomically, everything printed sent to the log.
+"""A job's outputs and log: every file written atomically, everything printed sent to the log.
 
-Used by the command line and by every pipeline script.  A file is written to a temporary name in its own
-directory and renamed into place, so a job killed mid-write leaves either the old file or none, never a
-truncated one; a result that names a trace is written after it.
+Used by the command line, the library's writers and every pipeline script.  A file is written to a temporary
+name in its own directory and renamed into place, so a job killed mid-write leaves either the old file or none,
+never a truncated one; a result that names a trace is written after it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def _atomic(path: str | Path, mode: str = "w"):
-    """A temporary file beside `path`, renamed onto it when the block ends without an error."""
+def atomic_path(path: str | Path):
+    """A temporary file name beside `path`, renamed onto it when the block ends without an error.
+
+    The name keeps `path`'s suffix, so writers that pick a format by suffix (matplotlib) pick the same one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output gets the mode a plain open would give
     try:
         yield tmp
         os.replace(tmp, path)
@@ -31,20 +37,24 @@ def _atomic(path: str | Path, mode: str = "w"):
             os.unlink(tmp)
 
 
-def write_trace(trace, path: str | Path) -> None:
-    """A per-token trace (a DataFrame): parquet or CSV by the file's suffix."""
-    with _atomic(path) as tmp:
+def write_table(frame, path: str | Path) -> None:
+    """A table (a DataFrame: a per-token trace, a summary): parquet or CSV by the file's suffix."""
+    with atomic_path(path) as tmp:
         if str(path).endswith(".parquet"):
-            trace.to_parquet(tmp, index=False)
+            frame.to_parquet(tmp, index=False)
         else:
-            trace.to_csv(tmp, index=False)
+            frame.to_csv(tmp, index=False)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """A text file (a report page, a token list)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def write_json(record: dict, path: str | Path) -> None:
     """A result record as JSON (strict: a NaN is an error, not a non-standard token)."""
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(text)
+    write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", path)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StreamkvError
+from .jobio import write_text
 from .params import SINKLESS_METHODS, EvalParams
 from .pipeline import run_id
 
@@ -212,7 +213,7 @@ def write_report(result: str | Path, trace: str | Path, template: str | Path, se
     p = record["params"]
     figure(table, figure_path, f"{p['method']}, cap {p['cap']}: PPL per {segment:,}-token segment")
     link = Path(figure_path).relative_to(Path(page).parent).as_posix()
-    Path(page).write_text(render(record, table, segment, template, link))
+    write_text(render(record, table, segment, template, link), page)
     return table
 
 

@@ -24,6 +24,7 @@ DENSE_METHODS = methods.names(dense=True)  # they evict nothing
 SINKLESS_METHODS = methods.names(sinkless=True)  # they keep no sink tokens
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
+TIMING_BLOCK = 32  # steps per block of a timing part: TPOT is the median of the blocks' mean step times
 POSITIONS = ("cache", "original")
 # Who produces a run's NLLs: the decode loop (the reference, timed), or the exact parallel evaluator
 # (streamkv.parallel) for the methods whose cache contents depend on positions only; auto picks parallel there.
@@ -198,9 +199,10 @@ class BenchConfig:
             if self.dense_tokens is not None and "dense" in self.stream_methods and self.dense_tokens <= cap:
                 raise StreamkvError(f"dense_tokens ({self.dense_tokens}) must exceed the first cap ({cap}): "
                                     "the memory stream decodes after a prefill of the cap")
-            if self.rss_from >= self.stream_tokens:
-                raise StreamkvError(f"rss_from ({self.rss_from}) must be a step of the memory stream, below "
-                                    f"stream_tokens ({self.stream_tokens}); lower rss_from")
+            if not cap <= self.rss_from < self.stream_tokens:
+                raise StreamkvError(f"rss_from ({self.rss_from}) must be a decode step of the memory stream, from "
+                                    f"the first cap ({cap}) to below stream_tokens ({self.stream_tokens}); "
+                                    f"set rss_from in [{cap}, {self.stream_tokens})")
         if self.dense_tokens is not None and self.dense_tokens < 1:
             raise StreamkvError(f"dense_tokens must be >= 1, got {self.dense_tokens}")
         if "evaluator" in self.sections and self.evaluator_tokens <= cap + 1:

@@ -16,7 +16,7 @@ from . import fmt
 from .bench_tables import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE, bench_failures, bench_findings, bench_markdown
 from .methods import REGISTRY as METHODS
 from .methods import get as method_record
-from .params import DENSE_METHODS, LAZY_METHODS
+from .params import DENSE_METHODS, LAZY_METHODS, TIMING_BLOCK
 from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
@@ -414,9 +414,10 @@ def timing_notes(frame: pd.DataFrame, bench: list[dict] | None = None) -> dict:
     `drift`: the spread of the no-eviction reference's TPOT, which every timed row's job measures again on the
     same forward (model and cap), so its spread is the drift between jobs; `bench_width`: the half-widths of the
     bench's ratio intervals, relative to the ratio; `evaluator`: the bench's check of the parallel evaluator;
-    `llamacpp_bench`: whether the bench timed llama.cpp against its own decode.
+    `llamacpp_bench`: whether the bench timed llama.cpp against its own decode; `block`: the steps per block of a
+    timing part.
     """
-    notes = {"drift": "", "bench_width": "", "evaluator": "",
+    notes = {"drift": "", "bench_width": "", "evaluator": "", "block": TIMING_BLOCK,
              "llamacpp_bench": any(str(r.get("method", "")).startswith(LLAMACPP) for b in bench or []
                                    for r in b.get("overhead") or [])}
     if "tpot_ref_ms" in frame:

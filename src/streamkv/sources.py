@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import StreamkvError
+from .jobio import write_text
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_TEXT = "embedded:shakespeare/hamlet"
@@ -344,7 +345,7 @@ def prepare_model(src: str, folder: str | Path, dtype: str = "float32") -> dict:
         tokenizer = "saved"
     marker = {"source": src, "dtype": dtype, "tokenizer": tokenizer,
               "attn_implementation": loaded.model.config._attn_implementation}
-    (folder / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_text(json.dumps(marker, indent=2) + "\n", folder / PREPARED_MARKER)  # last: it marks the folder complete
     return marker
 
 

@@ -19,8 +19,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import StreamkvError
+from .params import TIMING_BLOCK as BLOCK
 
-BLOCK = 32
 WARMUP = 16
 
 
