@@ -16,7 +16,7 @@ with log_to(snakemake.log[0]):
     cfg = BenchConfig(**settings).check()
     p = snakemake.params
     loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=p.dtype, device=p.device)
-    tokens = bench.stream_tokens(loaded, p.text, bench.tokens_needed(cfg))
+    tokens = bench.stream_tokens(loaded, p.text, cfg.tokens_needed())
     # A failed section is recorded in the result (the job still succeeds, so the report shows the failure
     # beside the sections that finished); the file is rewritten as each section finishes.
     result = bench.run(loaded.model, tokens, cfg, source=loaded.source, out=snakemake.output[0],

@@ -226,6 +226,8 @@ def test_summarize_names_the_file_it_cannot_read(tmp_path, capsys):
                                   "(256) to below stream_tokens (1000); set rss_from in [256, 1000)"),
     (["--rss-from", "100"], "rss_from (100) must be a decode step of the memory stream, from the first cap (256)"),
     (["--evaluator-tokens", "200"], "evaluator_tokens (200) must exceed the first cap (256) + 1"),
+    (["--block", "99999999999999999999"], "the bench would need 800,000,000,000,000,000,264 tokens of text, more "
+                                          "than 10,000,000 (days of decoding); lower blocks x block, stream_tokens"),
     (["--stream-methods", "h2o"], "unknown stream method(s) h2o; choose from: ring, start_recent, mit, dense, window"),
     (["--compile-mode", "fast"], "unknown compile mode 'fast'; choose one of: default, reduce-overhead, "),
     (["--device", "bogus"], "unknown device 'bogus'; use cpu, cuda or cuda:N"),

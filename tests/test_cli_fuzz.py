@@ -91,18 +91,18 @@ def _bad_eval_values(latin1: str) -> dict[str, st.SearchStrategy]:
 
 
 BAD_BENCH = {
-    "--warmup": st.integers(max_value=-1),
-    "--blocks": st.integers(max_value=0),
-    "--block": st.integers(max_value=31),  # shorter than a lazy period (32)
-    "--stream-tokens": st.integers(max_value=256),  # no step after the prefill of cap 256
+    "--warmup": st.integers(max_value=-1) | huge,  # huge: more text than a bench may decode
+    "--blocks": st.integers(max_value=0) | huge,
+    "--block": st.integers(max_value=31) | huge,  # shorter than a lazy period (32)
+    "--stream-tokens": st.integers(max_value=256) | huge,  # no step after the prefill of cap 256
     "--caps": st.lists(st.integers(max_value=36), min_size=1, max_size=3),  # no window after sink + K
     "--sink": st.integers(max_value=-1) | st.integers(min_value=224),
     "--compress-every": st.integers(max_value=0) | st.integers(min_value=33),
     "--recompute-every": st.integers(max_value=0) | st.integers(min_value=33),
-    "--compile-steps": st.integers(max_value=0),
-    "--dense-tokens": st.integers(max_value=256),
+    "--compile-steps": st.integers(max_value=0) | huge,
+    "--dense-tokens": st.integers(max_value=256) | huge,
     "--rss-from": st.integers(max_value=-1) | st.integers(min_value=20000),
-    "--evaluator-tokens": st.integers(max_value=257),
+    "--evaluator-tokens": st.integers(max_value=257) | huge,
     "--sections": st.lists(anything.filter(lambda s: s not in BENCH_SECTIONS), min_size=1, max_size=2),
     "--stream-methods": st.lists(anything.filter(lambda s: s not in STREAM_METHODS), min_size=1, max_size=2),
     "--compile-mode": anything.filter(lambda s: s not in ("default", "reduce-overhead", "max-autotune",

@@ -377,13 +377,6 @@ def evaluator_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progre
     return rows
 
 
-def tokens_needed(cfg: BenchConfig) -> int:
-    caps = max(cfg.caps)
-    return max(caps + cfg.warmup + cfg.blocks * cfg.block, cfg.caps[0] + cfg.compile_steps + 3,
-               cfg.stream_tokens, cfg.dense_tokens or 0,
-               cfg.evaluator_tokens if "evaluator" in cfg.sections else 0)
-
-
 def stream_tokens(loaded, text_src: str, n: int) -> list[int]:
     """`n` tokens of the text, the text repeated end to end if it is shorter (costs do not depend on the words)."""
     from .sources import encode, load_text

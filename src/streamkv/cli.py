@@ -228,7 +228,7 @@ def run_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens = bench.stream_tokens(loaded, args.text, bench.tokens_needed(cfg))
+    tokens = bench.stream_tokens(loaded, args.text, cfg.tokens_needed())
     # the file is rewritten as each section finishes: a section that dies later loses none before it
     result = bench.run(loaded.model, tokens, cfg, progress=not args.quiet, source=loaded.source, out=args.out,
                        context=dict(model=args.model, text=args.text, dtype=args.dtype, device=args.device))

@@ -135,6 +135,7 @@ class EvalParams:
 
 
 BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator")
+MAX_BENCH_TOKENS = 10_000_000  # tokens of text a bench may decode: more is a mistyped setting (days of decoding)
 STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
 
 
@@ -208,7 +209,17 @@ class BenchConfig:
         if "evaluator" in self.sections and self.evaluator_tokens <= cap + 1:
             raise StreamkvError(f"evaluator_tokens ({self.evaluator_tokens}) must exceed the first cap "
                                 f"({cap}) + 1: the prefill fills the cap, then the loop decodes")
+        if self.tokens_needed() > MAX_BENCH_TOKENS:
+            raise StreamkvError(f"the bench would need {self.tokens_needed():,} tokens of text, more than "
+                                f"{MAX_BENCH_TOKENS:,} (days of decoding); lower blocks x block, stream_tokens, "
+                                "dense_tokens, compile_steps or evaluator_tokens")
         return self
+
+    def tokens_needed(self) -> int:
+        """The tokens of text the sections decode (the text is repeated end to end when it is shorter)."""
+        return max(max(self.caps) + self.warmup + self.blocks * self.block, self.caps[0] + self.compile_steps + 3,
+                   self.stream_tokens, self.dense_tokens or 0,
+                   self.evaluator_tokens if "evaluator" in self.sections else 0)
 
 
 # torch.compile's modes (None: its default)
