@@ -30,8 +30,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The embedded SmolLM2-135M, loaded once per worker (session scope: an xdist worker interleaves modules, and
-    a module fixture would load it again, about 20 s, each time it comes back to the module)."""
+    """The embedded SmolLM2-135M, loaded once per worker (about 20 s) and shared by the modules that use it."""
     return load_model("embedded:smollm2-135m")
 
 

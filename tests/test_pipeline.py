@@ -82,11 +82,8 @@ def test_the_pipeline_tests_share_one_worker(request):
 
 @pytest.fixture(scope="session")
 def done(tmp_path_factory):
-    """A workflow copy on which the smoke pipeline has run to completion.
-
-    Session-scoped, not module-scoped: an xdist worker may run other modules' tests between the pipeline tests,
-    and a module fixture would be torn down and the whole pipeline run again (five minutes) each time.
-    """
+    """A workflow copy on which the smoke pipeline has run to completion (once per worker, in whatever order the
+    worker runs its tests: a module fixture is torn down whenever the worker moves to another module)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     proc = snakemake(workdir, "report/paper_tables.md")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
