@@ -22,9 +22,9 @@ LAZY_METHODS = methods.names(lazy=True)  # they take a prune period K (compress_
 PEER_SETUP = {m.family: m.setup for m in methods.REGISTRY.values() if m.setup}  # how to install a peer's package
 DENSE_METHODS = methods.names(dense=True)  # they evict nothing
 SINKLESS_METHODS = methods.names(sinkless=True)  # they keep no sink tokens
+TIMING_BLOCK = 32  # steps per block of a timing part: TPOT is the median of the blocks' mean step times
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
-TIMING_BLOCK = 32  # steps per block of a timing part: TPOT is the median of the blocks' mean step times
 POSITIONS = ("cache", "original")
 # Who produces a run's NLLs: the decode loop (the reference, timed), or the exact parallel evaluator
 # (streamkv.parallel) for the methods whose cache contents depend on positions only; auto picks parallel there.
@@ -209,8 +209,8 @@ class BenchConfig:
         if "evaluator" in self.sections and self.evaluator_tokens <= cap + 1:
             raise StreamkvError(f"evaluator_tokens ({self.evaluator_tokens}) must exceed the first cap "
                                 f"({cap}) + 1: the prefill fills the cap, then the loop decodes")
-        if self.tokens_needed() > MAX_BENCH_TOKENS:
-            raise StreamkvError(f"the bench would need {self.tokens_needed():,} tokens of text, more than "
+        if (needed := self.tokens_needed()) > MAX_BENCH_TOKENS:
+            raise StreamkvError(f"the bench would need {needed:,} tokens of text, more than "
                                 f"{MAX_BENCH_TOKENS:,} (days of decoding); lower blocks x block, stream_tokens, "
                                 "dense_tokens, compile_steps or evaluator_tokens")
         return self
