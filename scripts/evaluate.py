@@ -27,7 +27,8 @@ with log_to(snakemake.log[0]):
                                 f"max_tokens ({params.max_tokens}); lower protocol.max_tokens or the row's max_tokens")
         loaded = None
         if shared is None or (shared["status"] == "ok" and params.timing_steps):
-            loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=params.dtype, device=params.device)
+            loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=params.dtype, device=params.device,
+                                weights=params.weights)
         if shared is None:
             record, trace = evaluate(loaded, tokens["ids"], params)
         else:

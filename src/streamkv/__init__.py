@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Budget": "budget", "EvalParams": "params", "METHODS": "params", "RotaryAligner": "rope",
     "StreamingCache": "cache", "StreamkvError": "errors", "evaluate": "evaluation", "load_model": "sources",
-    "load_text": "sources", "make_cache": "factory",
+    "load_text": "sources", "make_cache": "factory", "apply_weights": "weights",
 }
 __all__ = sorted(_EXPORTS)
 

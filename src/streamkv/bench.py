@@ -22,7 +22,12 @@ charged to the method instead of being hidden by a median of single steps.
   same step eager (TPOT ratio, largest NLL difference, graphs compiled after
   warm-up), or the exact error if the stack refuses it;
 * memory: over a long stream, the cache's bytes (min and max once it is
-  full) and the process RSS from step `rss_from` to the end, per method.
+  full) and the process RSS from step `rss_from` to the end, per method;
+* weights: the ring's fixed-shape step with each weights variant
+  (`streamkv.weights`), eager and, for `weights_compile`, through
+  `torch.compile`, against the float32 eager step and llama.cpp's own
+  decode over cap keys (when installed), in one interleaved run; the
+  fastest variant's TPOT against the goal of at most 2x llama.cpp's.
 
 A section that raises is recorded as failed, with its error, and the others
 still run; given a file, `run` rewrites it as each part of a section finishes,
@@ -305,6 +310,122 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     return record
 
 
+WEIGHTS_REFERENCE = "float32 eager"
+WEIGHTS_GOAL = 2.0  # the fastest variant's TPOT over llama.cpp's own decode at the same KV length
+
+
+def weights_contenders(model, cap: int, cfg: BenchConfig, source: str | None = None) -> tuple[dict, dict]:
+    """(steppers, failures): the ring's fixed-shape step per weights variant, eager and compiled, on copies of `model`.
+
+    A variant that cannot be applied is a failure (its error), not a stepper; llama.cpp's reference decode over
+    cap keys joins when it is installed and the model has a GGUF file.
+    """
+    import copy
+
+    from .weights import DEFAULT, apply_weights
+
+    steppers, failures = {}, {}
+    for name in dict.fromkeys((DEFAULT, *cfg.weights)):
+        try:
+            variant = model if name == DEFAULT else apply_weights(copy.deepcopy(model), name)
+        except StreamkvError as exc:
+            failures[f"{name} eager"] = str(exc)
+            continue
+        label = WEIGHTS_REFERENCE if name == DEFAULT else f"{name} eager"
+        steppers[label] = _Decoder(RingDecoder(variant, make_cache("ring", variant, cap=cap, sink=cfg.sink)))
+        if name in cfg.weights_compile:
+            kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+            steppers[f"{name} compiled"] = _Decoder(RingDecoder(
+                variant, make_cache("ring", variant, cap=cap, sink=cfg.sink), compile=True, **kwargs))
+    gguf = _gguf(source) if llamacpp_version() else None
+    if gguf is not None:
+        steppers[LLAMACPP_REFERENCE] = LlamaCppStepper(gguf, "llamacpp:shift", cap, cfg.sink, 1, cap, reference=True)
+    return steppers, failures
+
+
+@torch.inference_mode()
+def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
+                  source: str | None = None) -> list[dict]:
+    """TPOT of every weights variant (eager, compiled) against float32 eager and llama.cpp, interleaved.
+
+    Every row also carries the NLL it gave on the timed steps (teacher-forced on the same tokens), a check that
+    the variant decodes text and not noise; quality proper is the pipeline's weights ablation (4,096 tokens,
+    with intervals).  A variant that fails to apply, to compile or mid-run is a failed row with its error.
+    """
+    device = next(model.parameters()).device
+    sync = _sync_of(device)
+    n = cfg.warmup + cfg.blocks * cfg.block
+    if len(tokens) < cap + n + 1:
+        raise StreamkvError(f"the weights section needs {cap + n + 1} tokens of text at cap {cap}, "
+                            f"the text has {len(tokens)}")
+    ids = torch.tensor(tokens[: cap + n + 1], device=device).unsqueeze(0)
+    steppers, failures = weights_contenders(model, cap, cfg, source)
+    for name, stepper in list(steppers.items()):
+        try:
+            stepper.forward(ids[:, :cap])
+        except Exception as exc:  # noqa: BLE001 - a variant the stack refuses is a measured negative
+            failures[name] = _error_text(exc)
+            steppers.pop(name).close()
+    step_ms = {m: np.full(n, np.nan) for m in steppers}
+    nll = {m: np.full(n, np.nan) for m in steppers}
+    orders = np.random.default_rng(0).permuted(np.tile(np.arange(len(steppers)), (n, 1)), axis=1)
+    for i in tqdm(range(n), desc=f"weights cap {cap}", disable=not progress, mininterval=2.0, leave=False):
+        token, target = ids[:, cap + i : cap + i + 1], ids[0, cap + i + 1]
+        names = list(steppers)
+        for name in (names[j] for j in orders[i] if j < len(names)):
+            stepper = steppers[name]
+            try:
+                sync()
+                t0 = time.perf_counter()
+                logits = stepper.forward(token)
+                sync()
+            except Exception as exc:  # noqa: BLE001 - e.g. a compile error at the first single-token step
+                failures[name] = _error_text(exc)
+                continue
+            step_ms[name][i] = forward_time_ms(stepper, t0)
+            if name != LLAMACPP_REFERENCE:  # (its logits are the reference decode's, meaningless)
+                nll[name][i] = _target_nll(logits, target)
+                if not np.isfinite(nll[name][i]):
+                    failures[name] = f"non-finite NLL ({nll[name][i]}) at step {i} of the timed stream"
+        for name in failures:
+            failed = steppers.pop(name, None)
+            if failed is not None:
+                failed.close()
+    for stepper in steppers.values():
+        stepper.close()
+    blocks = {m: block_means(step_ms[m][cfg.warmup:], cfg.block) for m in step_ms}
+    reference = block_median(step_ms[WEIGHTS_REFERENCE][cfg.warmup:], cfg.block)
+    engine = LLAMACPP_REFERENCE in blocks and np.isfinite(blocks[LLAMACPP_REFERENCE]).any()
+    engine_ms = block_median(step_ms[LLAMACPP_REFERENCE][cfg.warmup:], cfg.block) if engine else float("nan")
+    rows = []
+    for name in step_ms:
+        if name in failures:
+            continue
+        tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
+        vs_ref = ratio_interval(blocks[name], blocks[WEIGHTS_REFERENCE])
+        vs_engine = ratio_interval(blocks[name], blocks[LLAMACPP_REFERENCE]) if engine else (np.nan, np.nan)
+        weights, _, mode = name.rpartition(" ")
+        rows.append({"cap": cap, "variant": name, "weights": weights if name != LLAMACPP_REFERENCE else None,
+                     "mode": mode if name != LLAMACPP_REFERENCE else "llama.cpp", "status": "ok", "error": None,
+                     "tpot_ms": tpot, "vs_float32": tpot / reference, "vs_float32_lo": vs_ref[0],
+                     "vs_float32_hi": vs_ref[1], "vs_llamacpp": tpot / engine_ms, "vs_llamacpp_lo": vs_engine[0],
+                     "vs_llamacpp_hi": vs_engine[1],
+                     "nll_mean": float(np.nanmean(nll[name][cfg.warmup:])) if name != LLAMACPP_REFERENCE else None,
+                     "timed_steps": int(np.isfinite(step_ms[name][cfg.warmup:]).sum())})
+    ours = [r for r in rows if r["mode"] != "llama.cpp"]
+    if ours:
+        best = min(ours, key=lambda r: r["tpot_ms"])
+        best["best"] = True
+        if engine:
+            best["goal"] = f"TPOT <= {WEIGHTS_GOAL:g}x llama.cpp"
+            best["met"] = verdict(best["vs_llamacpp_lo"], best["vs_llamacpp_hi"], WEIGHTS_GOAL, "<=")
+    for name, error in failures.items():
+        weights, _, mode = name.rpartition(" ")
+        rows.append({"cap": cap, "variant": name, "weights": weights, "mode": mode, "status": "failed",
+                     "error": error})
+    return rows
+
+
 def current_rss_mb() -> float:
     """Resident set size now (Linux /proc; elsewhere the peak, which can only grow)."""
     try:
@@ -416,6 +537,7 @@ def _section_parts(model, tokens: list[int], cfg: BenchConfig, progress: bool,
         "compile": lambda: iter([[_plain(compile_ratio(model, tokens, cap, cfg, progress))]]),
         "memory": lambda: ([_plain(memory_stream(model, tokens, m, cap, cfg, progress))] for m in cfg.stream_methods),
         "evaluator": lambda: iter([[_plain(r) for r in evaluator_speed(model, tokens, cap, cfg, progress, source)]]),
+        "weights": lambda: iter([[_plain(r) for r in weights_speed(model, tokens, cap, cfg, progress, source)]]),
     }
 
 
@@ -434,7 +556,7 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
     result = {"config": {**asdict(cfg), **(context or {})}, "status": "running", "failed": [],
               "sections": {s: {"status": "pending" if s in chosen else "skipped", "error": None, "seconds": None}
                            for s in BENCH_SECTIONS},
-              "overhead": [], "compile": [], "memory": [], "evaluator": [],
+              "overhead": [], "compile": [], "memory": [], "evaluator": [], "weights": [],
               "meta": meta.collect(device, next(model.parameters()).dtype, 0)}
 
     def save():
@@ -456,7 +578,8 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
             section.update(status="failed", error=_error_text(exc), where=where)
         else:
             # torch.compile refusing the step is measured, not raised: its row carries the error
-            refused = [r["error"] for r in result[name] if r.get("status") == "failed"]
+            # (a weights variant that fails is a row of its own: the section still compares the others)
+            refused = [r["error"] for r in result[name] if r.get("status") == "failed" and name != "weights"]
             section.update(status="failed" if refused else "ok", error=refused[0] if refused else None)
         section["seconds"] = time.perf_counter() - t0
         if section["status"] == "failed":

@@ -123,6 +123,10 @@ def bench_markdown(result: dict) -> str:
     if result.get("evaluator"):
         parts += ["The parallel evaluator against the decode loop, same method, same tokens (each whole run):", "",
                   to_markdown(bench_evaluator_table(result["evaluator"]), _bench_cell), ""]
+    if result.get("weights"):
+        parts += ["Weights variants: the ring's fixed-shape step, eager and compiled, against float32 eager and "
+                  "llama.cpp's own decode over the same KV length (medians of block means, interleaved):", "",
+                  to_markdown(bench_weights_table(result["weights"]), _bench_cell), ""]
     if result["memory"]:
         parts += ["Memory over a long stream (KV bytes once the cache is full; process RSS; median step time of the "
                   "first and last 256 steps, or halves of a shorter stream):", "",
@@ -139,6 +143,20 @@ def bench_evaluator_table(rows: list[dict]) -> pd.DataFrame:
                          "parallel tok/s": frame.parallel_tok_s, "decode loop tok/s": frame.decode_tok_s,
                          "speedup": frame.speedup,
                          "max abs dNLL": frame.nll_max_abs_diff.map(lambda v: f"{v:.1e}")})
+
+
+def bench_weights_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows).reindex(columns=["cap", "variant", "status", "tpot_ms", "vs_float32", "vs_float32_lo",
+                                                "vs_float32_hi", "vs_llamacpp", "vs_llamacpp_lo", "vs_llamacpp_hi",
+                                                "nll_mean", "best", "goal", "met", "error"])
+    return pd.DataFrame({
+        "cap": frame.cap, "variant": frame.variant, "status": frame.status, "TPOT ms": frame.tpot_ms,
+        "x float32 eager [95 % CI]": _ratio_ci(frame, "vs_float32"),
+        "x llama.cpp [95 % CI]": _ratio_ci(frame, "vs_llamacpp"),
+        "mean NLL (timed steps)": frame.nll_mean,
+        "fastest": frame.best.map(lambda v: "yes" if v is True else ""),
+        "goal": frame.goal.where(frame.goal.notna(), None), "verdict": frame.met.where(frame.met.notna(), None),
+        "error": frame.error.where(frame.error.notna(), None)})
 
 
 def _bench_interval(row: dict, column: str) -> str:
@@ -179,6 +197,14 @@ def bench_findings(result: dict) -> list[str]:
                          f"(first step {c['compile_sec']:.0f} s)")
         else:
             lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step failed: {c['error']}")
+    for row in result.get("weights") or []:
+        if row.get("best"):
+            engine = (f", x{row['vs_llamacpp']:.2f} {_bench_interval(row, 'vs_llamacpp')} llama.cpp's decode; goal "
+                      f"{row['goal']}: {row['met']}" if row.get("goal") else ", llama.cpp not installed: no goal")
+            lines.append(f"fastest weights variant at cap {row['cap']}: {row['variant']}, {row['tpot_ms']:.1f} ms a "
+                         f"step, x{row['vs_float32']:.3f} {_bench_interval(row, 'vs_float32')} float32 eager{engine}")
+        elif row["status"] != "ok":
+            lines.append(f"weights variant {row['variant']} failed: {' '.join(str(row['error']).split())[:300]}")
     for m in result["memory"]:
         growth = "n/a" if m["rss_growth"] is None else f"{m['rss_growth'] * 100:+.2f} %"
         lines.append(f"{m['method']} over {m['tokens']} tokens: KV bytes max/min {m['kv_max_over_min']:.3f}, "

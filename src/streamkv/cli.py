@@ -18,7 +18,7 @@ from pathlib import Path
 from . import methods
 from .errors import NotInstalled, StreamkvError
 from .jobio import write_json, write_table
-from .params import EVALUATORS, PARALLEL_METHODS, EvalParams
+from .params import EVALUATORS, PARALLEL_METHODS, WEIGHTS, EvalParams
 from .policy import SOFTLITE_MODES
 
 
@@ -52,7 +52,13 @@ def _add_eval(sub) -> None:
                    help="synchronise the device around cache updates (exact update times on GPU)")
     e.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
     e.add_argument("--prefill", type=int, default=1, help="tokens in the first forward (default 1)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the model's and the KV cache's precision (default float32)")
+    e.add_argument("--weights", default="float32", choices=list(WEIGHTS),
+                   help="the linear layers' weights: float32 (as loaded in --dtype), bfloat16, int8 (torchao weight-"
+                        "only), int8-intx (torchao IntxWeightOnlyConfig), int8-dynamic (torchao, int8 activations "
+                        "too), int8-fbgemm (PyTorch's quantize_dynamic, CPU), int4 (torchao, groups of 32); the cache "
+                        "stays in --dtype (default float32)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--evaluator", default="auto", choices=list(EVALUATORS),
@@ -122,6 +128,11 @@ def _add_bench(sub) -> None:
                    help=f"RSS growth is measured from this decode step, at least the first cap (default {d.rss_from})")
     b.add_argument("--evaluator-tokens", type=int, default=d.evaluator_tokens,
                    help=f"tokens the parallel evaluator and the decode loop both score (default {d.evaluator_tokens})")
+    b.add_argument("--weights", nargs="+", default=list(d.weights),
+                   help="weights variants of the weights section, each against float32 eager and llama.cpp "
+                        f"(default {' '.join(d.weights)})")
+    b.add_argument("--weights-compile", nargs="*", default=list(d.weights_compile),
+                   help=f"of those, the ones also timed through torch.compile (default {' '.join(d.weights_compile)})")
     b.add_argument("--sections", nargs="+", default=list(BENCH_SECTIONS), help=f"any of: {' '.join(BENCH_SECTIONS)}")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--device", default="cpu")
@@ -165,7 +176,8 @@ def run_eval(args) -> int:
         compress_every=args.compress_every, cache_slack=args.cache_slack, max_drop=args.max_drop,
         softlite_mode=args.softlite_mode, overlap=args.overlap, refresh=args.refresh, positions=args.positions,
         max_tokens=args.max_tokens,
-        prefill=args.prefill, dtype=args.dtype, device=args.device, seed=args.seed, profile=args.profile,
+        prefill=args.prefill, dtype=args.dtype, weights=args.weights, device=args.device, seed=args.seed,
+        profile=args.profile,
         evaluator=args.evaluator, timing_steps=args.timing_steps, stride=args.stride,
     )
     # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
@@ -186,7 +198,8 @@ def run_eval(args) -> int:
     check_output(args.out, "--out")
     if args.trace:
         check_output(args.trace, "--trace")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+                        weights=args.weights)
     tokens = load_tokens(loaded, args.text, args.max_tokens, text)
     try:
         record, trace = evaluate(loaded, tokens, params, progress=not args.quiet)
@@ -223,7 +236,8 @@ def run_bench(args) -> int:
         compile_mode=args.compile_mode,
         compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
         dense_tokens=args.dense_tokens, rss_from=args.rss_from, sections=tuple(args.sections),
-        evaluator_tokens=args.evaluator_tokens,
+        evaluator_tokens=args.evaluator_tokens, weights=tuple(args.weights),
+        weights_compile=tuple(args.weights_compile),
     ).check()
     if args.threads:
         torch.set_num_threads(args.threads)

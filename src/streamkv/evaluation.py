@@ -27,6 +27,7 @@ from .params import EvalParams
 from .results import METRIC_KEYS, TIMING_KEYS, peak_memory_mb, quality_metrics, trace_frame
 from .sources import LoadedModel, encode, load_text
 from .stepper import forward_time_ms
+from .weights import weights_of
 
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
 
@@ -60,6 +61,9 @@ def evaluate(loaded: LoadedModel, tokens: list[int], params: EvalParams,
     a no-eviction reference, so that `tpot_ratio` can be compared across jobs.
     """
     p = params.resolved()
+    if weights_of(loaded.model) != p.weights:  # a result must say which weights produced it
+        raise StreamkvError(f"the model runs weights '{weights_of(loaded.model)}' but the parameters say "
+                            f"'{p.weights}'; load it with load_model(..., weights='{p.weights}')")
     if len(tokens) < p.max_tokens:  # a short list would end the loop early and score fewer targets than asked
         raise StreamkvError(f"evaluate() got {len(tokens)} tokens, fewer than max_tokens ({p.max_tokens}); pass at "
                             f"least max_tokens tokens (load_tokens gives them) or lower max_tokens")

@@ -155,7 +155,8 @@ def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) 
                 lambda r: ", ".join(f"{fmt.SYMBOL.get(c, c)}={v}" for c, v in zip(swept[1:], r)), axis=1)
             hue = "combo"
         for ax, y, label in ((axes[0], "delta_ppl_pct", "Δ PPL vs baseline (%)"), (axes[1], "speedup", "speedup (×)")):
-            _lines(ax, ok.sort_values(x), x, y, hue)
+            # (named values, e.g. weights variants, in the config's order)
+            _lines(ax, ok.sort_values(x if ok[x].dtype.kind in "iufb" else "order"), x, y, hue)
             ax.set_xlabel(fmt.SYMBOL.get(x, x))
             ax.set_ylabel(label)
             if ok[x].dtype.kind in "iu" and ok[x].min() > 0 and ok[x].max() / ok[x].min() >= 8:
@@ -166,7 +167,8 @@ def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) 
 
 def _swept(ok: pd.DataFrame) -> list[str]:
     """Run parameters that vary among the rows, most values first."""
-    cols = [c for c in ("compress_every", "sink", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh")
+    cols = [c for c in ("compress_every", "sink", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
+                        "weights")
             if c in ok and ok[c].nunique() > 1]
     return sorted(cols, key=lambda c: -ok[c].nunique())
 

@@ -31,6 +31,18 @@ POSITIONS = ("cache", "original")
 EVALUATORS = ("auto", "parallel", "decode")
 PARALLEL_METHODS = methods.names(parallel=True)
 DTYPES = ("float32", "float16", "bfloat16")  # (the torch dtypes are streamkv.sources.DTYPES)
+# How the linear layers store their weights (streamkv.weights, one record each); "float32": as loaded (--dtype).
+WEIGHTS = ("float32", "bfloat16", "int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int4")
+# Why the parallel evaluator cannot serve a variant: its linear layers' output for one token depends on the
+# batch of tokens around it (activations quantised per batch, or bfloat16 products whose rounding follows the
+# kernel chosen for the batch's shape), so a chunk of queries is not the decode step.  Measured on tiny Llama:
+# per-token |dNLL| against the loop 3e-2 (bfloat16), 0.11 (int8-dynamic), 0.94 (int8-fbgemm); int8, int8-intx and
+# int4 dequantise to the activations' dtype and stay within 1.2e-5.
+LOOP_ONLY_WEIGHTS = {
+    "bfloat16": "its bfloat16 products round differently for one token than for a chunk of tokens",
+    "int8-dynamic": "it quantises the activations at run time; a token's output changes with the batch around it",
+    "int8-fbgemm": "it quantises the activations at run time, one scale per batch of tokens",
+}
 
 
 @dataclass
@@ -50,6 +62,7 @@ class EvalParams:
     max_tokens: int = 1024
     prefill: int = 1
     dtype: str = "float32"
+    weights: str = "float32"  # see WEIGHTS: the linear layers' variant; the cache stays in dtype
     device: str = "cpu"
     seed: int = 0
     profile: bool = False  # synchronise the device around cache updates, so update times are exact on GPU
@@ -64,6 +77,8 @@ class EvalParams:
                     f"{', '.join(PARALLEL_METHODS)})")
         if self.refresh:
             return "refresh re-inserts evicted tokens at the tail, which only the decode loop follows"
+        if self.weights in LOOP_ONLY_WEIGHTS:
+            return f"weights '{self.weights}' run only in the decode loop: {LOOP_ONLY_WEIGHTS[self.weights]}"
         return None
 
     def resolved(self) -> "EvalParams":
@@ -119,6 +134,11 @@ class EvalParams:
             raise StreamkvError(f"unknown evaluator '{p.evaluator}'; choose one of: {', '.join(EVALUATORS)}")
         if p.dtype not in DTYPES:
             raise StreamkvError(f"unknown dtype '{p.dtype}'; choose one of: {', '.join(DTYPES)}")
+        if p.weights not in WEIGHTS:
+            raise StreamkvError(f"unknown weights '{p.weights}'; choose one of: {', '.join(WEIGHTS)}")
+        if p.weights != WEIGHTS[0] and method.peer:
+            raise StreamkvError(f"method '{p.method}' runs its own copy of the model's weights; weights "
+                                f"'{p.weights}' applies to streamkv's methods only: leave --weights out")
         reason = p.parallel_reason()
         if p.evaluator == "parallel" and reason:
             raise StreamkvError(f"evaluator 'parallel' cannot serve this run: {reason}; use --evaluator decode or auto")
@@ -134,7 +154,7 @@ class EvalParams:
         return rec
 
 
-BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator")
+BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator", "weights")
 MAX_BENCH_TOKENS = 10_000_000  # tokens of text a bench may decode: more is a mistyped setting (days of decoding)
 STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
 
@@ -159,6 +179,8 @@ class BenchConfig:
     dense_tokens: int | None = None  # dense grows: a shorter stream shows it (None: stream_tokens)
     rss_from: int = 2000
     evaluator_tokens: int = 1024  # the parallel evaluator against the decode loop on these many tokens
+    weights: tuple[str, ...] = WEIGHTS  # the weights variants timed against float32 (and llama.cpp, if installed)
+    weights_compile: tuple[str, ...] = ("bfloat16",)  # of those, the ones also timed through torch.compile
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":
@@ -191,7 +213,11 @@ class BenchConfig:
         bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
         if bad:
             raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")
-        cap = self.caps[0]  # the compile, memory and evaluator sections run at the first cap
+        for name in ("weights", "weights_compile"):
+            bad = [w for w in getattr(self, name) if w not in WEIGHTS]
+            if bad:
+                raise StreamkvError(f"unknown {name} variant(s) {', '.join(bad)}; choose from: {', '.join(WEIGHTS)}")
+        cap = self.caps[0]  # the compile, memory, evaluator and weights sections run at the first cap
         if "memory" in self.sections:
             # Each stream starts with a prefill of the cap, then decodes one token per step.
             if self.stream_tokens <= cap:

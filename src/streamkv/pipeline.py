@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from . import methods, probes
 from .budget import Budget
 from .errors import StreamkvError
-from .params import BenchConfig, EvalParams
+from .params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
-            "positions", "profile")
+            "positions", "weights", "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
 # Methods whose cache keeps what start_recent (positions "cache") keeps, at the same in-cache distances.
 SAME_SCHEDULE_AS_START_RECENT = ("mit", "ring")
-RUN_DEFAULTS = {**{k: methods.OPTION_DEFAULTS[k] for k in RUN_KEYS if k in methods.OPTION_DEFAULTS}, "profile": False}
+RUN_DEFAULTS = {**{k: methods.OPTION_DEFAULTS[k] for k in RUN_KEYS if k in methods.OPTION_DEFAULTS},
+                "weights": WEIGHTS[0], "profile": False}
 PROBES = tuple(probes.PROBES)  # the probe registry's names (streamkv.probes)
 
 
@@ -51,7 +52,7 @@ def quality_run(run: dict, evaluator: str = "auto") -> dict:
     """
     r = normalise_run(run)
     r["profile"] = False  # synchronised update timers change no NLL
-    if evaluator == "decode" or r["refresh"]:
+    if evaluator == "decode" or r["refresh"] or r["weights"] in LOOP_ONLY_WEIGHTS:
         return r
     if r["method"] in SAME_SCHEDULE_AS_START_RECENT:
         r["method"] = "start_recent"
@@ -63,7 +64,8 @@ def quality_run(run: dict, evaluator: str = "auto") -> dict:
 def run_id(run: dict) -> str:
     """A readable file name holding every parameter that changes the run (the format is the method's record's)."""
     r = {**normalise_run(run), "stride": run.get("stride", 1)}
-    return methods.get(r["method"]).run_id(r) + ("_prof" if r["profile"] else "")
+    weights = f"_w{r['weights']}" if r["weights"] != WEIGHTS[0] else ""
+    return methods.get(r["method"]).run_id(r) + weights + ("_prof" if r["profile"] else "")
 
 
 def text_source(config: dict, text: str) -> str:
@@ -110,7 +112,8 @@ def eval_params(config: dict, job: Job) -> EvalParams:
         model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=job.cap,
         sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
         softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"], positions=r["positions"],
-        max_tokens=job.n, prefill=min(proto["prefill"], job.cap), dtype=proto["dtype"], device=proto["device"],
+        max_tokens=job.n, prefill=min(proto["prefill"], job.cap), dtype=proto["dtype"], weights=r["weights"],
+        device=proto["device"],
         seed=proto["seed"], profile=r["profile"], evaluator=proto["evaluator"], timing_steps=timing,
         stride=config["baseline"]["stride"] if job.kind == "baselines" else 1,
     )

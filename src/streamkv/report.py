@@ -16,7 +16,7 @@ from . import fmt
 from .bench_tables import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE, bench_failures, bench_findings, bench_markdown
 from .methods import REGISTRY as METHODS
 from .methods import get as method_record
-from .params import DENSE_METHODS, LAZY_METHODS, TIMING_BLOCK
+from .params import DENSE_METHODS, LAZY_METHODS, TIMING_BLOCK, WEIGHTS
 from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
@@ -50,6 +50,8 @@ def configuration(row) -> str:
         parts.append(f"O={fmt.count(row.overlap)}")
     if getattr(row, "refresh", 0):
         parts.append(f"R={fmt.count(row.refresh)}")
+    if getattr(row, "weights", WEIGHTS[0]) != WEIGHTS[0]:
+        parts.append(f"{row.weights} weights")
     return ", ".join(parts)
 
 
@@ -193,11 +195,27 @@ def reference_kv(rows: pd.DataFrame) -> str:
     return text + "."
 
 
+def weights_speed(bench: list[dict] | None, model_key: str) -> dict[str, str]:
+    """Weights variant -> its eager step against float32 eager, "ratio [lo, hi]", from the bench of `model_key`
+    (the bench's weights section: one interleaved run, where the pipeline's jobs each time their own model)."""
+    out = {}
+    for b in bench or []:
+        if b["config"].get("model_key", b["config"].get("model")) not in (model_key, None):
+            continue
+        for r in b.get("weights") or []:
+            if r.get("mode") == "eager" and r.get("status") == "ok" and _finite(r.get("vs_float32")):
+                lo, hi = r.get("vs_float32_lo"), r.get("vs_float32_hi")
+                out[r["weights"]] = (f"{r['vs_float32']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if _finite(lo) and
+                                                                  _finite(hi) else ""))
+    return out
+
+
 def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "results/probes",
-             compared: pd.DataFrame | None = None) -> list[dict]:
+             compared: pd.DataFrame | None = None, bench: list[dict] | None = None) -> list[dict]:
     """One section per (model, text): method table, findings, ablations, probes, spike diagnosis, negative results.
 
-    `compared`: the intervals of sweep points against their controls and of the findings (`summary.comparisons`).
+    `compared`: the intervals of sweep points against their controls and of the findings (`summary.comparisons`);
+    `bench`: `streamkv bench` results, whose weights section gives the weights ablation its speed column.
     """
     out = []
     empty = pd.DataFrame(columns=["model_key", "text_key", "kind", "group", "claim"])
@@ -210,7 +228,11 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
             key = group.split(":", 1)[1]
             ctl = here[(here.kind == "control") & (here.group == group)]
             versus = {r.a: f"{r.text} vs {r.b}" for r in ctl.itertuples()}
-            ablations.append({"param": key, "rows": table_rows(ab.sort_values("order"), versus),
+            rows = table_rows(ab.sort_values("order"), versus)
+            speed = weights_speed(bench, model_key) if key == "weights" else {}
+            for row, weights in zip(rows, ab.sort_values("order").weights):
+                row["bench"] = speed.get(weights, "–")
+            ablations.append({"param": key, "rows": rows, "bench": key == "weights",
                               "figure": f"figures/{model_key}/{text_key}/ablation_{key}.png"})
         probes = []
         for probe in PROBES:
@@ -461,7 +483,7 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
     failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
-        stats=config["stats"], sections=sections(frame, config, compared=compared),
+        stats=config["stats"], sections=sections(frame, config, compared=compared, bench=bench),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
         meta=provenance(frame), timing=timing_notes(frame, bench),

@@ -198,10 +198,16 @@ class LoadedModel:
 
 
 def load_model(src: str, dtype: str = "float32", device: str = "cpu",
-               attn_implementation: str | None = None) -> LoadedModel:
-    """Load the model and tokenizer named by `src`, in eval mode on `device`."""
+               attn_implementation: str | None = None, weights: str = "float32") -> LoadedModel:
+    """Load the model and tokenizer named by `src`, in eval mode on `device`.
+
+    `weights`: the linear layers' variant (streamkv.weights; "float32": as loaded in `dtype`).
+    """
+    from .weights import apply_weights, get
+
     if dtype not in DTYPES:
         raise StreamkvError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    get(weights)
     scheme, rest = _scheme(src, "model", ("embedded", "tiny", "hf", "path"))
     check_device(device)
     check_attn(attn_implementation)
@@ -217,7 +223,7 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu",
         # transformers knows the name but refuses it here: its package is missing, or the model lacks it
         raise StreamkvError(f"attention implementation '{attn_implementation}' cannot be used for '{src}' here: "
                             f"{_first_line(exc).rstrip('.')}; use eager or sdpa") from None
-    return LoadedModel(model.to(device).eval(), tokenizer, src)
+    return LoadedModel(apply_weights(model.to(device).eval(), weights), tokenizer, src)
 
 
 def _load(src: str, scheme: str, rest: str, kwargs: dict):

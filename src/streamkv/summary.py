@@ -11,7 +11,7 @@ import pandas as pd
 from . import methods
 from .errors import StreamkvError
 from .fmt import to_markdown
-from .params import LAZY_METHODS
+from .params import LAZY_METHODS, WEIGHTS
 from .pipeline import RUN_KEYS
 
 ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
@@ -62,7 +62,10 @@ def load_results(paths, rerun: str | None = None) -> pd.DataFrame:
                "file": str(path), **{f"meta_{k}": v for k, v in meta.items() if k != "versions"},
                "meta_versions": json.dumps(meta.get("versions", {}), sort_keys=True)}
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # (results written before the weights variants existed ran the weights as loaded)
+    frame["weights"] = frame["weights"].fillna(WEIGHTS[0]) if "weights" in frame else WEIGHTS[0]
+    return frame
 
 
 def _equal(column: pd.Series, value) -> pd.Series:
@@ -83,6 +86,9 @@ def baseline_of(run: dict, frame: pd.DataFrame) -> str | None:
     for key in BASELINE_KEYS:
         if key in frame.columns:
             rows = rows[_equal(rows[key], run[key])]
+    # the baseline with the run's own weights where there is one, else the one with the weights as loaded
+    same = rows[rows.weights == run.get("weights", WEIGHTS[0])]
+    rows = same if not same.empty else rows[rows.weights == WEIGHTS[0]]
     found = rows[_equal(rows.sink, run["sink"])]
     method = methods.REGISTRY.get(run["method"])
     if found.empty and method is not None and (method.dense or method.sinkless):

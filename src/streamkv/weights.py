@@ -1,0 +1,199 @@
+"""Reduced-precision weights: a run parameter separate from the cache's precision.
+
+A decode step on a CPU reads every weight once per token, so it is bound by
+the bytes of the linear layers (540 MB in float32 for SmolLM2-135M).  A
+variant changes how the model's `nn.Linear` layers (the LM head included)
+store and multiply their weights; their outputs keep the activation dtype
+(`--dtype`), so the KV cache, the norms, the rotary embeddings and the
+attention stay what they were.  Each variant is one record with one function
+that rewrites a loaded model in place; every method, the recompute baseline
+and `model.generate` then run the variant, because they all run the model.
+
+The quantised variants are torchao's configurations (the studied notes'
+int8 weight-only is `Int8WeightOnlyConfig`), plus PyTorch's own fbgemm dynamic
+int8 linears.  Which one is fast here, and what each costs in PPL, is measured
+(`streamkv bench`'s weights section, the pipeline's weights ablation), not
+assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import StreamkvError
+
+DEFAULT = "float32"
+
+
+class CastLinear(torch.nn.Module):
+    """A linear layer whose weight is stored (and multiplied) in `dtype`; the output is cast back to the input's dtype.
+
+    The activations are rounded to `dtype` on the way in: the matrix product runs in the weight's precision,
+    as a bfloat16 GEMV does, with float32 accumulation inside the kernel.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        self.bias = (None if linear.bias is None else
+                     torch.nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, attribute, layer) of every nn.Linear, the LM head included."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, torch.nn.Linear)]
+
+
+def _untie(model: torch.nn.Module) -> None:
+    """Give the LM head a weight of its own: a quantised head must not change the (tied) input embedding."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+
+
+def _cast(dtype: torch.dtype) -> Callable[[torch.nn.Module], None]:
+    def apply(model: torch.nn.Module) -> None:
+        for parent, name, layer in _linears(model):
+            setattr(parent, name, CastLinear(layer, dtype))
+    return apply
+
+
+def _torchao():
+    """torchao, imported quietly: it logs a warning for each optional GPU kernel library it cannot load on a CPU."""
+    log = logging.getLogger("torchao")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization as quantization
+    except ImportError:
+        raise StreamkvError("this weights variant needs torchao: pip install torchao (make setup installs it)") \
+            from None
+    finally:
+        log.setLevel(level)
+    return quantization
+
+
+def _torchao_config(make: Callable) -> Callable[[torch.nn.Module], None]:
+    def apply(model: torch.nn.Module) -> None:
+        _torchao().quantize_(model, make(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    return apply
+
+
+def _int8_weight_only():
+    return _torchao().Int8WeightOnlyConfig()
+
+
+def _intx_int8():
+    return _torchao().IntxWeightOnlyConfig(weight_dtype=torch.int8)
+
+
+def _int8_dynamic():
+    return _torchao().Int8DynamicActivationInt8WeightConfig()
+
+
+def _int4_weight_only():
+    _torchao()
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=32)
+
+
+def _fbgemm_dynamic(model: torch.nn.Module) -> None:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    summary: str  # one line for the CLI help and the report
+    apply: Callable[[torch.nn.Module], None]
+
+
+REGISTRY: dict[str, Variant] = {v.name: v for v in (
+    Variant(DEFAULT, "the weights as loaded (--dtype)", lambda model: None),
+    Variant("bfloat16", "linear weights in bfloat16, products in bfloat16, outputs back in --dtype",
+            _cast(torch.bfloat16)),
+    Variant("int8", "torchao Int8WeightOnlyConfig: int8 weights, one scale per output channel",
+            _torchao_config(_int8_weight_only)),
+    Variant("int8-intx", "torchao IntxWeightOnlyConfig(int8): the same weights through the configuration the studied "
+            "notes moved to when Int8WeightOnlyConfig gave NaNs", _torchao_config(_intx_int8)),
+    Variant("int8-dynamic", "torchao Int8DynamicActivationInt8WeightConfig: int8 weights and per-token int8 "
+            "activations", _torchao_config(_int8_dynamic)),
+    Variant("int8-fbgemm", "PyTorch's quantize_dynamic (fbgemm): int8 weights per channel, activations quantised "
+            "per tensor at run time", _fbgemm_dynamic),
+    Variant("int4", "torchao int4 weight-only for CPU: groups of 32 weights with a scale and a zero point",
+            _torchao_config(_int4_weight_only)),
+)}
+NAMES = tuple(REGISTRY)
+
+
+def get(name: str) -> Variant:
+    if name not in REGISTRY:
+        raise StreamkvError(f"unknown weights '{name}'; choose one of: {', '.join(NAMES)}")
+    return REGISTRY[name]
+
+
+def apply_weights(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Rewrite `model`'s linear layers in place to the variant `name`; return the model.
+
+    An error inside the quantiser (an unsupported shape or op) is a `StreamkvError` naming the variant.
+    """
+    variant = get(name)
+    if name == DEFAULT:
+        return model
+    if next(model.parameters()).device.type != "cpu" and name == "int8-fbgemm":
+        raise StreamkvError("weights 'int8-fbgemm' runs on the CPU only (fbgemm kernels); use int8 on a GPU")
+    _untie(model)
+    try:
+        with torch.no_grad():
+            variant.apply(model)
+    except StreamkvError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, NotImplementedError, TypeError) as exc:
+        raise StreamkvError(f"weights '{name}' cannot be applied to this model: {type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    model.streamkv_weights = name  # read back by weights_of()
+    return model
+
+
+def weights_of(model: torch.nn.Module) -> str:
+    """The variant `apply_weights` gave the model (float32: none)."""
+    return getattr(model, "streamkv_weights", DEFAULT)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the linear layers' weights as stored (packed int8/int4 included), the LM head included."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, CastLinear)):
+            total += _tensor_bytes(module.weight)
+        elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # (fbgemm-packed: weight() unpacks it)
+            weight = module.weight()
+            total += weight.numel() * weight.element_size()
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """A tensor's bytes; for a torchao tensor subclass, the sum over its inner tensors."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return t.numel() * t.element_size()
+    names, _ = flatten()
+    return sum(_tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))

@@ -1,0 +1,150 @@
+"""Reduced-precision weights (streamkv.weights): the cache keeps its precision, the model is what the result says,
+the parallel evaluator serves exactly the variants it reproduces, and a variant that fails is a failed row."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamkv import weights as W
+from streamkv.bench import weights_speed
+from streamkv.cli import main
+from streamkv.errors import StreamkvError
+from streamkv.evaluation import evaluate
+from streamkv.factory import make_stepper
+from streamkv.params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
+from streamkv.sources import load_model
+
+CAP, N = 32, 200
+QUANTISED = [w for w in WEIGHTS if w != W.DEFAULT]
+
+
+@pytest.fixture(scope="module")
+def tokens(hamlet_bytes):
+    return hamlet_bytes[:N]
+
+
+def _run(model_src, tokens, weights, evaluator="decode", **kw):
+    loaded = load_model(model_src, weights=weights)
+    p = EvalParams(model_src, "t", kw.pop("method", "start_recent"), cap=CAP, max_tokens=len(tokens),
+                   weights=weights, evaluator=evaluator, **kw)
+    return evaluate(loaded, tokens, p, progress=False)
+
+
+def test_the_registry_is_the_parameter_list():
+    assert W.NAMES == WEIGHTS
+    assert set(LOOP_ONLY_WEIGHTS) <= set(WEIGHTS) and W.DEFAULT not in LOOP_ONLY_WEIGHTS
+
+
+@pytest.mark.parametrize("weights", QUANTISED)
+def test_every_variant_keeps_the_cache_precision_and_stays_near_float32(tokens, weights):
+    loaded = load_model("tiny:llama", weights=weights)
+    assert W.weights_of(loaded.model) == weights
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.float32 for m in linears), \
+        "a linear layer kept plain float32 weights"
+    stepper = make_stepper(loaded.model, EvalParams("tiny:llama", "t", "start_recent", cap=CAP).resolved())
+    with torch.inference_mode():
+        stepper.forward(torch.tensor([tokens[:CAP]]))
+    layer = stepper.cache.layers[0]
+    assert layer.keys.dtype == torch.float32 and layer.values.dtype == torch.float32
+    record, trace = _run("tiny:llama", tokens, weights)
+    _, reference = _run("tiny:llama", tokens, W.DEFAULT)
+    assert record["status"] == "ok" and record["params"]["weights"] == weights
+    got, want = trace.nll.to_numpy(), reference.nll.to_numpy()
+    assert np.isfinite(got).all()
+    # near float32 (int4 moves single tokens by up to a nat on random weights, not the mean), but not equal to it
+    assert abs(got.mean() - want.mean()) < 0.05 * want.mean(), (weights, got.mean(), want.mean())
+    assert np.abs(got - want).max() > 0, f"weights {weights} changed nothing"
+
+
+def test_weight_bytes_shrink_with_the_variant():
+    full = W.weight_bytes(load_model("tiny:llama").model)
+    got = {w: W.weight_bytes(load_model("tiny:llama", weights=w).model) / full for w in QUANTISED}
+    assert got["bfloat16"] == pytest.approx(0.5)
+    for w in ("int8", "int8-intx", "int8-dynamic", "int8-fbgemm"):
+        assert 0.25 <= got[w] < 0.3, (w, got[w])  # one byte a weight and a scale per row
+    assert 0.125 <= got["int4"] < 0.2, got["int4"]  # half a byte, a scale and a zero per 32
+
+
+def test_float32_is_the_model_as_loaded(tokens):
+    model = load_model("tiny:llama").model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert W.apply_weights(model, W.DEFAULT) is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_quantised_head_leaves_the_tied_input_embedding_alone():
+    model = load_model("tiny:llama").model
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them, as SmolLM2 is
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    W.apply_weights(model, "int8")
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert type(model.model.embed_tokens.weight) is torch.nn.Parameter
+
+
+@pytest.mark.parametrize("weights", [w for w in WEIGHTS if w not in LOOP_ONLY_WEIGHTS and w != W.DEFAULT])
+def test_parallel_evaluator_equals_the_loop_for_the_variants_it_serves(tokens, weights):
+    for kw in (dict(method="start_recent"), dict(method="start_recent", compress_every=8)):
+        loop, a = _run("tiny:llama", tokens, weights, "decode", **kw)
+        par, b = _run("tiny:llama", tokens, weights, "parallel", **kw)
+        assert par["params"]["evaluator"] == "parallel"
+        assert np.abs(a.nll.to_numpy() - b.nll.to_numpy()).max() <= 1e-4, (weights, kw)
+
+
+@pytest.mark.parametrize("weights", sorted(LOOP_ONLY_WEIGHTS))
+def test_loop_only_variants_are_refused_by_the_parallel_evaluator(weights):
+    p = EvalParams("m", "t", "start_recent", weights=weights)
+    with pytest.raises(StreamkvError, match=f"weights '{weights}' run only in the decode loop"):
+        EvalParams(**{**vars(p), "evaluator": "parallel"}).resolved()
+    assert EvalParams(**{**vars(p), "evaluator": "auto"}).resolved().evaluator == "decode"
+
+
+def test_the_result_says_which_weights_ran(tokens):
+    loaded = load_model("tiny:llama", weights="int8")
+    with pytest.raises(StreamkvError, match="runs weights 'int8' but the parameters say 'float32'"):
+        evaluate(loaded, tokens, EvalParams("tiny:llama", "t", "start_recent", cap=CAP, max_tokens=N), progress=False)
+
+
+def test_bad_weights_are_one_line_errors(capsys, tmp_path):
+    with pytest.raises(StreamkvError, match="unknown weights 'int9'"):
+        EvalParams("m", "t", "start_recent", weights="int9").resolved()
+    with pytest.raises(StreamkvError, match="runs its own copy of the model's weights"):
+        EvalParams("m", "t", "kvpress:streaming_llm", weights="int8").resolved()
+    with pytest.raises(StreamkvError, match="unknown weights_compile"):
+        BenchConfig(weights_compile=("int3",)).check()
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", "tiny:llama", "--text", "embedded:shakespeare/hamlet", "--method", "start_recent",
+              "--weights", "int9", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "int9" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_recompute_and_generate_run_the_variant(tokens):
+    record, trace = _run("tiny:llama", tokens[:80], "int8", method="recompute")
+    _, reference = _run("tiny:llama", tokens[:80], W.DEFAULT, method="recompute")
+    assert record["status"] == "ok" and 0 < np.abs(trace.nll.to_numpy() - reference.nll.to_numpy()).max() < 0.5
+    from streamkv.factory import make_cache
+
+    for weights in ("bfloat16", "int8"):
+        model = load_model("tiny:llama", weights=weights).model
+        cache = make_cache("start_recent", model, cap=CAP, sink=4)
+        ids = torch.tensor([tokens[:20]])
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+        assert out.shape[1] == 60 and cache.kv_length <= CAP
+        assert cache.layers[0].keys.dtype == torch.float32
+
+
+def test_bench_weights_section_keeps_a_failed_variant_as_a_row(tokens, monkeypatch):
+    def broken(model):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setitem(W.REGISTRY, "int4", W.Variant("int4", "broken on purpose", broken))
+    model = load_model("tiny:llama").model
+    cfg = BenchConfig(caps=(CAP,), compress_every=4, blocks=2, block=4, warmup=2, weights=("bfloat16", "int4"),
+                      weights_compile=())
+    rows = {r["variant"]: r for r in weights_speed(model, tokens, CAP, cfg, progress=False)}
+    assert rows["int4 eager"]["status"] == "failed" and "no kernel for this shape" in rows["int4 eager"]["error"]
+    assert rows["float32 eager"]["vs_float32"] == 1.0 and rows["bfloat16 eager"]["status"] == "ok"
+    assert np.isfinite(rows["bfloat16 eager"]["nll_mean"])
+    assert sum(bool(r.get("best")) for r in rows.values()) == 1
