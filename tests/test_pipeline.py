@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from optional_peers import EXPECT_KVPRESS, needs_kvpress
+from streamkv.params import LOOP_ONLY_WEIGHTS
 from streamkv.pipeline import PROBES
 
 # The tests share one end-to-end run (the fixture `done`): one xdist worker runs them all.
@@ -102,12 +103,12 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     for text in ("hamlet", "tempest"):
         for fig in ("pareto", "nll_trace", "spikes"):
             assert (done / f"report/figures/tiny_llama/{text}/{fig}.png").stat().st_size > 10_000
-    for fig in ("ablation_compress_every", "ablation_softlite", "ablation_refresh", *PROBES):
+    for fig in ("ablation_compress_every", "ablation_softlite", "ablation_refresh", "ablation_weights", *PROBES):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (expected_ok(summary).status == "ok").all()
-    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2, probes 4 + 4 + 3 + 4
-    assert len(summary) == 2 * (1 + 8 + 2) + 10 + 15
+    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 5 (weights), probes 4 + 4 + 3 + 4
+    assert len(summary) == 2 * (1 + 8 + 2) + 15 + 15
     assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
@@ -117,11 +118,13 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
     # the baseline scores every 3rd target (baseline.stride); every row is compared with it on those, with an interval
     assert (summary.loc[summary.group == "baseline", "n_scored"] == 40).all()
+    loop_only = summary.weights.isin(list(LOOP_ONLY_WEIGHTS))
     rows = summary[(summary.group != "baseline") & summary.method.isin(["start_recent", "mit", "ring", "window"])
-                   & (summary.refresh == 0)]
+                   & (summary.refresh == 0) & ~loop_only]
     assert (rows.n_paired == 40).all() and (rows.delta_ppl_lo <= rows.delta_ppl_pct).all()
     assert (rows.delta_ppl_pct <= rows.delta_ppl_hi).all() and (rows.evaluator == "parallel").all()
     assert (summary[summary.refresh > 0].evaluator == "decode").all()  # refresh: only the loop follows it
+    assert loop_only.sum() == 2 and (summary[loop_only].evaluator == "decode").all()  # bfloat16, int8-fbgemm
     assert (summary[summary.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
     compared = pd.read_csv(done / "results/comparisons.csv")
     assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
@@ -217,7 +220,8 @@ def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(don
         config["protocol"]["evaluator"] = "decode"
 
     jobs = planned(done, edited(done, change))
-    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7  # every configuration, both texts
+    # every configuration, both texts (+ the weights ablation's four variants on hamlet)
+    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 4
     assert sum(rule == "baseline" for rule, _ in jobs) == 2
 
 

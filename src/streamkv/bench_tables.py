@@ -156,7 +156,15 @@ def bench_weights_table(rows: list[dict]) -> pd.DataFrame:
         "mean NLL (timed steps)": frame.nll_mean,
         "fastest": frame.best.map(lambda v: "yes" if v is True else ""),
         "goal": frame.goal.where(frame.goal.notna(), None), "verdict": frame.met.where(frame.met.notna(), None),
-        "error": frame.error.where(frame.error.notna(), None)})
+        "error": frame.error.map(_one_line)})
+
+
+def _one_line(error, limit: int = 300) -> str | None:
+    """An error as one table cell: its lines joined, cut at `limit` characters (the result keeps all of it)."""
+    if not isinstance(error, str):
+        return None
+    text = " ".join(error.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _bench_interval(row: dict, column: str) -> str:
@@ -204,7 +212,7 @@ def bench_findings(result: dict) -> list[str]:
             lines.append(f"fastest weights variant at cap {row['cap']}: {row['variant']}, {row['tpot_ms']:.1f} ms a "
                          f"step, x{row['vs_float32']:.3f} {_bench_interval(row, 'vs_float32')} float32 eager{engine}")
         elif row["status"] != "ok":
-            lines.append(f"weights variant {row['variant']} failed: {' '.join(str(row['error']).split())[:300]}")
+            lines.append(f"weights variant {row['variant']} failed: {_one_line(row['error'])}")
     for m in result["memory"]:
         growth = "n/a" if m["rss_growth"] is None else f"{m['rss_growth'] * 100:+.2f} %"
         lines.append(f"{m['method']} over {m['tokens']} tokens: KV bytes max/min {m['kv_max_over_min']:.3f}, "
