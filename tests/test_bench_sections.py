@@ -11,7 +11,7 @@ from streamkv.cli import main
 from streamkv.params import BenchConfig
 
 FAST = dict(caps=(48,), compress_every=8, blocks=1, block=8, warmup=1, compile=False, stream_tokens=100,
-            rss_from=60, stream_methods=("ring",), evaluator_tokens=120)
+            rss_from=60, stream_methods=("ring",), evaluator_tokens=120, weights=("bfloat16",), weights_compile=())
 
 
 def compiled_fine(model, tokens, cap, cfg, progress=True):
@@ -44,7 +44,7 @@ def test_a_failed_section_keeps_the_others_and_the_file_holds_each_as_it_finishe
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the final file is the result
     sections = result["sections"]
     assert {name: s["status"] for name, s in sections.items()} == {
-        "overhead": "ok", "compile": "skipped", "memory": "failed", "evaluator": "ok"}
+        "overhead": "ok", "compile": "skipped", "memory": "failed", "evaluator": "ok", "weights": "ok"}
     assert result["status"] == "failed" and result["failed"] == ["memory"]
     assert sections["memory"]["error"].startswith("RuntimeError: CUDA out of memory\nTried")
     assert len(sections["memory"]["error"]) == 4000  # bounded

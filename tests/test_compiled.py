@@ -91,8 +91,15 @@ def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
     cfg = BenchConfig(caps=(48,), compress_every=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,
                       dense_tokens=300, rss_from=100, stream_methods=("ring", "start_recent", "dense"),
-                      evaluator_tokens=300)
+                      evaluator_tokens=300, weights=("bfloat16", "int8"), weights_compile=())
     out = run(model, hamlet_bytes[:1000], cfg, progress=False)
+    # the weights section: each variant against float32 eager on copies of the model (which stays float32)
+    weights = {row["variant"]: row for row in out["weights"]}
+    assert set(weights) == {"float32 eager", "bfloat16 eager", "int8 eager"}
+    assert weights["float32 eager"]["vs_float32"] == pytest.approx(1.0)
+    assert all(row["status"] == "ok" and row["tpot_ms"] > 0 for row in weights.values())
+    assert sum(bool(row.get("best")) for row in weights.values()) == 1
+    assert next(model.parameters()).dtype == torch.float32 and type(model.lm_head) is torch.nn.Linear
     table = {row["method"]: row for row in out["overhead"]}
     assert table[REFERENCE]["overhead"] == pytest.approx(1.0)
     assert table["recompute"]["speedup"] == pytest.approx(1.0)
