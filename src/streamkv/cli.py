@@ -68,6 +68,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--timing-steps", type=int, default=0,
                    help="time the decode step over this many steps after a prefill of cap, interleaved with a "
                         "no-eviction reference (tpot_ratio); default 0: the decode loop's own step times, if it ran")
+    e.add_argument("--timing-batch", type=int, default=1,
+                   help="the timing part decodes this many independent streams at once (one token of each per "
+                        "step; tokens_per_s counts them all, tokens_per_s_stream one stream); default 1")
     e.add_argument("--stride", type=int, default=1, help="recompute: score every stride-th target only (default 1)")
     e.add_argument("--attn", default=None, help="attention implementation (eager, sdpa); default: the model's")
     e.add_argument("--out", required=True, help="result JSON file")
@@ -178,7 +181,8 @@ def run_eval(args) -> int:
         max_tokens=args.max_tokens,
         prefill=args.prefill, dtype=args.dtype, weights=args.weights, device=args.device, seed=args.seed,
         profile=args.profile,
-        evaluator=args.evaluator, timing_steps=args.timing_steps, stride=args.stride,
+        evaluator=args.evaluator, timing_steps=args.timing_steps, timing_batch=args.timing_batch,
+        stride=args.stride,
     )
     # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
     params.resolved()

@@ -68,6 +68,7 @@ class EvalParams:
     profile: bool = False  # synchronise the device around cache updates, so update times are exact on GPU
     evaluator: str = "decode"  # see EVALUATORS; resolved() turns "auto" into the one that runs
     timing_steps: int = 0  # > 0: step times from that many steps interleaved with a no-eviction reference
+    timing_batch: int = 1  # streams the timing part decodes at once (a batch of B independent streams)
     stride: int = 1  # recompute: score every stride-th target only (the baseline at scale)
 
     def parallel_reason(self) -> str | None:
@@ -130,6 +131,14 @@ class EvalParams:
             raise StreamkvError(f"seed must be >= 0, got {p.seed}")
         if p.timing_steps < 0:
             raise StreamkvError(f"timing-steps must be >= 0, got {p.timing_steps}")
+        if p.timing_batch < 1:
+            raise StreamkvError(f"timing-batch must be >= 1, got {p.timing_batch}")
+        if p.timing_batch > 1 and not p.timing_steps:
+            raise StreamkvError(f"timing-batch {p.timing_batch} sets the streams of the timing part; add "
+                                "--timing-steps T to run one")
+        if p.timing_batch > 1 and method.peer:
+            raise StreamkvError(f"method '{p.method}' decodes one stream per worker; timing-batch {p.timing_batch} "
+                                "applies to streamkv's methods and recompute: leave --timing-batch out")
         if p.evaluator not in EVALUATORS:
             raise StreamkvError(f"unknown evaluator '{p.evaluator}'; choose one of: {', '.join(EVALUATORS)}")
         if p.dtype not in DTYPES:

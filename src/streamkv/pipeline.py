@@ -115,6 +115,7 @@ def eval_params(config: dict, job: Job) -> EvalParams:
         max_tokens=job.n, prefill=min(proto["prefill"], job.cap), dtype=proto["dtype"], weights=r["weights"],
         device=proto["device"],
         seed=proto["seed"], profile=r["profile"], evaluator=proto["evaluator"], timing_steps=timing,
+        timing_batch=proto["timing_batch"] if timing else 1,
         stride=config["baseline"]["stride"] if job.kind == "baselines" else 1,
     )
 

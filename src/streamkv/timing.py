@@ -104,13 +104,22 @@ def timing_steps(steps: int, compress_every: int, block: int = BLOCK) -> int:
     return -(-need // block) * block
 
 
+def batch_streams(tokens: list[int], length: int, batch: int) -> list[list[int]]:
+    """`batch` streams of `length` tokens from the text: as far apart as it allows, disjoint where it is long enough
+    (on a text of exactly `length` tokens they are the same stream; the step's cost does not depend on the text)."""
+    shift = 0 if batch == 1 else min(length, (len(tokens) - length) // (batch - 1))
+    return [tokens[b * shift : b * shift + length] for b in range(batch)]
+
+
 @torch.inference_mode()
 def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int = WARMUP, block: int = BLOCK,
                      seed: int = 0) -> dict:
     """TPOT of `params`' decode step and of the no-eviction reference, interleaved after a prefill of `cap`.
 
-    Returns the timing metrics of a result (`tpot_ms`, `tpot_ref_ms`, `tpot_ratio`, percentiles, TTFT, the
-    cache's update times and its bytes at peak).
+    With `params.timing_batch` B > 1, each forward decodes one token of each of B streams (`batch_streams`):
+    TPOT is then the time of such a step, `tokens_per_s` the tokens of all streams per second and
+    `tokens_per_s_stream` each stream's.  Returns the timing metrics of a result (`tpot_ms`, `tpot_ref_ms`,
+    `tpot_ratio`, percentiles, TTFT, the cache's update times and its bytes at peak, the tokens per second).
     """
     from .cache import num_attention_layers
     from .factory import make_stepper
@@ -125,7 +134,7 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     if len(tokens) < cap + n:
         raise StreamkvError(f"timing needs {cap + n} tokens of text (a prefill of cap {cap}, {n} steps), "
                             f"the text has {len(tokens)}")
-    ids = torch.tensor(tokens[: cap + n], dtype=torch.long, device=device).unsqueeze(0)
+    ids = torch.tensor(batch_streams(tokens, cap + n, params.timing_batch), dtype=torch.long, device=device)
     # the prefill fills the budget, so every timed step streams under eviction
     steppers = {"method": make_stepper(model, replace(params, prefill=cap), loaded.source),
                 "reference": CachedStepper(model, SameLengthCache(num_attention_layers(model), cap))}
@@ -156,7 +165,9 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     tpot, ref = block_median(timed, block), block_median(step_ms["reference"][warmup:], block)
     upd = update_ms[warmup:]
     upd = upd[np.isfinite(upd)]
+    batch = ids.shape[0]  # every step gives each stream one token
     return {"tpot_ms": tpot, "tpot_ref_ms": ref, "tpot_ratio": tpot / ref, "timed_steps": steps,
+            "tokens_per_s": batch * 1e3 / tpot, "tokens_per_s_stream": 1e3 / tpot,
             "tpot_steady_ms": tpot, "tpot_p50_ms": float(np.percentile(timed, 50)),
             "tpot_p90_ms": float(np.percentile(timed, 90)), "ttft_ms": ttft_ms, "prefill_sec": ttft_ms / 1e3,
             "kv_bytes_peak": int(kv_bytes), "update_ms_mean": float(upd.mean()) if upd.size else None}
