@@ -37,6 +37,8 @@ def test_the_registry_is_the_parameter_list():
 
 @pytest.mark.parametrize("weights", QUANTISED)
 def test_every_variant_keeps_the_cache_precision_and_stays_near_float32(tokens, weights):
+    if weights == "int8-fbgemm" and not W.has_vnni():
+        pytest.skip("int8-fbgemm needs a CPU with VNNI (refused elsewhere: tested below)")
     loaded = load_model("tiny:llama", weights=weights)
     assert W.weights_of(loaded.model) == weights
     linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -64,6 +66,34 @@ def test_weight_bytes_shrink_with_the_variant():
     for w in ("int8", "int8-intx", "int8-dynamic", "int8-fbgemm"):
         assert 0.25 <= got[w] < 0.3, (w, got[w])  # one byte a weight and a scale per row
     assert 0.125 <= got["int4"] < 0.2, got["int4"]  # half a byte, a scale and a zero per 32
+
+
+@pytest.mark.skipif(not W.has_vnni(), reason="int8-fbgemm needs a CPU with VNNI")
+def test_int8_fbgemm_quantises_activations_to_all_8_bits():
+    """Its linears ask fbgemm for 8-bit activations, not the 7 bits of PyTorch's stock module: half the error."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256).requires_grad_(False)
+    linear.qconfig = per_channel_dynamic_qconfig
+    stock = DynamicLinear.from_float(linear)  # the same int8 weights, 7-bit activations
+    model = torch.nn.Sequential(linear)
+    x = torch.randn(1, 256)
+    x[0, 7] = 20.0  # an outlier channel sets the activations' scale, as in a language model's hidden states
+    with torch.inference_mode():
+        exact = linear(x)
+        W.get("int8-fbgemm").apply(model)  # (apply_weights takes a transformers model)
+        assert type(model[0]).__name__ == "FullRangeDynamicLinear"
+        full_error = (model(x) - exact).abs().mean().item()
+        stock_error = (stock(x) - exact).abs().mean().item()
+    assert full_error < 0.7 * stock_error, (full_error, stock_error)
+
+
+def test_int8_fbgemm_is_refused_without_vnni(monkeypatch):
+    monkeypatch.setattr(W, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    with pytest.raises(StreamkvError, match="VNNI instructions .* use bfloat16 or int8"):
+        load_model("tiny:llama", weights="int8-fbgemm")
 
 
 def test_float32_is_the_model_as_loaded(tokens):
