@@ -63,7 +63,7 @@ from .bench_tables import (
 )
 from .cache import num_attention_layers
 from .compiled import RingDecoder
-from .errors import StreamkvError
+from .errors import StreamkvError, error_text
 from .extras import kvpress_python, llamacpp_version
 from .factory import make_cache, make_stepper
 from .jobio import write_json
@@ -71,8 +71,8 @@ from .params import BENCH_SECTIONS, BenchConfig, EvalParams
 from .peers import LlamaCppStepper
 from .sources import gguf_path
 from .stats import LEVEL, N_BOOT, SEED
-from .stepper import CachedStepper, Stepper, forward_time_ms
-from .timing import SameLengthCache, block_means, block_median
+from .stepper import CachedStepper, Stepper
+from .timing import SameLengthCache, block_means, block_median, interleave, sync_of
 
 
 class _Decoder(Stepper):
@@ -130,16 +130,11 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
     }
 
 
-def _sync_of(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
 @torch.inference_mode()
 def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
              source: str | None = None) -> pd.DataFrame:
     """The overhead, speedup and time-split table at one cap (`source`: the model's, for the peers' rows)."""
     device = next(model.parameters()).device
-    sync = _sync_of(device)
     n = cfg.warmup + cfg.blocks * cfg.block
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
@@ -148,26 +143,14 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])
-    step_ms = {m: np.full(n, np.nan) for m in names}
     update_ms = {m: np.full(n, np.nan) for m in names}
     plan_ms = {m: np.full(n, np.nan) for m in names}
-    # A new order every step: no method always runs first, and none always runs after the same one (a peer's
-    # worker process, say, whose threads may still be spinning when the next method starts).
-    orders = np.random.default_rng(0).permuted(np.tile(np.arange(len(names)), (n, 1)), axis=1)
-    for i in tqdm(range(n), desc=f"overhead cap {cap}", disable=not progress, mininterval=2.0, leave=False):
-        token = ids[:, cap + i : cap + i + 1]
-        for name in (names[j] for j in orders[i]):
-            stepper = steppers[name]
-            if name == RECOMPUTE and i % cfg.recompute_every:
-                stepper.skip(token)
-                continue
-            sync()
-            t0 = time.perf_counter()
-            stepper.forward(token)
-            sync()
-            step_ms[name][i] = forward_time_ms(stepper, t0)  # (a peer's forward as its worker timed it)
-            update_ms[name][i] = stepper.update_ms
-            plan_ms[name][i] = stepper.plan_ms
+
+    def after(i, name, stepper, logits):  # the cache's own timers of the forward just run
+        update_ms[name][i], plan_ms[name][i] = stepper.update_ms, stepper.plan_ms
+
+    step_ms = interleave(steppers, ids, cap, n, skip=lambda i, name: name == RECOMPUTE and i % cfg.recompute_every,
+                         after=after, desc=f"overhead cap {cap}", progress=progress)
     for stepper in steppers.values():
         stepper.close()  # (a peer's worker)
     # Per-block means, blocks paired across methods (block b of every method covers the same steps): the
@@ -268,7 +251,7 @@ def _target_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
 def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True) -> dict:
     """The ring's fixed-shape step compiled vs eager, interleaved; the exact error if compiling fails."""
     device = next(model.parameters()).device
-    sync = _sync_of(device)
+    sync = sync_of(device)
     warm = 2  # compiled steps before the graph count is taken
     n = warm + cfg.compile_steps
     if len(tokens) < cap + n + 1:
@@ -297,7 +280,7 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
                 times[name][i] = (time.perf_counter() - t0) * 1e3
                 nll[name][i] = _target_nll(logits, target)
     except Exception as exc:  # a measured negative: keep the stack's own words
-        record.update(status="failed", error=_error_text(exc), where=traceback.format_exc(limit=-3)[-2000:])
+        record.update(status="failed", error=error_text(exc), where=traceback.format_exc(limit=-3)[-2000:])
         return record
     eager_ms, compiled_ms = np.median(times["eager"][warm:]), np.median(times["compiled"][warm:])
     record.update(
@@ -353,7 +336,6 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     with intervals).  A variant that fails to apply, to compile or mid-run is a failed row with its error.
     """
     device = next(model.parameters()).device
-    sync = _sync_of(device)
     n = cfg.warmup + cfg.blocks * cfg.block
     if len(tokens) < cap + n + 1:
         raise StreamkvError(f"the weights section needs {cap + n + 1} tokens of text at cap {cap}, "
@@ -364,33 +346,20 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
         try:
             stepper.forward(ids[:, :cap])
         except Exception as exc:  # noqa: BLE001 - a variant the stack refuses is a measured negative
-            failures[name] = _error_text(exc)
+            failures[name] = error_text(exc)
             steppers.pop(name).close()
-    step_ms = {m: np.full(n, np.nan) for m in steppers}
     nll = {m: np.full(n, np.nan) for m in steppers}
-    orders = np.random.default_rng(0).permuted(np.tile(np.arange(len(steppers)), (n, 1)), axis=1)
-    for i in tqdm(range(n), desc=f"weights cap {cap}", disable=not progress, mininterval=2.0, leave=False):
-        token, target = ids[:, cap + i : cap + i + 1], ids[0, cap + i + 1]
-        names = list(steppers)
-        for name in (names[j] for j in orders[i] if j < len(names)):
-            stepper = steppers[name]
-            try:
-                sync()
-                t0 = time.perf_counter()
-                logits = stepper.forward(token)
-                sync()
-            except Exception as exc:  # noqa: BLE001 - e.g. a compile error at the first single-token step
-                failures[name] = _error_text(exc)
-                continue
-            step_ms[name][i] = forward_time_ms(stepper, t0)
-            if name != LLAMACPP_REFERENCE:  # (its logits are the reference decode's, meaningless)
-                nll[name][i] = _target_nll(logits, target)
-                if not np.isfinite(nll[name][i]):
-                    failures[name] = f"non-finite NLL ({nll[name][i]}) at step {i} of the timed stream"
-        for name in failures:
-            failed = steppers.pop(name, None)
-            if failed is not None:
-                failed.close()
+
+    def after(i, name, stepper, logits):  # the NLL of the next token: a variant that decodes noise fails here
+        if name == LLAMACPP_REFERENCE:  # (its logits are the reference decode's, meaningless)
+            return
+        nll[name][i] = _target_nll(logits, ids[0, cap + i + 1])
+        if not np.isfinite(nll[name][i]):
+            raise StreamkvError(f"non-finite NLL ({nll[name][i]}) at step {i} of the timed stream")
+
+    # (a variant that fails mid-run, e.g. a compile error at the first single-token step, is a failed row)
+    step_ms = interleave(steppers, ids, cap, n, after=after, failures=failures, desc=f"weights cap {cap}",
+                         progress=progress)
     for stepper in steppers.values():
         stepper.close()
     blocks = {m: block_means(step_ms[m][cfg.warmup:], cfg.block) for m in step_ms}
@@ -522,11 +491,6 @@ def _plain(record: dict) -> dict:
     return out
 
 
-def _error_text(exc: BaseException) -> str:
-    """The exception's type and message, as kept in a result (bounded: some messages carry whole graphs)."""
-    return f"{type(exc).__name__}: {exc}".strip()[:4000]
-
-
 def _section_parts(model, tokens: list[int], cfg: BenchConfig, progress: bool,
                    source: str | None) -> dict[str, Callable[[], Iterator[list[dict]]]]:
     """Each section as its parts (a cap, a stream method), each part's rows computed when it is reached."""
@@ -575,7 +539,7 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
                 save()
         except Exception as exc:  # the other sections still run; the rows of the parts done so far stay
             where = "".join(traceback.format_tb(exc.__traceback__, limit=-3))[-2000:]  # the message is in error
-            section.update(status="failed", error=_error_text(exc), where=where)
+            section.update(status="failed", error=error_text(exc), where=where)
         else:
             # torch.compile refusing the step is measured, not raised: its row carries the error
             # (a weights variant that fails is a row of its own: the section still compares the others)

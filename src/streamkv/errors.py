@@ -15,3 +15,8 @@ class NotInstalled(StreamkvError):
 
     The pipeline records such a row as "not installed" and shows it in the report instead of dropping it.
     """
+
+
+def error_text(exc: BaseException) -> str:
+    """The exception's type and message, as kept in a result (bounded: some messages carry whole graphs)."""
+    return f"{type(exc).__name__}: {exc}".strip()[:4000]

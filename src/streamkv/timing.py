@@ -12,14 +12,17 @@ a block holds a whole lazy period, so a lazy prune is charged to the method.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .errors import StreamkvError
+from .errors import StreamkvError, error_text
 from .params import TIMING_BLOCK as BLOCK
+from .stepper import forward_time_ms
 
 WARMUP = 16
 
@@ -98,6 +101,54 @@ def block_median(values: np.ndarray, block: int) -> float:
     return float(np.median(means)) if means.size else float("nan")
 
 
+def sync_of(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work (nothing on a CPU): called around every timed forward."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def interleave(steppers: dict, ids: torch.Tensor, start: int, n: int, seed: int = 0,
+               skip: Callable[[int, str], bool] | None = None,
+               after: Callable[[int, str, object, torch.Tensor], None] | None = None,
+               failures: dict[str, str] | None = None, desc: str | None = None,
+               progress: bool = False) -> dict[str, np.ndarray]:
+    """Step every stepper through the tokens ids[:, start + i] (i < n), timing each forward; ms per step.
+
+    Every step runs the steppers in a new seeded random order: none always runs first, and none always runs after
+    the same one (a peer's worker process, say, whose threads may still be spinning when the next one starts), so
+    the drift of a shared machine falls on all of them alike.  A time is NaN where a step was not timed.
+    `skip(i, name)`: feed that token untimed (`stepper.skip`).  `after(i, name, stepper, logits)`: read what the
+    forward did (its cache timers, the NLL of its logits).  With `failures`, an exception in a forward or in
+    `after` is kept there as text and that stepper is closed and left out from then on; without, it propagates.
+    """
+    sync = sync_of(ids.device)
+    names = list(steppers)
+    step_ms = {name: np.full(n, np.nan) for name in names}
+    orders = np.random.default_rng(seed).permuted(np.tile(np.arange(len(names)), (n, 1)), axis=1)
+    for i in tqdm(range(n), desc=desc, disable=not progress, mininterval=2.0, leave=False):
+        token = ids[:, start + i : start + i + 1]
+        for name in (names[j] for j in orders[i]):
+            stepper = steppers.get(name)
+            if stepper is None:  # (it failed earlier)
+                continue
+            if skip is not None and skip(i, name):
+                stepper.skip(token)
+                continue
+            try:
+                sync()
+                t0 = time.perf_counter()
+                logits = stepper.forward(token)
+                sync()
+                step_ms[name][i] = forward_time_ms(stepper, t0)  # (a peer's forward as its worker timed it)
+                if after is not None:
+                    after(i, name, stepper, logits)
+            except Exception as exc:
+                if failures is None:
+                    raise
+                failures[name] = error_text(exc)
+                steppers.pop(name).close()
+    return step_ms
+
+
 def timing_steps(steps: int, compress_every: int, block: int = BLOCK) -> int:
     """Timed steps for a row: at least `steps` and two prune periods, in whole blocks."""
     need = max(steps, 2 * compress_every)
@@ -123,11 +174,11 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     """
     from .cache import num_attention_layers
     from .factory import make_stepper
-    from .stepper import CachedStepper, forward_time_ms
+    from .stepper import CachedStepper
 
     model = loaded.model
     device = next(model.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = sync_of(device)
     cap = params.cap
     steps = timing_steps(steps, params.compress_every, block)
     n = warmup + steps
@@ -138,8 +189,6 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     # the prefill fills the budget, so every timed step streams under eviction
     steppers = {"method": make_stepper(model, replace(params, prefill=cap), loaded.source),
                 "reference": CachedStepper(model, SameLengthCache(num_attention_layers(model), cap))}
-    step_ms = {k: np.full(n, np.nan) for k in steppers}
-    update_ms = np.full(n, np.nan)
     sync()
     t0 = time.perf_counter()
     steppers["method"].forward(ids[:, :cap])
@@ -147,19 +196,14 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     ttft_ms = forward_time_ms(steppers["method"], t0)
     steppers["reference"].forward(ids[:, :cap])
     kv_bytes = steppers["method"].kv_bytes()
-    orders = np.random.default_rng(seed).permuted(np.tile([0, 1], (n, 1)), axis=1)
-    names = list(steppers)
-    for i in range(n):
-        token = ids[:, cap + i : cap + i + 1]
-        for j in orders[i]:
-            stepper = steppers[names[j]]
-            sync()
-            t0 = time.perf_counter()
-            stepper.forward(token)
-            sync()
-            step_ms[names[j]][i] = forward_time_ms(stepper, t0)
-        update_ms[i] = steppers["method"].update_ms
-        kv_bytes = max(kv_bytes, steppers["method"].kv_bytes())
+    update_ms, kv_bytes_at = np.full(n, np.nan), np.zeros(n)
+
+    def after(i, name, stepper, logits):  # the method's cache timer and bytes, read after each of its forwards
+        if name == "method":
+            update_ms[i], kv_bytes_at[i] = stepper.update_ms, stepper.kv_bytes()
+
+    step_ms = interleave(steppers, ids, cap, n, seed=seed, after=after)
+    kv_bytes = max(kv_bytes, int(kv_bytes_at.max()))
     steppers["method"].close()
     timed = step_ms["method"][warmup:]
     tpot, ref = block_median(timed, block), block_median(step_ms["reference"][warmup:], block)
