@@ -3,18 +3,20 @@ and the result file holds each section as soon as it finishes."""
 
 import json
 
+import numpy as np
 import pytest
 
 from streamkv import bench
-from streamkv.bench_tables import REFERENCE, bench_failures, bench_markdown
+from streamkv.bench_tables import REFERENCE, bench_failures, bench_findings, bench_markdown
 from streamkv.cli import main
+from streamkv.errors import StreamkvError
 from streamkv.params import BenchConfig
 
 FAST = dict(caps=(48,), compress_every=8, blocks=1, block=8, warmup=1, compile=False, stream_tokens=100,
             rss_from=60, stream_methods=("ring",), evaluator_tokens=120, weights=("bfloat16",), weights_compile=())
 
 
-def compiled_fine(model, tokens, cap, cfg, progress=True):
+def compiled_fine(model, tokens, cap, cfg, progress=True, method="ring-static"):
     """A compile comparison that finished at once (the real one compiles for tens of seconds)."""
     return {"cap": cap, "mode": "default", "status": "ok", "error": None, "ratio": 0.5}
 
@@ -61,7 +63,7 @@ def test_a_failed_section_keeps_the_others_and_the_file_holds_each_as_it_finishe
 
 
 def test_a_refused_compile_is_a_failed_section_that_keeps_its_record(tiny, hamlet_bytes, monkeypatch):
-    def compile_ratio(model, tokens, cap, cfg, progress=True):
+    def compile_ratio(model, tokens, cap, cfg, progress=True, method="ring-static"):
         return {"cap": cap, "mode": "default", "status": "failed", "error": "BackendCompilerFailed: no",
                 "where": "inductor"}
 
@@ -73,7 +75,27 @@ def test_a_refused_compile_is_a_failed_section_that_keeps_its_record(tiny, hamle
     assert result["compile"][0]["where"] == "inductor"  # the record as the comparison wrote it
     assert result["sections"]["overhead"]["status"] == "skipped"
     assert bench_failures(result) == {"compile": "BackendCompilerFailed: no"}
-    assert "| 48 | default | failed |" in bench_markdown(result)
+    assert "| 48 | ring-static | default | failed |" in bench_markdown(result)
+
+
+def test_a_general_step_that_does_not_compile_is_a_failed_row_of_a_section_that_holds(tiny, hamlet_bytes):
+    """A cache's general step compiled as it is: dynamo's refusal is the row's measured result."""
+    cfg = BenchConfig(**{**FAST, "compile": True, "compile_steps": 2, "compile_methods": ("start_recent",),
+                         "sections": ("compile",)})
+    result = bench.run(tiny("tiny:llama").model, hamlet_bytes, cfg, progress=False)
+    (row,) = result["compile"]
+    assert row["method"] == "start_recent"
+    if row["status"] == "ok":  # (a torch that compiles it: the row says what it took)
+        assert row["graphs_first_steps"] >= 1 and np.isfinite(row["ratio"])
+    else:
+        assert row["error"]
+    assert result["sections"]["compile"]["status"] == "ok" and result["failed"] == []
+    assert "start_recent's general step" in "\n".join(bench_findings(result))
+
+
+def test_unknown_compile_methods_are_refused_with_the_choices():
+    with pytest.raises(StreamkvError, match="unknown compile method.*ring-static"):
+        BenchConfig(compile_methods=("ring-static", "lazy")).check()
 
 
 def test_a_run_that_dies_leaves_the_sections_it_finished(tiny, hamlet_bytes, tmp_path, monkeypatch):
@@ -91,7 +113,7 @@ def test_a_run_that_dies_leaves_the_sections_it_finished(tiny, hamlet_bytes, tmp
     assert left["sections"]["compile"]["status"] == "ok" and left["compile"][0]["ratio"] == 0.5
     text = bench_markdown(left)
     assert "**Section memory did not finish** (the run stopped during it)." in text
-    assert "| 48 | default | ok |" in text
+    assert "| 48 | ring-static | default | ok |" in text
 
 
 def test_bench_command_exits_1_after_the_tables_of_the_sections_that_finished(tmp_path, capsys, monkeypatch):
@@ -105,7 +127,7 @@ def test_bench_command_exits_1_after_the_tables_of_the_sections_that_finished(tm
                  "--stream-tokens", "100", "--rss-from", "60", "--stream-methods", "ring",
                  "--sections", "compile", "memory", "--quiet", "--out", str(out)]) == 1
     captured = capsys.readouterr()
-    assert "| 48 | default | ok |" in captured.out
+    assert "| 48 | ring-static | default | ok |" in captured.out
     assert "**Section memory failed:** MemoryError: no room for the stream" in captured.out
     last = captured.err.strip().splitlines()[-1]
     assert last == "streamkv: bench section memory failed: MemoryError: no room for the stream"

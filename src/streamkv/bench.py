@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import meta
+from . import meta, methods
 from .bench_tables import (
     GOALS,
     LAZY,
@@ -67,7 +67,7 @@ from .errors import StreamkvError, error_text
 from .extras import kvpress_python, llamacpp_version
 from .factory import make_cache, make_stepper
 from .jobio import write_json
-from .params import BENCH_SECTIONS, BenchConfig, EvalParams
+from .params import BENCH_SECTIONS, RING_STATIC, BenchConfig, EvalParams
 from .peers import LlamaCppStepper
 from .sources import gguf_path
 from .stats import LEVEL, N_BOOT, SEED
@@ -247,9 +247,41 @@ def _target_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
     return F.cross_entropy(logits[0, -1:].float(), target.reshape(1)).item()
 
 
+def graph_breaks() -> int:
+    """Graph breaks dynamo has met in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+def _compile_pair(model, cap: int, cfg: BenchConfig, method: str) -> tuple[tuple, tuple]:
+    """(prefill, step) of the eager and of the compiled decoder of `method`; prefills run eagerly in both.
+
+    RING_STATIC is the ring's fixed-shape step (`RingDecoder`, one graph for every step); any other method is the
+    model's forward over its cache, compiled as it is (no full graph asked): what dynamo makes of the cache's
+    Python (guards on its counters, graph breaks, recompiles) is what is measured.
+    """
+    kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+    if method == RING_STATIC:
+        eager = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink))
+        compiled = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink), compile=True, **kwargs)
+        return (eager, eager), (compiled, compiled)
+    sink = 0 if methods.get(method).sinkless else cfg.sink
+
+    def plain():
+        cache = make_cache(method, model, cap=cap, sink=sink)
+        return lambda ids: model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+    eager, compiled = plain(), plain()
+    return (eager, eager), (compiled, torch.compile(compiled, **kwargs))
+
+
 @torch.inference_mode()
-def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True) -> dict:
-    """The ring's fixed-shape step compiled vs eager, interleaved; the exact error if compiling fails."""
+def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: bool = True,
+                  method: str = RING_STATIC) -> dict:
+    """A method's decode step compiled vs eager, interleaved, with the graphs it took; the exact error if it fails."""
+    import torch._dynamo
+
     device = next(model.parameters()).device
     sync = sync_of(device)
     warm = 2  # compiled steps before the graph count is taken
@@ -257,17 +289,16 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     if len(tokens) < cap + n + 1:
         raise StreamkvError(f"the compile comparison needs {cap + n + 1} tokens of text, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n + 1], device=device).unsqueeze(0)
-    record = {"cap": cap, "mode": cfg.compile_mode or "default", "status": "ok", "error": None}
-    eager = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink))
-    kwargs = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
-    compiled = RingDecoder(model, make_cache("ring", model, cap=cap, sink=cfg.sink), compile=True, **kwargs)
-    eager(ids[:, :cap])
-    compiled(ids[:, :cap])
-    graphs0 = compiled_graphs()
+    record = {"cap": cap, "method": method, "mode": cfg.compile_mode or "default", "status": "ok", "error": None}
+    torch._dynamo.reset()  # every method compiles from nothing, against a recompile limit of its own
+    (eager_prefill, eager), (compiled_prefill, compiled) = _compile_pair(model, cap, cfg, method)
+    eager_prefill(ids[:, :cap])
+    compiled_prefill(ids[:, :cap])
+    graphs0, breaks0 = compiled_graphs(), graph_breaks()
     times = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
     nll = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
     try:
-        for i in tqdm(range(n), desc="compile", disable=not progress, mininterval=2.0, leave=False):
+        for i in tqdm(range(n), desc=f"compile {method}", disable=not progress, mininterval=2.0, leave=False):
             token, target = ids[:, cap + i : cap + i + 1], ids[0, cap + i + 1]
             if i == warm:
                 graphs_warm = compiled_graphs()
@@ -288,7 +319,8 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
         eager_ms=float(eager_ms), compiled_ms=float(compiled_ms), ratio=float(compiled_ms / eager_ms),
         nll_max_abs_diff=float(np.abs(nll["eager"] - nll["compiled"]).max()),
         graphs_first_steps=graphs_warm - graphs0,
-        graphs_after_warmup=compiled_graphs() - graphs_warm, steps=cfg.compile_steps,
+        graphs_after_warmup=compiled_graphs() - graphs_warm, graph_breaks=graph_breaks() - breaks0,
+        recompile_limit=int(torch._dynamo.config.recompile_limit), steps=cfg.compile_steps,
     )
     return record
 
@@ -498,7 +530,7 @@ def _section_parts(model, tokens: list[int], cfg: BenchConfig, progress: bool,
     return {
         "overhead": lambda: ([_plain(r) for r in overhead(model, tokens, c, cfg, progress, source).to_dict("records")]
                              for c in cfg.caps),
-        "compile": lambda: iter([[_plain(compile_ratio(model, tokens, cap, cfg, progress))]]),
+        "compile": lambda: ([_plain(compile_ratio(model, tokens, cap, cfg, progress, m))] for m in cfg.compile_methods),
         "memory": lambda: ([_plain(memory_stream(model, tokens, m, cap, cfg, progress))] for m in cfg.stream_methods),
         "evaluator": lambda: iter([[_plain(r) for r in evaluator_speed(model, tokens, cap, cfg, progress, source)]]),
         "weights": lambda: iter([[_plain(r) for r in weights_speed(model, tokens, cap, cfg, progress, source)]]),
@@ -541,9 +573,11 @@ def run(model, tokens: list[int], cfg: BenchConfig, progress: bool = True, sourc
             where = "".join(traceback.format_tb(exc.__traceback__, limit=-3))[-2000:]  # the message is in error
             section.update(status="failed", error=error_text(exc), where=where)
         else:
-            # torch.compile refusing the step is measured, not raised: its row carries the error
-            # (a weights variant that fails is a row of its own: the section still compares the others)
-            refused = [r["error"] for r in result[name] if r.get("status") == "failed" and name != "weights"]
+            # torch.compile refusing the ring's fixed-shape step is measured, not raised: its row carries the error,
+            # and the section fails (that step is made to compile).  A weights variant or a cache's general step that
+            # fails is a row of its own, a measured negative: the section still compares the others.
+            refused = [r["error"] for r in result[name] if r.get("status") == "failed" and name != "weights"
+                       and r.get("method", RING_STATIC) == RING_STATIC]
             section.update(status="failed" if refused else "ok", error=refused[0] if refused else None)
         section["seconds"] = time.perf_counter() - t0
         if section["status"] == "failed":

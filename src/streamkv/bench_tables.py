@@ -68,14 +68,19 @@ def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
                  "forward_ms": "forward ms", "update_ms": "cache update ms", "plan_ms": "planning ms"})
 
 
+def _compiled_step(method: str) -> str:
+    return "the ring's fixed-shape step" if method == "ring-static" else f"{method}'s general step"
+
+
 def bench_compile_table(rows: list[dict]) -> pd.DataFrame:
-    cols = ["cap", "mode", "status", "eager_ms", "compiled_ms", "ratio", "nll_max_abs_diff", "compile_sec",
-            "graphs_first_steps", "graphs_after_warmup", "error"]
-    frame = pd.DataFrame(rows).reindex(columns=cols)
+    cols = ["cap", "method", "mode", "status", "eager_ms", "compiled_ms", "ratio", "nll_max_abs_diff", "compile_sec",
+            "graphs_first_steps", "graphs_after_warmup", "graph_breaks", "error"]
+    frame = pd.DataFrame([{"method": "ring-static", **r} for r in rows]).reindex(columns=cols)  # (older results:
+    # the ring's fixed-shape step only)
     return frame.rename(columns={"eager_ms": "eager TPOT ms", "compiled_ms": "compiled TPOT ms",
                                  "ratio": "compiled / eager", "nll_max_abs_diff": "max abs dNLL",
                                  "compile_sec": "first step s", "graphs_first_steps": "graphs (warm-up)",
-                                 "graphs_after_warmup": "graphs after warm-up"})
+                                 "graphs_after_warmup": "graphs after warm-up", "graph_breaks": "graph breaks"})
 
 
 def bench_memory_table(rows: list[dict]) -> pd.DataFrame:
@@ -118,7 +123,8 @@ def bench_markdown(result: dict) -> str:
         parts += ["Eviction overhead, speedup and time split (medians of block means, methods interleaved):", "",
                   to_markdown(bench_overhead_table(result["overhead"]), _bench_cell), ""]
     if result["compile"]:
-        parts += ["The ring's fixed-shape step, torch.compile vs eager:", "",
+        parts += ["Decode steps, torch.compile vs eager (graphs: compiled in the first two steps and after them; "
+                  "a step that keeps recompiling falls back to eager at dynamo's recompile limit):", "",
                   to_markdown(bench_compile_table(result["compile"]), _bench_cell), ""]
     if result.get("evaluator"):
         parts += ["The parallel evaluator against the decode loop, same method, same tokens (each whole run):", "",
@@ -198,13 +204,15 @@ def bench_findings(result: dict) -> list[str]:
                 lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "
                              f"shift, where our {ours} is x{rows[ours]['overhead']:.3f} our no-eviction forward")
     for c in result["compile"]:
+        step = _compiled_step(c.get("method", "ring-static"))
         if c["status"] == "ok":
-            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step at cap {c['cap']}: TPOT "
+            breaks = f", {c['graph_breaks']} graph breaks" if c.get("graph_breaks") else ""
+            lines.append(f"torch.compile ({c['mode']}) of {step} at cap {c['cap']}: TPOT "
                          f"x{c['ratio']:.3f} of eager, max |dNLL| {c['nll_max_abs_diff']:.1e}, "
-                         f"{c['graphs_after_warmup']} graphs compiled after warm-up "
-                         f"(first step {c['compile_sec']:.0f} s)")
+                         f"{c['graphs_first_steps']} graphs in the first steps, {c['graphs_after_warmup']} compiled "
+                         f"after warm-up{breaks} (first step {c['compile_sec']:.0f} s)")
         else:
-            lines.append(f"torch.compile ({c['mode']}) of the ring's fixed-shape step failed: {c['error']}")
+            lines.append(f"torch.compile ({c['mode']}) of {step} failed: {c['error']}")
     for row in result.get("weights") or []:
         if row.get("best"):
             engine = (f", x{row['vs_llamacpp']:.2f} {_bench_interval(row, 'vs_llamacpp')} llama.cpp's decode; goal "

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import methods
 from .errors import NotInstalled, StreamkvError
 from .jobio import write_json, write_table
-from .params import EVALUATORS, PARALLEL_METHODS, WEIGHTS, EvalParams
+from .params import CACHE_METHODS, EVALUATORS, PARALLEL_METHODS, RING_STATIC, WEIGHTS, EvalParams
 from .policy import SOFTLITE_MODES
 
 
@@ -121,6 +121,10 @@ def _add_bench(sub) -> None:
                         "own decode; needs llama-cpp-python and a GGUF model)")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
+    b.add_argument("--compile-methods", nargs="+", default=list(d.compile_methods),
+                   help=f"decode steps compiled, one row each: {RING_STATIC} (the ring's fixed-shape step) or a "
+                        f"cache's general step ({', '.join(CACHE_METHODS)}; graphs, graph breaks and recompiles "
+                        f"counted); default {' '.join(d.compile_methods)}")
     b.add_argument("--stream-tokens", type=int, default=d.stream_tokens,
                    help=f"memory stream length (default {d.stream_tokens})")
     b.add_argument("--stream-methods", nargs="+", default=list(d.stream_methods),
@@ -238,7 +242,8 @@ def run_bench(args) -> int:
         caps=tuple(args.caps), sink=args.sink, compress_every=args.compress_every, blocks=args.blocks, block=args.block,
         warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, peers=args.peers,
         compile_mode=args.compile_mode,
-        compile_steps=args.compile_steps, stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
+        compile_steps=args.compile_steps, compile_methods=tuple(args.compile_methods),
+        stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),
         dense_tokens=args.dense_tokens, rss_from=args.rss_from, sections=tuple(args.sections),
         evaluator_tokens=args.evaluator_tokens, weights=tuple(args.weights),
         weights_compile=tuple(args.weights_compile),

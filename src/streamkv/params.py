@@ -166,6 +166,9 @@ class EvalParams:
 BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator", "weights")
 MAX_BENCH_TOKENS = 10_000_000  # tokens of text a bench may decode: more is a mistyped setting (days of decoding)
 STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
+# The decode steps the compile section compiles: the ring's fixed-shape step, and every cache's general step.
+RING_STATIC = "ring-static"
+COMPILE_METHODS = (RING_STATIC, *CACHE_METHODS)
 
 
 @dataclass
@@ -183,6 +186,7 @@ class BenchConfig:
     peers: bool = False  # kvpress rows in the overhead table (they need the peer environment)
     compile_mode: str | None = None  # torch.compile mode ("reduce-overhead": CUDA graphs)
     compile_steps: int = 128
+    compile_methods: tuple[str, ...] = (RING_STATIC,)  # see COMPILE_METHODS: the steps compiled, one row each
     stream_tokens: int = 20000
     stream_methods: tuple[str, ...] = ("ring", "start_recent", "dense")
     dense_tokens: int | None = None  # dense grows: a shorter stream shows it (None: stream_tokens)
@@ -219,6 +223,10 @@ class BenchConfig:
         bad = [s for s in self.sections if s not in BENCH_SECTIONS]
         if bad:
             raise StreamkvError(f"unknown bench section(s) {', '.join(bad)}; choose from: {', '.join(BENCH_SECTIONS)}")
+        bad = [m for m in self.compile_methods if m not in COMPILE_METHODS]
+        if bad:
+            raise StreamkvError(f"unknown compile method(s) {', '.join(bad)}; choose from: "
+                                f"{', '.join(COMPILE_METHODS)}")
         bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
         if bad:
             raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")
