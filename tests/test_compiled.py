@@ -87,6 +87,30 @@ def test_the_compiled_step_compiles_once_and_matches_eager(tiny, hamlet_bytes):
     assert (torch.stack(first + rest) - eager[32:]).abs().max() <= 1e-4
 
 
+def test_every_cache_tensor_the_compiled_step_sees_has_a_static_address(tiny, hamlet_bytes):
+    """CUDA graphs replay fixed addresses and skip a graph whose mutated inputs are not marked static: every input
+    of the step's graph that lives in the cache's storage (buffers, their per-layer views, position, slot) is."""
+    torch._dynamo.reset()
+    model = tiny("tiny:llama").model
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(example_inputs)
+        return gm.forward
+
+    cache = make_cache("ring", model, cap=32, sink=4)
+    decoder = RingDecoder(model, cache, compile=True, backend=backend)
+    with torch.inference_mode():
+        decoder(torch.tensor([hamlet_bytes[:32]]))
+        for t in hamlet_bytes[32:36]:
+            decoder(torch.tensor([[t]]))
+    storages = {t.untyped_storage().data_ptr() for t in cache.static_tensors()}
+    inputs = [t for t in seen if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages]
+    assert len(inputs) >= 3 * len(cache.layers)  # every layer's key and value views and its sinks, at least
+    unmarked = [tuple(t.shape) for t in inputs if getattr(t, "_dynamo_static_input_type", None) is None]
+    assert not unmarked, f"cache tensors without a static address: {unmarked}"
+
+
 def test_bench_sections_on_a_tiny_model(tiny, hamlet_bytes):
     model = tiny("tiny:llama").model
     cfg = BenchConfig(caps=(48,), compress_every=8, blocks=2, block=8, warmup=2, compile=False, stream_tokens=400,

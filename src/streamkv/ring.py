@@ -182,9 +182,16 @@ class RingCache(StreamingCache):
         self.slot_t = torch.tensor([self._slot(self.seen)], device=device)
         self.sink_offsets = torch.arange(self.sink, device=device)
         if not torch.compiler.is_compiling():  # fixed addresses: what CUDA graphs need
-            for t in (self.store_k, self.store_v, self.raw_sinks, self.pos_t, self.slot_t):
+            for t in self.static_tensors():
                 torch._dynamo.mark_static_address(t)
         self.static = True
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a fixed-shape step reads or writes besides the model's: the stacked buffers, each layer's
+        views of them (the step reaches them through the layers: a mark on the stack does not carry over to a
+        view, and CUDA graphs skip a graph whose mutated inputs are not marked) and the position and slot."""
+        views = [t for layer in self.layers for t in (layer.buf_k, layer.buf_v, layer.raw_sinks)]
+        return [self.store_k, self.store_v, self.raw_sinks, *views, self.pos_t, self.slot_t]
 
     def make_dynamic(self) -> None:
         """Back to the general update (any chunk size); the counters are already up to date."""
