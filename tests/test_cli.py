@@ -186,6 +186,12 @@ def test_timing_steps_beyond_the_tokens(tmp_path, capsys):
                               "more than max-tokens (100); raise --max-tokens or lower --timing-steps\n")
 
 
+def test_a_timing_batch_without_a_timing_part_is_an_input_error(tmp_path, capsys):
+    code, err = err_of(capsys, BASE + ["--method", "mit", "--timing-batch", "4", "--out", str(tmp_path / "r.json")])
+    assert (code, err) == (2, "streamkv: error: timing-batch 4 sets the streams of the timing part; add "
+                              "--timing-steps T to run one\n")
+
+
 def test_lazy_ring_without_a_window_is_an_input_error(tmp_path, capsys):
     code, err = err_of(capsys, BASE + ["--method", "ring", "--cap", "5", "--compress-every", "2",
                                        "--out", str(tmp_path / "r.json")])
