@@ -18,7 +18,9 @@ assumed.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +131,33 @@ def has_vnni() -> bool:
     return bool(set(VNNI_FLAGS) & _cpu_flags())
 
 
+def _fbgemm_rows(x: torch.Tensor, packed, out_features: int) -> torch.Tensor:
+    """fbgemm's dynamic int8 product of every token of `x` on its own (one activation scale per token)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:  # a decode step of one stream
+        out = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range=False)
+    else:
+        out = torch.cat([torch.ops.quantized.linear_dynamic(row, packed, reduce_range=False) for row in rows.split(1)])
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+# torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so inside a compiled step each
+# linear is one opaque op that names its layer by number: the rest of the step (norms, rotary, attention, the
+# cache) compiles around them in one graph.
+_FBGEMM_LINEARS: dict[int, weakref.ref] = {}
+_FBGEMM_IDS = itertools.count()
+
+
+@torch.library.custom_op("streamkv::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    return _fbgemm_rows(x, _FBGEMM_LINEARS[index]()._packed_params._packed_params, out_features)
+
+
+@fbgemm_linear.register_fake
+def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def _fbgemm_dynamic(model: torch.nn.Module) -> None:
     """PyTorch's dynamic int8 linears, with activations quantised to all 8 bits (see `FullRangeDynamicLinear`)."""
     import warnings
@@ -153,14 +182,15 @@ def _fbgemm_dynamic(model: torch.nn.Module) -> None:
         and would make a stream's output depend on the other streams of its batch.
         """
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.index = next(_FBGEMM_IDS)
+            _FBGEMM_LINEARS[self.index] = weakref.ref(self)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            packed = self._packed_params._packed_params
-            rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] == 1:  # a decode step of one stream
-                return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
-            out = torch.cat([torch.ops.quantized.linear_dynamic(row, packed, reduce_range=False)
-                             for row in rows.split(1)])
-            return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+            if torch.compiler.is_compiling():
+                return fbgemm_linear(x, self.index, self.out_features)
+            return _fbgemm_rows(x, self._packed_params._packed_params, self.out_features)
 
     with warnings.catch_warnings():  # (PyTorch's notice that torch.ao.quantization moves to torchao)
         warnings.simplefilter("ignore", DeprecationWarning)
