@@ -194,7 +194,7 @@ class BenchConfig:
     rss_from: int = 2000
     evaluator_tokens: int = 1024  # the parallel evaluator against the decode loop on these many tokens
     weights: tuple[str, ...] = WEIGHTS  # the weights variants timed against float32 (and llama.cpp, if installed)
-    weights_compile: tuple[str, ...] = ("bfloat16", "int8-fbgemm")  # of those, the ones also timed compiled
+    weights_compile: tuple[str, ...] = ("bfloat16",)  # of those, the ones also timed compiled
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":
