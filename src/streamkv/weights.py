@@ -145,13 +145,13 @@ def _fbgemm_rows(x: torch.Tensor, packed, out_features: int) -> torch.Tensor:
 # linear is one opaque op that names its layer by number: the rest of the step (norms, rotary, attention, the
 # cache) compiles around them in one graph.  It compiles; it does not pay on a CPU: the op's Python dispatch, once
 # per linear (211 a step on SmolLM2), costs more than the compiled rest saves (x1.44 of eager in the bench).
-_FBGEMM_LINEARS: dict[int, weakref.ref] = {}
+_FBGEMM_LINEARS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (a dropped model leaves it)
 _FBGEMM_IDS = itertools.count()
 
 
 @torch.library.custom_op("streamkv::fbgemm_linear", mutates_args=())
 def fbgemm_linear(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    return _fbgemm_rows(x, _FBGEMM_LINEARS[index]()._packed_params._packed_params, out_features)
+    return _fbgemm_rows(x, _FBGEMM_LINEARS[index]._packed_params._packed_params, out_features)
 
 
 @fbgemm_linear.register_fake
@@ -186,7 +186,7 @@ def _fbgemm_dynamic(model: torch.nn.Module) -> None:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.index = next(_FBGEMM_IDS)
-            _FBGEMM_LINEARS[self.index] = weakref.ref(self)
+            _FBGEMM_LINEARS[self.index] = self
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if torch.compiler.is_compiling():
