@@ -72,20 +72,20 @@ from .peers import LlamaCppStepper
 from .sources import gguf_path
 from .stats import LEVEL, N_BOOT, SEED
 from .stepper import CachedStepper, Stepper
-from .timing import SameLengthCache, block_means, block_median, interleave, sync_of
+from .timing import SameLengthCache, block_means, block_median, interleave
 
 
 class _Decoder(Stepper):
-    """A RingDecoder as a stepper (no cache timers inside a fixed-shape step)."""
+    """A decoder (`ids -> logits`: a RingDecoder, a compiled forward) as a stepper; no cache timers inside it."""
 
-    def __init__(self, decoder: RingDecoder):
-        self.decoder, self.cache = decoder, decoder.cache
+    def __init__(self, decoder: Callable[[torch.Tensor], torch.Tensor]):
+        self.decoder = decoder
 
     def forward(self, ids):
         return self.decoder(ids)
 
     def kv_bytes(self) -> int:
-        return self.cache.nbytes()
+        return self.decoder.cache.nbytes()  # (a RingDecoder's)
 
 
 def _gguf(source: str | None) -> Path | None:
@@ -283,7 +283,6 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     import torch._dynamo
 
     device = next(model.parameters()).device
-    sync = sync_of(device)
     warm = 2  # compiled steps before the graph count is taken
     n = warm + cfg.compile_steps
     if len(tokens) < cap + n + 1:
@@ -295,21 +294,18 @@ def compile_ratio(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     eager_prefill(ids[:, :cap])
     compiled_prefill(ids[:, :cap])
     graphs0, breaks0 = compiled_graphs(), graph_breaks()
-    times = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
     nll = {"eager": np.full(n, np.nan), "compiled": np.full(n, np.nan)}
+    graphs_warm = graphs0
+
+    def after(i, name, stepper, logits):
+        nonlocal graphs_warm
+        nll[name][i] = _target_nll(logits, ids[0, cap + i + 1])
+        if i == warm - 1:  # (the second of these calls comes after both forwards: the count before step `warm`)
+            graphs_warm = compiled_graphs()
+
     try:
-        for i in tqdm(range(n), desc=f"compile {method}", disable=not progress, mininterval=2.0, leave=False):
-            token, target = ids[:, cap + i : cap + i + 1], ids[0, cap + i + 1]
-            if i == warm:
-                graphs_warm = compiled_graphs()
-            for name, decoder in ((("eager", eager), ("compiled", compiled)) if i % 2 else
-                                  (("compiled", compiled), ("eager", eager))):
-                sync()
-                t0 = time.perf_counter()
-                logits = decoder(token)
-                sync()
-                times[name][i] = (time.perf_counter() - t0) * 1e3
-                nll[name][i] = _target_nll(logits, target)
+        times = interleave({"eager": _Decoder(eager), "compiled": _Decoder(compiled)}, ids, cap, n, after=after,
+                           desc=f"compile {method}", progress=progress)
     except Exception as exc:  # a measured negative: keep the stack's own words
         record.update(status="failed", error=error_text(exc), where=traceback.format_exc(limit=-3)[-2000:])
         return record

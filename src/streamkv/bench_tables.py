@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .fmt import to_markdown
+from .params import RING_STATIC
 
 REFERENCE = "no eviction (reference)"
 RECOMPUTE = "recompute"
@@ -69,13 +70,13 @@ def bench_overhead_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def _compiled_step(method: str) -> str:
-    return "the ring's fixed-shape step" if method == "ring-static" else f"{method}'s general step"
+    return "the ring's fixed-shape step" if method == RING_STATIC else f"{method}'s general step"
 
 
 def bench_compile_table(rows: list[dict]) -> pd.DataFrame:
     cols = ["cap", "method", "mode", "status", "eager_ms", "compiled_ms", "ratio", "nll_max_abs_diff", "compile_sec",
             "graphs_first_steps", "graphs_after_warmup", "graph_breaks", "error"]
-    frame = pd.DataFrame([{"method": "ring-static", **r} for r in rows]).reindex(columns=cols)  # (older results:
+    frame = pd.DataFrame([{"method": RING_STATIC, **r} for r in rows]).reindex(columns=cols)  # (older results:
     # the ring's fixed-shape step only)
     return frame.rename(columns={"eager_ms": "eager TPOT ms", "compiled_ms": "compiled TPOT ms",
                                  "ratio": "compiled / eager", "nll_max_abs_diff": "max abs dNLL",
@@ -204,7 +205,7 @@ def bench_findings(result: dict) -> list[str]:
                 lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "
                              f"shift, where our {ours} is x{rows[ours]['overhead']:.3f} our no-eviction forward")
     for c in result["compile"]:
-        step = _compiled_step(c.get("method", "ring-static"))
+        step = _compiled_step(c.get("method", RING_STATIC))
         if c["status"] == "ok":
             breaks = f", {c['graph_breaks']} graph breaks" if c.get("graph_breaks") else ""
             lines.append(f"torch.compile ({c['mode']}) of {step} at cap {c['cap']}: TPOT "

@@ -27,6 +27,7 @@ from .params import EvalParams
 from .results import METRIC_KEYS, TIMING_KEYS, peak_memory_mb, quality_metrics, trace_frame
 from .sources import LoadedModel, encode, load_text
 from .stepper import forward_time_ms
+from .timing import sync_of
 from .weights import weights_of
 
 STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cache warm-up)
@@ -94,7 +95,7 @@ def _timing_part(record: dict, loaded: LoadedModel, tokens: list[int], p: EvalPa
 def _decode_loop(loaded: LoadedModel, tokens: list[int], p: EvalParams, progress: bool) -> tuple[dict, pd.DataFrame]:
     model = loaded.model
     device = next(model.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = sync_of(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(p.seed)
