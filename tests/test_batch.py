@@ -62,7 +62,7 @@ def test_each_stream_of_a_batch_decodes_as_alone(tiny, streams, family, method, 
     assert_streams_alone(run, streams)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int8-dynamic", "int8-fbgemm", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int8-dynamic", "int8-fbgemm", "int8-pack", "int4"])
 def test_streams_stay_independent_under_quantised_weights(streams, weights):
     """Weights quantised per channel, activations (where quantised at run time) per token: a stream's output does
     not depend on the other streams of its batch.  (bfloat16 is the exception: its products round differently for

@@ -87,6 +87,38 @@ def test_the_compiled_step_compiles_once_and_matches_eager(tiny, hamlet_bytes):
     assert (torch.stack(first + rest) - eager[32:]).abs().max() <= 1e-4
 
 
+def test_compiled_decoders_of_different_models_keep_their_own_graphs(tiny, hamlet_bytes):
+    """The compiled step drops the guards on the model's modules: two decoders in one process, over two models
+    with different layers (float32 and int8-pack linears) and over two models that differ only in weights, must
+    each still run their own model, step for step interleaved."""
+    import copy
+
+    from streamkv.weights import apply_weights
+
+    torch._dynamo.reset()
+    base = tiny("tiny:llama").model
+    scaled = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(1.1)
+    models = {"float32": base, "int8-pack": apply_weights(copy.deepcopy(base), "int8-pack"), "scaled": scaled}
+    tokens = hamlet_bytes[:80]
+    ids = torch.tensor([tokens])
+    decoders = {name: RingDecoder(m, make_cache("ring", m, cap=32, sink=4), compile=True, backend="eager")
+                for name, m in models.items()}
+    got = {name: [] for name in models}
+    with torch.inference_mode():
+        for decoder in decoders.values():
+            decoder(ids[:, :32])
+        for t in range(32, 80):
+            for name, decoder in decoders.items():
+                got[name].append(decoder(ids[:, t : t + 1])[0, -1].log_softmax(-1))
+    for name, m in models.items():
+        eager = logprobs(RingDecoder(m, make_cache("ring", m, cap=32, sink=4)), tokens, first=32)[32:]
+        assert (torch.stack(got[name]) - eager).abs().max() <= 1e-4, name
+    assert (torch.stack(got["scaled"]) - torch.stack(got["float32"])).abs().max() > 1e-2
+
+
 def test_every_cache_tensor_the_compiled_step_sees_has_a_static_address(tiny, hamlet_bytes):
     """CUDA graphs replay fixed addresses and skip a graph whose mutated inputs are not marked static: every input
     of the step's graph that lives in the cache's storage (buffers, their per-layer views, position, slot) is."""

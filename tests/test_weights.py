@@ -63,7 +63,7 @@ def test_weight_bytes_shrink_with_the_variant():
     full = W.weight_bytes(load_model("tiny:llama").model)
     got = {w: W.weight_bytes(load_model("tiny:llama", weights=w).model) / full for w in QUANTISED}
     assert got["bfloat16"] == pytest.approx(0.5)
-    for w in ("int8", "int8-intx", "int8-dynamic", "int8-fbgemm"):
+    for w in ("int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int8-pack"):
         assert 0.25 <= got[w] < 0.3, (w, got[w])  # one byte a weight and a scale per row
     assert 0.125 <= got["int4"] < 0.2, got["int4"]  # half a byte, a scale and a zero per 32
 
@@ -113,6 +113,33 @@ def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
     # (on SmolLM2 the compiled norms round differently, which flips some int8 roundings of the activations: the
     # NLLs then differ per token by up to a nat while their mean stays; this tiny model's activations flip none)
     assert (out["compiled"] - out["eager"]).abs().max().item() < 1e-3
+
+
+def test_int8_pack_compiles_into_one_graph_and_keeps_its_eager_nlls(tokens):
+    """ATen's int8 kernel traces: the fixed-shape step compiles into one graph, with no break and no recompilation,
+    and gives eager's NLLs; the kernel multiplies exactly the int8 weights and bfloat16 scales it stores."""
+    import torch._dynamo.testing
+
+    from streamkv import make_cache
+    from streamkv.compiled import RingDecoder
+
+    model = load_model("tiny:llama", weights="int8-pack").model
+    layer = model.lm_head
+    x = torch.randn(3, layer.in_features).bfloat16()
+    dequantised = layer.weight.float() * layer.scale.float()[:, None]
+    assert torch.allclose(layer(x.float()), (x.float() @ dequantised.T).bfloat16().float(), rtol=2e-2, atol=1e-2)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    ids = torch.tensor([tokens[:120]])
+    out = {}
+    with torch.inference_mode():
+        for name, kwargs in (("eager", {}), ("compiled", {"compile": True, "backend": counter})):
+            decoder = RingDecoder(model, make_cache("ring", model, cap=CAP, sink=4), **kwargs)
+            decoder(ids[:, :CAP])
+            out[name] = torch.cat([decoder(ids[:, t : t + 1])[0, -1].log_softmax(-1)[ids[0, t + 1]].reshape(1)
+                                   for t in range(CAP, 119)])
+    assert counter.frame_count == 1
+    assert (out["compiled"] - out["eager"]).abs().max().item() < 1e-2  # (bfloat16 roundings of fused ops differ)
 
 
 def test_int8_fbgemm_is_refused_without_vnni(monkeypatch):

@@ -57,7 +57,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--weights", default="float32", choices=list(WEIGHTS),
                    help="the linear layers' weights: float32 (as loaded in --dtype), bfloat16, int8 (torchao weight-"
                         "only), int8-intx (torchao IntxWeightOnlyConfig), int8-dynamic (torchao, int8 activations "
-                        "too), int8-fbgemm (PyTorch's quantize_dynamic, CPU), int4 (torchao, groups of 32); the cache "
+                        "too), int8-fbgemm (PyTorch's quantize_dynamic, CPU), int8-pack (ATen's int8 kernel, bfloat16 "
+                        "activations; the fastest compiled), int4 (torchao, groups of 32); the cache "
                         "stays in --dtype (default float32)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)

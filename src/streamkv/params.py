@@ -32,17 +32,18 @@ EVALUATORS = ("auto", "parallel", "decode")
 PARALLEL_METHODS = methods.names(parallel=True)
 DTYPES = ("float32", "float16", "bfloat16")  # (the torch dtypes are streamkv.sources.DTYPES)
 # How the linear layers store their weights (streamkv.weights, one record each); "float32": as loaded (--dtype).
-WEIGHTS = ("float32", "bfloat16", "int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int4")
+WEIGHTS = ("float32", "bfloat16", "int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int8-pack", "int4")
 # Why the parallel evaluator cannot serve a variant: a chunk of queries is not the decode step for it.  bfloat16
 # products round by the kernel chosen for the batch's shape; activations quantised at run time (one scale per
 # token) turn the float32 rounding differences between a chunk and a single token into flipped int8 roundings.
 # Measured on tiny Llama: per-token |dNLL| against the loop 3e-2 (bfloat16), 0.11 (int8-dynamic), 6.9e-3
-# (int8-fbgemm, 2 of 399 tokens above 1e-4); int8, int8-intx and int4 dequantise to the activations' dtype and
-# stay within 1.2e-5.
+# (int8-fbgemm, 2 of 399 tokens above 1e-4), 2e-2 (int8-pack, 21 of 199 above 1e-4); int8, int8-intx and int4
+# dequantise to the activations' dtype and stay within 1.2e-5.
 LOOP_ONLY_WEIGHTS = {
     "bfloat16": "its bfloat16 products round differently for one token than for a chunk of tokens",
     "int8-dynamic": "it quantises the activations at run time: a chunk's float32 rounding flips some int8 roundings",
     "int8-fbgemm": "it quantises the activations at run time: a chunk's float32 rounding flips some int8 roundings",
+    "int8-pack": "it rounds the activations to bfloat16: a chunk's float32 rounding flips some of those roundings",
 }
 
 
@@ -194,7 +195,7 @@ class BenchConfig:
     rss_from: int = 2000
     evaluator_tokens: int = 1024  # the parallel evaluator against the decode loop on these many tokens
     weights: tuple[str, ...] = WEIGHTS  # the weights variants timed against float32 (and llama.cpp, if installed)
-    weights_compile: tuple[str, ...] = ("bfloat16",)  # of those, the ones also timed compiled
+    weights_compile: tuple[str, ...] = ("bfloat16", "int8-pack")  # of those, the ones also timed compiled
     sections: tuple[str, ...] = BENCH_SECTIONS
 
     def check(self) -> "BenchConfig":

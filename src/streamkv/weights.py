@@ -11,7 +11,8 @@ and `model.generate` then run the variant, because they all run the model.
 
 The quantised variants are torchao's configurations (the studied notes'
 int8 weight-only is `Int8WeightOnlyConfig`), plus PyTorch's own fbgemm dynamic
-int8 linears.  Which one is fast here, and what each costs in PPL, is measured
+int8 linears and ATen's int8 weight-only kernel (the one that compiles into a
+fast step).  Which one is fast here, and what each costs in PPL, is measured
 (`streamkv bench`'s weights section, the pipeline's weights ablation), not
 assumed.
 """
@@ -200,6 +201,39 @@ def _fbgemm_dynamic(model: torch.nn.Module) -> None:
                          mapping={torch.nn.Linear: FullRangeDynamicLinear})
 
 
+class Int8PackLinear(torch.nn.Module):
+    """int8 weights, one bfloat16 scale per output channel, multiplied by ATen's `_weight_int8pack_mm`.
+
+    The kernel reads a quarter of float32's bytes and widens the int8 weights in registers; it takes bfloat16
+    activations (its float32 path is about 8 times slower here), so the activations are rounded to bfloat16 as
+    in the bfloat16 variant and the output comes back in their dtype.  Unlike torchao's int8 (a tensor
+    subclass) and fbgemm's (packed weights that cannot be traced), it is one plain ATen op on plain tensors:
+    the fixed-shape step compiles around it into one graph, and that compiled step is the fastest one here.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)  # (rounded first: the int8 weights
+        self.register_buffer("weight", (weight / scale.float()[:, None]).round().clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scale", scale)  # are quantised against the scale the kernel will use)
+        self.bias = (None if linear.bias is None else
+                     torch.nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
+        out = torch._weight_int8pack_mm(rows, self.weight, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _int8_pack(model: torch.nn.Module) -> None:
+    for parent, name, layer in _linears(model):
+        setattr(parent, name, Int8PackLinear(layer))
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -219,6 +253,7 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
             "activations", _torchao_config(_int8_dynamic)),
     Variant("int8-fbgemm", "PyTorch's quantize_dynamic (fbgemm, CPUs with VNNI): int8 weights per channel, "
             "activations quantised to 8 bits per token at run time", _fbgemm_dynamic),
+    Variant("int8-pack", "int8 weights per channel, bfloat16 activations, ATen's _weight_int8pack_mm", _int8_pack),
     Variant("int4", "torchao int4 weight-only for CPU: groups of 32 weights with a scale and a zero point",
             _torchao_config(_int4_weight_only)),
 )}
@@ -265,6 +300,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, CastLinear)):
             total += _tensor_bytes(module.weight)
+        elif isinstance(module, Int8PackLinear):
+            total += _tensor_bytes(module.weight) + _tensor_bytes(module.scale)
         elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # (fbgemm-packed: weight() unpacks it)
             weight = module.weight()
             total += weight.numel() * weight.element_size()
