@@ -90,16 +90,14 @@ def test_int8_fbgemm_quantises_activations_to_all_8_bits():
     assert full_error < 0.7 * stock_error, (full_error, stock_error)
 
 
-@pytest.mark.skipif(not W.has_vnni(), reason="int8-fbgemm needs a CPU with VNNI")
-def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
-    """fbgemm's packed weights cannot be traced: each linear is one custom op inside the fixed-shape step's graph."""
+def _ring_step_nlls_eager_and_compiled(model, tokens) -> tuple[dict, int]:
+    """The fixed-shape ring step's NLLs over 87 tokens, eager and compiled; and the graphs the compiled one made."""
     import torch._dynamo.testing
 
     from streamkv import make_cache
     from streamkv.compiled import RingDecoder
 
     torch._dynamo.reset()
-    model = load_model("tiny:llama", weights="int8-fbgemm").model
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     ids = torch.tensor([tokens[:120]])
     out = {}
@@ -109,7 +107,14 @@ def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
             decoder(ids[:, :CAP])
             out[name] = torch.cat([decoder(ids[:, t : t + 1])[0, -1].log_softmax(-1)[ids[0, t + 1]].reshape(1)
                                    for t in range(CAP, 119)])
-    assert counter.frame_count == 1  # fullgraph: one graph, no break, no recompilation over 87 steps
+    return out, counter.frame_count
+
+
+@pytest.mark.skipif(not W.has_vnni(), reason="int8-fbgemm needs a CPU with VNNI")
+def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
+    """fbgemm's packed weights cannot be traced: each linear is one custom op inside the fixed-shape step's graph."""
+    out, graphs = _ring_step_nlls_eager_and_compiled(load_model("tiny:llama", weights="int8-fbgemm").model, tokens)
+    assert graphs == 1  # fullgraph: one graph, no break, no recompilation over 87 steps
     # (on SmolLM2 the compiled norms round differently, which flips some int8 roundings of the activations: the
     # NLLs then differ per token by up to a nat while their mean stays; this tiny model's activations flip none)
     assert (out["compiled"] - out["eager"]).abs().max().item() < 1e-3
@@ -118,27 +123,13 @@ def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
 def test_int8_pack_compiles_into_one_graph_and_keeps_its_eager_nlls(tokens):
     """ATen's int8 kernel traces: the fixed-shape step compiles into one graph, with no break and no recompilation,
     and gives eager's NLLs; the kernel multiplies exactly the int8 weights and bfloat16 scales it stores."""
-    import torch._dynamo.testing
-
-    from streamkv import make_cache
-    from streamkv.compiled import RingDecoder
-
     model = load_model("tiny:llama", weights="int8-pack").model
     layer = model.lm_head
     x = torch.randn(3, layer.in_features).bfloat16()
     dequantised = layer.weight.float() * layer.scale.float()[:, None]
     assert torch.allclose(layer(x.float()), (x.float() @ dequantised.T).bfloat16().float(), rtol=2e-2, atol=1e-2)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    ids = torch.tensor([tokens[:120]])
-    out = {}
-    with torch.inference_mode():
-        for name, kwargs in (("eager", {}), ("compiled", {"compile": True, "backend": counter})):
-            decoder = RingDecoder(model, make_cache("ring", model, cap=CAP, sink=4), **kwargs)
-            decoder(ids[:, :CAP])
-            out[name] = torch.cat([decoder(ids[:, t : t + 1])[0, -1].log_softmax(-1)[ids[0, t + 1]].reshape(1)
-                                   for t in range(CAP, 119)])
-    assert counter.frame_count == 1
+    out, graphs = _ring_step_nlls_eager_and_compiled(model, tokens)
+    assert graphs == 1
     assert (out["compiled"] - out["eager"]).abs().max().item() < 1e-2  # (bfloat16 roundings of fused ops differ)
 
 
