@@ -119,6 +119,35 @@ def test_compiled_decoders_of_different_models_keep_their_own_graphs(tiny, hamle
     assert (torch.stack(got["scaled"]) - torch.stack(got["float32"])).abs().max() > 1e-2
 
 
+def test_the_compiled_step_attends_without_a_mask_under_sdpa(hamlet_bytes):
+    """Its one query sees every slot: under SDPA the compiled step passes no mask, so SDPA takes the grouped keys and
+    values as they are instead of a copy per query head; the log-probabilities stay the general ring's, and the
+    model is left on its own attention implementation."""
+    from streamkv.sources import load_model
+
+    torch._dynamo.reset()
+    model = load_model("tiny:llama", attn_implementation="sdpa").model
+    kv_heads = model.config.num_key_value_heads
+    assert kv_heads < model.config.num_attention_heads  # (grouped-query attention)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    tokens = hamlet_bytes[:100]
+    cache = make_cache("ring", model, cap=32, sink=4)
+    fixed = logprobs(RingDecoder(model, cache, compile=True, backend=backend), tokens)
+    general = logprobs(plain(model, make_cache("ring", model, cap=32, sink=4)), tokens)
+    assert cache.static and model.config._attn_implementation == "sdpa"
+    assert (general - fixed).abs().max() <= 1e-4
+    calls = [n for gm in graphs for n in gm.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(calls) == model.config.num_hidden_layers
+    for call in calls:
+        assert call.kwargs.get("attn_mask") is None
+        assert call.args[1].meta["example_value"].shape[1] == kv_heads  # the keys as the cache holds them
+
+
 def test_every_cache_tensor_the_compiled_step_sees_has_a_static_address(tiny, hamlet_bytes):
     """CUDA graphs replay fixed addresses and skip a graph whose mutated inputs are not marked static: every input
     of the step's graph that lives in the cache's storage (buffers, their per-layer views, position, slot) is."""

@@ -15,6 +15,21 @@ import torch
 from .errors import StreamkvError
 from .ring import RingCache
 
+# The fixed-shape step's one query sees every slot of the ring, so it needs no attention mask.  transformers drops
+# such a mask itself in eager mode; under torch.compile (torch < 2.14) it cannot tell, builds one, and SDPA with a
+# mask repeats the grouped keys and values once per query head (a copy of every layer's cache, each step).  The step
+# therefore runs under an attention implementation of its own: transformers' SDPA function, registered without a
+# mask function, for which transformers builds no mask.  Measured on the compiled int8-pack step of SmolLM2:
+# x0.930 of the masked step (8 interleaved blocks, 2 cores).
+ONE_QUERY_SDPA = "streamkv_one_query_sdpa"
+
+
+def _register_one_query_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(ONE_QUERY_SDPA, sdpa_attention_forward)
+
 
 class RingDecoder:
     """`decoder(ids) -> logits` over a `RingCache`; `compile=True` compiles the fixed-shape step.
@@ -44,16 +59,30 @@ class RingDecoder:
         if compile:
             step = torch.compile(self._forward, fullgraph=True, dynamic=False, **_without_module_guards(compile_kwargs))
         self._step = step
+        self._unmasked = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        if self._unmasked:
+            _register_one_query_sdpa()
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+
+    def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape step, without an attention mask where the model runs SDPA (see ONE_QUERY_SDPA)."""
+        if not self._unmasked:
+            return self._step(ids)
+        config = self.model.config
+        config._attn_implementation = ONE_QUERY_SDPA
+        try:
+            return self._step(ids)
+        finally:
+            config._attn_implementation = "sdpa"
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         if ids.shape[-1] == 1 and cache.seen >= cache.cap:
             if not cache.static:
                 cache.make_static()
-            logits = self._step(ids)
+            logits = self._static_step(ids)
             cache.advance()
             return logits
         if cache.static:
