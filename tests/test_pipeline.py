@@ -107,8 +107,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (expected_ok(summary).status == "ok").all()
-    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 5 (weights), probes 4 + 4 + 3 + 4
-    assert len(summary) == 2 * (1 + 8 + 2) + 15 + 15
+    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 6 (weights), probes 4 + 4 + 3 + 4
+    assert len(summary) == 2 * (1 + 8 + 2) + 16 + 15
     assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
@@ -124,7 +124,7 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (rows.n_paired == 40).all() and (rows.delta_ppl_lo <= rows.delta_ppl_pct).all()
     assert (rows.delta_ppl_pct <= rows.delta_ppl_hi).all() and (rows.evaluator == "parallel").all()
     assert (summary[summary.refresh > 0].evaluator == "decode").all()  # refresh: only the loop follows it
-    assert loop_only.sum() == 2 and (summary[loop_only].evaluator == "decode").all()  # bfloat16, int8-fbgemm
+    assert loop_only.sum() == 3 and (summary[loop_only].evaluator == "decode").all()  # bfloat16, int8-fbgemm, -pack
     assert (summary[summary.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
     compared = pd.read_csv(done / "results/comparisons.csv")
     assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
@@ -133,6 +133,13 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
     assert "| 32 | ring | " in report and "x no-eviction" in report
     assert "ring over 200 tokens: KV bytes max/min 1.000" in report
+    # the weights ablation: each variant's eager step against float32's from the bench, and its compiled step where
+    # the bench compiled it (int8-pack here), both with intervals
+    ratio = r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]"
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+             for line in report.splitlines() if line.startswith(("| weights=int8-pack |", "| weights=int8 |"))}
+    assert re.fullmatch(ratio, cells["weights=int8-pack"][8]) and re.fullmatch(ratio, cells["weights=int8-pack"][9])
+    assert re.fullmatch(ratio, cells["weights=int8"][8]) and cells["weights=int8"][9] == "–"
     assert (done / "logs/bench/tiny_llama/hamlet.log").read_text().count("| ring |") >= 1
 
 
@@ -220,8 +227,8 @@ def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(don
         config["protocol"]["evaluator"] = "decode"
 
     jobs = planned(done, edited(done, change))
-    # every configuration, both texts (+ the weights ablation's four variants on hamlet)
-    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 4
+    # every configuration, both texts (+ the weights ablation's five variants on hamlet)
+    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 5
     assert sum(rule == "baseline" for rule, _ in jobs) == 2
 
 

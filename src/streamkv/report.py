@@ -195,18 +195,19 @@ def reference_kv(rows: pd.DataFrame) -> str:
     return text + "."
 
 
-def weights_speed(bench: list[dict] | None, model_key: str) -> dict[str, str]:
-    """Weights variant -> its eager step against float32 eager, "ratio [lo, hi]", from the bench of `model_key`
-    (the bench's weights section: one interleaved run, where the pipeline's jobs each time their own model)."""
+def weights_speed(bench: list[dict] | None, model_key: str) -> dict[tuple[str, str], str]:
+    """(weights variant, "eager" or "compiled") -> its step against float32 eager, "ratio [lo, hi]", from the bench
+    of `model_key` (the bench's weights section: one interleaved run, where the pipeline's jobs each time their own
+    model)."""
     out = {}
     for b in bench or []:
         if b["config"].get("model_key", b["config"].get("model")) not in (model_key, None):
             continue
         for r in b.get("weights") or []:
-            if r.get("mode") == "eager" and r.get("status") == "ok" and _finite(r.get("vs_float32")):
+            if r.get("mode") in ("eager", "compiled") and r.get("status") == "ok" and _finite(r.get("vs_float32")):
                 lo, hi = r.get("vs_float32_lo"), r.get("vs_float32_hi")
-                out[r["weights"]] = (f"{r['vs_float32']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if _finite(lo) and
-                                                                  _finite(hi) else ""))
+                out[r["weights"], r["mode"]] = (f"{r['vs_float32']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if _finite(lo)
+                                                                             and _finite(hi) else ""))
     return out
 
 
@@ -231,7 +232,8 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
             rows = table_rows(ab.sort_values("order"), versus)
             speed = weights_speed(bench, model_key) if key == "weights" else {}
             for row, weights in zip(rows, ab.sort_values("order").weights):
-                row["bench"] = speed.get(weights, "–")
+                row["bench"] = speed.get((weights, "eager"), "–")
+                row["bench_compiled"] = speed.get((weights, "compiled"), "–")
             ablations.append({"param": key, "rows": rows, "bench": key == "weights",
                               "figure": f"figures/{model_key}/{text_key}/ablation_{key}.png"})
         probes = []
