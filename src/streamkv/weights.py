@@ -215,9 +215,10 @@ class Int8PackLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)  # (rounded first: the int8 weights
+        # the scale is rounded to bfloat16 first, so the int8 weights are quantised against the scale the kernel uses
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)
         self.register_buffer("weight", (weight / scale.float()[:, None]).round().clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale)  # are quantised against the scale the kernel will use)
+        self.register_buffer("scale", scale)
         self.bias = (None if linear.bias is None else
                      torch.nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False))
 
