@@ -69,10 +69,11 @@ def _untie(model: torch.nn.Module) -> None:
             model.config.tie_word_embeddings = False
 
 
-def _cast(dtype: torch.dtype) -> Callable[[torch.nn.Module], None]:
+def _replace_linears(make: Callable[[torch.nn.Linear], torch.nn.Module]) -> Callable[[torch.nn.Module], None]:
+    """A variant that puts `make(layer)` in place of every nn.Linear of the model."""
     def apply(model: torch.nn.Module) -> None:
         for parent, name, layer in _linears(model):
-            setattr(parent, name, CastLinear(layer, dtype))
+            setattr(parent, name, make(layer))
     return apply
 
 
@@ -230,11 +231,6 @@ class Int8PackLinear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _int8_pack(model: torch.nn.Module) -> None:
-    for parent, name, layer in _linears(model):
-        setattr(parent, name, Int8PackLinear(layer))
-
-
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -245,7 +241,7 @@ class Variant:
 REGISTRY: dict[str, Variant] = {v.name: v for v in (
     Variant(DEFAULT, "the weights as loaded (--dtype)", lambda model: None),
     Variant("bfloat16", "linear weights in bfloat16, products in bfloat16, outputs back in --dtype",
-            _cast(torch.bfloat16)),
+            _replace_linears(lambda layer: CastLinear(layer, torch.bfloat16))),
     Variant("int8", "torchao Int8WeightOnlyConfig: int8 weights, one scale per output channel",
             _torchao_config(_int8_weight_only)),
     Variant("int8-intx", "torchao IntxWeightOnlyConfig(int8): the same weights through the configuration the studied "
@@ -254,7 +250,8 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
             "activations", _torchao_config(_int8_dynamic)),
     Variant("int8-fbgemm", "PyTorch's quantize_dynamic (fbgemm, CPUs with VNNI): int8 weights per channel, "
             "activations quantised to 8 bits per token at run time", _fbgemm_dynamic),
-    Variant("int8-pack", "int8 weights per channel, bfloat16 activations, ATen's _weight_int8pack_mm", _int8_pack),
+    Variant("int8-pack", "int8 weights per channel, bfloat16 activations, ATen's _weight_int8pack_mm",
+            _replace_linears(Int8PackLinear)),
     Variant("int4", "torchao int4 weight-only for CPU: groups of 32 weights with a scale and a zero point",
             _torchao_config(_int4_weight_only)),
 )}
