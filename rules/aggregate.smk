@@ -20,6 +20,7 @@ rule aggregate:
             "threshold": config["diagnostics"]["spike_threshold"],
         },
         stats=config["stats"],
+        reference=config.get("reference"),
         controls=pipeline.controls(config),
         findings=config["findings"],
         library=ANALYSIS,

@@ -26,6 +26,7 @@ rule figures:
         ),
     params:
         trace_run=config["report"]["trace_run"],
+        reference=config.get("reference"),
         smooth=config["report"]["smooth"],
         library=ANALYSIS,
     log:

@@ -109,7 +109,27 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (expected_ok(summary).status == "ok").all()
     # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 6 (weights), probes 4 + 4 + 3 + 4
     assert len(summary) == 2 * (1 + 8 + 2) + 16 + 15
-    assert summary.loc[summary.group != "baseline", "spike_events"].notna().all()
+    # the spike diagnosis against the full-coverage reference (every target): numbers for every streaming row
+    pruned = summary[(summary.status == "ok") & (summary.group != "baseline") & (summary.spike_events > 0)]
+    assert len(pruned) > 20 and pruned[["spike_peak", "spike_width", "spike_area"]].notna().all().all()
+    lazy = summary[(summary.name == "Ours (lazy K=8)")]
+    assert lazy[["spike_area", "dense_spike_area"]].notna().all().all()  # against the reference and against dense
+    report_spikes = report.split("### NLL spike diagnosis", 1)[1].split("###", 1)[0]
+    assert "| Ours (lazy K=8) | S=4, W=28, K=8 | " in report_spikes
+    assert "| – | – |" not in report_spikes.split("| Ours (lazy K=8)", 1)[1].split("\n", 1)[0]
+    # no interval is zero-width unless the two rows' NLLs are identical, and then it says so
+    for prefix in ("delta_ppl", "delta_ref"):
+        ok = summary[summary[f"{prefix}_status"] == "ok"]
+        assert len(ok) > 20 and (ok[f"{prefix}_lo"] < ok[f"{prefix}_hi"]).all()
+        same = summary[summary[f"{prefix}_status"] == "identical"]
+        assert (same[f"{prefix}_lo"] == same[f"{prefix}_hi"]).all()
+    assert not re.search(r"\[([+-]?\d+\.\d+), \1\]", report)  # no "[x, x]" cell
+    assert (summary.loc[summary.name == "Ours (strict)", "delta_ref_status"] == "identical").all()
+    assert (summary.loc[summary.name == "Ours (ring)", "delta_ref_status"] == "identical").all()  # one schedule
+    assert "| Ours (strict) | S=4, W=28 | 119 |" in report and " | identical | " in report
+    # the x axis of the Pareto figure: every timed row's ratio with its interval (32 paired steps)
+    timed = summary[(summary.status == "ok") & (summary.group != "baseline")]
+    assert (timed.tpot_ratio_lo <= timed.tpot_ratio_hi).all() and (timed.tpot_ratio_lo < timed.tpot_ratio_hi).any()
     strict = summary[summary.name == "Ours (strict)"]
     mit = summary[summary.name == "MIT StreamingLLM"]
     ring = summary[summary.name == "Ours (ring)"]
@@ -128,6 +148,7 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (summary[summary.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
     compared = pd.read_csv(done / "results/comparisons.csv")
     assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
+    assert (compared[compared.status == "ok"].lo < compared[compared.status == "ok"].hi).all()
     assert "### Findings, re-tested" in report and "**lazy pruning costs PPL** (expected: a higher PPL)" in report
     assert "| K=8 | S=4, W=28, K=8 | 119 |" in report and " vs compress_every=1 |" in report
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
@@ -138,8 +159,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     ratio = r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]"
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
              for line in report.splitlines() if line.startswith(("| weights=int8-pack |", "| weights=int8 |"))}
-    assert re.fullmatch(ratio, cells["weights=int8-pack"][8]) and re.fullmatch(ratio, cells["weights=int8-pack"][9])
-    assert re.fullmatch(ratio, cells["weights=int8"][8]) and cells["weights=int8"][9] == "–"
+    assert re.fullmatch(ratio, cells["weights=int8-pack"][9]) and re.fullmatch(ratio, cells["weights=int8-pack"][10])
+    assert re.fullmatch(ratio, cells["weights=int8"][9]) and cells["weights=int8"][10] == "–"
     assert (done / "logs/bench/tiny_llama/hamlet.log").read_text().count("| ring |") >= 1
 
 
@@ -195,7 +216,7 @@ def test_editing_one_config_reruns_only_that_config_and_the_report(done):
 
 def test_editing_the_bench_reruns_only_it_and_the_tables(done):
     def change(config):
-        config["bench"]["blocks"] = 3
+        config["bench"]["blocks"] = 4
 
     assert sorted(rule for rule, _ in planned(done, edited(done, change))) == ["bench", "paper_tables"]
 

@@ -307,3 +307,58 @@ def test_computed_kv_bytes_are_marked_and_explained():
     assert "† KV MiB computed, not measured: recompute keeps no cache" in text
     assert "Unmarked KV MiB values are measured" in text
     assert "kvpress cache lives in its worker" not in text  # no kvpress row here
+
+
+# ----------------------------------------------------------------------------- intervals that say what they are
+
+
+def test_cells_say_identical_or_too_few_targets_instead_of_a_point_interval():
+    text = report([row("Ours (strict)", "start_recent", delta_ppl_pct=0.0, delta_ppl_lo=0.0, delta_ppl_hi=0.0,
+                       delta_ppl_status="identical", n_paired=1023),
+                   row("Ours (original positions)", "start_recent", positions="original", delta_ppl_pct=-0.26,
+                       delta_ppl_lo=np.nan, delta_ppl_hi=np.nan, delta_ppl_status="too few", n_paired=64)])
+    assert "| identical |" in text
+    assert "| -0.26 (too few targets for an interval, n = 64) |" in text
+    assert "[-0.26, -0.26]" not in text and "[+0.00, +0.00]" not in text
+
+
+def test_the_reference_column_and_the_ratio_interval_are_shown():
+    cfg = {**config(), "reference": "Ours (strict)"}
+    text = report([row("Ours (strict)", "start_recent", delta_ref_pct=0.0, delta_ref_lo=0.0, delta_ref_hi=0.0,
+                       delta_ref_status="identical", n_ref=1023),
+                   row("Ours (lazy K=32)", "start_recent", compress_every=32, delta_ref_pct=-0.8, delta_ref_lo=-1.1,
+                       delta_ref_hi=-0.5, delta_ref_status="ok", n_ref=1023, tpot_ratio=0.95, tpot_ratio_lo=0.93,
+                       tpot_ratio_hi=0.97)], cfg=cfg)
+    assert "vs Ours (strict): PPL % [95 % CI]" in text
+    assert "| -0.80 [-1.10, -0.50] |" in text and "| 0.950 [0.930, 0.970] |" in text
+
+
+def test_a_cross_check_compares_the_ppls_on_the_common_targets_only(tmp_path):
+    """A peer over the first 767 targets against our row over 2,047 whose NLLs agree on those 767: identical, not
+    the PPL difference of two different stretches of text."""
+    nll = np.linspace(1.0, 5.0, 2047)
+    rows = [row("kvpress StreamingLLM", "kvpress:streaming_llm", group="peers", ppl=float(np.exp(nll[:767].mean())),
+                file=write_trace(tmp_path, "peer", nll[:767])),
+            row("Ours (original positions)", "start_recent", positions="original", ppl=float(np.exp(nll.mean())),
+                file=write_trace(tmp_path, "ours", nll))]
+    spec = [{"name": "kvpress StreamingLLM", "method": "kvpress:streaming_llm",
+             "cross_check": "Ours (original positions)"}]
+    (check,) = cross_checks(frame(*rows), config(spec))
+    assert check["dppl"] == "identical" and check["n"] == 767
+    shifted = nll[:767] + np.where(np.arange(767) % 3 == 0, 0.01, 0.0)
+    rows[0]["file"] = write_trace(tmp_path, "peer2", shifted)
+    (check,) = cross_checks(frame(*rows), config(spec))
+    assert check["dppl"].startswith("+0.33 % (too few targets for an interval, n = 767)")  # 12 blocks of 64
+
+
+def test_findings_leave_out_pairs_without_an_interval():
+    from streamkv.report import findings
+
+    found = pd.DataFrame([
+        {"claim": "c", "expect": "zero", "a": "x", "b": "y", "text": "identical", "n": 100, "verdict": "identical"},
+        {"claim": "c", "expect": "zero", "a": "z", "b": "y", "text": "+1.00 % (too few targets for an interval, "
+         "n = 100)", "n": 100, "verdict": "too few targets"}])
+    (f,) = findings(found)
+    assert f["verdict"].startswith("holds: every interval contains zero") and "1 pair(s) with too few" in f["verdict"]
+    (g,) = findings(found.iloc[1:])
+    assert g["verdict"].startswith("not tested")

@@ -1,10 +1,11 @@
-"""The paired block bootstrap: intervals that cover a known mean, pairing on common targets, verdicts."""
+"""The paired block bootstrap: intervals that cover a known mean, blocks of positions, too few blocks, identical
+runs, pairing on common targets, verdicts."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from streamkv.stats import Difference, block_bootstrap, compare, paired_differences
+from streamkv.stats import IDENTICAL, MIN_BLOCKS, OK, TOO_FEW, Difference, block_bootstrap, compare, paired_differences
 
 
 def _trace(positions, nll):
@@ -48,15 +49,83 @@ def test_pairing_is_on_the_positions_both_scored():
 
 
 def test_the_same_seed_gives_the_same_interval_and_bad_input_gives_none():
-    x = np.random.default_rng(3).normal(0.1, 1, 1000)
+    x = np.random.default_rng(3).normal(0.1, 1, 2000)
     assert block_bootstrap(x, seed=7) == block_bootstrap(x, seed=7)
     assert np.isnan(block_bootstrap(np.array([np.nan, 1.0])).mean)
     assert block_bootstrap(np.array([])).n == 0
     assert Difference(10, -0.2, -0.3, -0.1).verdict == "lower"
 
 
+def test_blocks_are_stretches_of_positions_whatever_targets_a_comparison_has():
+    """Against a baseline scored on every 32nd target, a block of 64 positions holds 2 targets: 4,351 targets give
+    68 blocks (an interval), where blocks of 64 *targets* would have been 3 (no interval worth the name)."""
+    rng = np.random.default_rng(2)
+    positions = np.arange(0, 4351, 32)
+    d = block_bootstrap(rng.normal(0.02, 0.3, positions.size), positions, block=64)
+    assert d.n == positions.size == 136 and d.blocks == 68 and d.status == OK
+    assert d.lo < d.mean < d.hi
+    # the same 136 values as consecutive positions: 3 blocks, too few for an interval
+    short = block_bootstrap(rng.normal(0.02, 0.3, 136), block=64)
+    assert short.blocks == 3 and short.status == TOO_FEW and np.isnan(short.lo) and np.isnan(short.hi)
+    assert np.isfinite(short.mean)
+
+
+@pytest.mark.parametrize("n, blocks", [(767, 12), (1216, 19), (1280, 20), (2047, 32)])
+def test_an_interval_needs_twenty_blocks(n, blocks):
+    d = block_bootstrap(np.random.default_rng(n).normal(0, 0.3, n), block=64)
+    assert d.blocks == blocks
+    assert (d.status == OK) == (blocks >= MIN_BLOCKS)
+    if d.status == TOO_FEW:
+        assert d.text() == f"{d.pct:+.2f} % (too few targets for an interval, n = {n:,})"
+        assert d.verdict == "too few targets"
+    else:
+        assert d.lo < d.hi and "[" in d.text()
+
+
+def test_a_zero_width_interval_only_for_identical_nlls():
+    """Identical NLLs: "identical", whatever the number of targets; one differing target anywhere: an interval of
+    width above zero, or none."""
+    nll = np.random.default_rng(5).normal(3, 1, 3000)
+    same = compare(_trace(np.arange(3000), nll), _trace(np.arange(3000), nll.copy()))
+    assert same.status == IDENTICAL and same.text() == "identical" and same.lo == same.hi == same.mean == 0
+    assert compare(_trace(np.arange(30), nll[:30]), _trace(np.arange(30), nll[:30])).status == IDENTICAL
+    other = nll.copy()
+    other[1234] += 0.5
+    one = compare(_trace(np.arange(3000), other), _trace(np.arange(3000), nll))
+    assert one.status == OK and one.hi > one.lo and one.mean > 0
+    # with every resample a point, the bootstrap never gives a zero-width interval for differing runs
+    for n in (1280, 4096):
+        d = block_bootstrap(np.full(n, 0.01) + np.random.default_rng(n).normal(0, 1e-3, n))
+        assert d.hi > d.lo
+
+
+def test_strided_and_short_inputs_pair_on_common_positions_in_blocks_of_positions():
+    """A run over 4,352 tokens against a baseline on every 32nd target and a peer over the first 768: the blocks
+    count positions, and the peer's 768 targets are 12 blocks, too few."""
+    rng = np.random.default_rng(4)
+    run = _trace(np.arange(4351), rng.normal(3, 1, 4351))
+    base = _trace(np.arange(0, 4351, 32), rng.normal(3, 1, 136))
+    peer = _trace(np.arange(767), rng.normal(3, 1, 767))
+    assert compare(run, base).blocks == 68 and compare(run, base).status == OK
+    d = compare(peer, run)
+    assert d.n == 767 and d.blocks == 12 and d.status == TOO_FEW
+    assert compare(peer, base).n == 24 and compare(peer, base).status == TOO_FEW
+
+
+def test_the_timing_ratio_interval_comes_from_paired_steps():
+    from streamkv.timing import step_ratio_interval
+
+    rng = np.random.default_rng(0)
+    drift = 50 + np.cumsum(rng.normal(0, 0.5, 64))  # the machine's speed drifts; both forwards of a step share it
+    ref = drift * (1 + rng.normal(0, 0.01, 64))
+    lo, hi = step_ratio_interval(1.1 * drift * (1 + rng.normal(0, 0.01, 64)), ref, block=32)
+    assert lo < 1.1 < hi and hi - lo < 0.02
+    assert np.isnan(step_ratio_interval(ref[:10], ref[:10], block=32)).all()  # fewer than 20 steps: none
+
+
 def test_bench_verdicts_read_the_interval_of_paired_blocks():
-    from streamkv.bench import ratio_interval, verdict
+    from streamkv.bench import verdict
+    from streamkv.stats import ratio_interval
 
     ref = 50 + np.random.default_rng(1).normal(0, 2, 8)  # block means drifting together across methods
     lo, hi = ratio_interval(ref * 1.2, ref)
@@ -69,3 +138,4 @@ def test_bench_verdicts_read_the_interval_of_paired_blocks():
     assert verdict(9.6, 9.9, 9.5, ">=") == "met" and verdict(9.0, 9.4, 9.5, ">=") == "missed"
     assert verdict(9.4, 9.6, 9.5, ">=") == "within noise"
     assert np.isnan(ratio_interval(ref[:1], ref[:1])).all()  # one block: no interval
+    assert verdict(float("nan"), float("nan"), 9.5, ">=") == "no interval"

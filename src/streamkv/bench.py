@@ -70,9 +70,8 @@ from .jobio import write_json
 from .params import BENCH_SECTIONS, RING_STATIC, BenchConfig, EvalParams
 from .peers import LlamaCppStepper
 from .sources import gguf_path
-from .stats import LEVEL, N_BOOT, SEED
 from .stepper import CachedStepper, Stepper
-from .timing import SameLengthCache, block_means, block_median, interleave
+from .timing import SameLengthCache, block_median, interleave, step_ratio_interval
 
 
 class _Decoder(Stepper):
@@ -155,7 +154,9 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
         stepper.close()  # (a peer's worker)
     # Per-block means, blocks paired across methods (block b of every method covers the same steps): the
     # intervals of the ratios resample whole blocks.
-    blocks = {name: block_means(step_ms[name][cfg.warmup:], cfg.block) for name in names}
+    def interval(num: str, den: str) -> tuple[float, float]:  # paired steps resampled (timing.step_ratio_interval)
+        return step_ratio_interval(step_ms[num][cfg.warmup:], step_ms[den][cfg.warmup:], cfg.block)
+
     rows = []
     for name in names:
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
@@ -170,17 +171,17 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     reference = table.loc[table.method == REFERENCE, "tpot_ms"].item()
     recompute = table.loc[table.method == RECOMPUTE, "tpot_ms"].item()
     table["overhead"] = table.tpot_ms / reference
-    table[["overhead_lo", "overhead_hi"]] = [ratio_interval(blocks[m], blocks[REFERENCE]) for m in names]
+    table[["overhead_lo", "overhead_hi"]] = [interval(m, REFERENCE) for m in names]
     # The cache's own timers are not subject to the drift between methods: its work as a share of the step.
     table["cache_work"] = (table.update_ms + table.plan_ms) / reference
     table["speedup"] = recompute / table.tpot_ms  # the reference's speedup is the ideal
-    table[["speedup_lo", "speedup_hi"]] = [ratio_interval(blocks[RECOMPUTE], blocks[m]) for m in names]
+    table[["speedup_lo", "speedup_hi"]] = [interval(RECOMPUTE, m) for m in names]
     table.loc[table.method == RECOMPUTE, ["overhead", "overhead_lo", "overhead_hi"]] = np.nan
     engine = table.method.str.startswith(LLAMACPP)
     if engine.any():  # another engine: against its own decode, and no speedup over our float32 recompute
         table.loc[engine, "overhead"] = table.tpot_ms / table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
         table.loc[engine, ["overhead_lo", "overhead_hi"]] = [
-            ratio_interval(blocks[m], blocks[LLAMACPP_REFERENCE]) for m in table.method[engine]]
+            interval(m, LLAMACPP_REFERENCE) for m in table.method[engine]]
         table.loc[engine, ["speedup", "speedup_lo", "speedup_hi"]] = np.nan
     table["goal"] = [_goal_text(m, cap) for m in table.method]
     table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
@@ -197,21 +198,11 @@ def _goal_text(method: str, cap: int) -> str:
     return ", ".join(parts)
 
 
-def ratio_interval(num: np.ndarray, den: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL,
-                   seed: int = SEED) -> tuple[float, float]:
-    """Percentile interval of median(num blocks) / median(den blocks), resampling paired blocks (seeded)."""
-    ok = np.isfinite(num) & np.isfinite(den)
-    num, den = num[ok], den[ok]
-    if num.size < 2:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, num.size, (n_boot, num.size))
-    ratios = np.median(num[idx], axis=1) / np.median(den[idx], axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
-
-
 def verdict(lo: float, hi: float, bound: float, op: str) -> str:
-    """"met" when the whole interval satisfies `op bound`, "missed" when none of it does, else "within noise"."""
+    """"met" when the whole interval satisfies `op bound`, "missed" when none of it does, else "within noise";
+    "no interval" where there is none (fewer than `stats.MIN_BLOCKS` timed steps)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no interval"
     good_lo, good_hi = (lo <= bound, hi <= bound) if op == "<=" else (lo >= bound, hi >= bound)
     if good_lo and good_hi:
         return "met"
@@ -230,7 +221,7 @@ def _goal_met(row, cap: int) -> str | None:
         checks.append(verdict(row.speedup_lo, row.speedup_hi, SPEEDUP_GOAL[cap], ">="))
     if not checks:
         return None
-    for worst in ("missed", "within noise"):
+    for worst in ("missed", "within noise", "no interval"):
         if worst in checks:
             return worst
     return "met"
@@ -390,17 +381,20 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
                          progress=progress)
     for stepper in steppers.values():
         stepper.close()
-    blocks = {m: block_means(step_ms[m][cfg.warmup:], cfg.block) for m in step_ms}
     reference = block_median(step_ms[WEIGHTS_REFERENCE][cfg.warmup:], cfg.block)
-    engine = LLAMACPP_REFERENCE in blocks and np.isfinite(blocks[LLAMACPP_REFERENCE]).any()
+    engine = LLAMACPP_REFERENCE in step_ms and np.isfinite(step_ms[LLAMACPP_REFERENCE]).any()
+
+    def interval(num: str, den: str) -> tuple[float, float]:  # paired steps resampled (timing.step_ratio_interval)
+        return step_ratio_interval(step_ms[num][cfg.warmup:], step_ms[den][cfg.warmup:], cfg.block)
+
     engine_ms = block_median(step_ms[LLAMACPP_REFERENCE][cfg.warmup:], cfg.block) if engine else float("nan")
     rows = []
     for name in step_ms:
         if name in failures:
             continue
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
-        vs_ref = ratio_interval(blocks[name], blocks[WEIGHTS_REFERENCE])
-        vs_engine = ratio_interval(blocks[name], blocks[LLAMACPP_REFERENCE]) if engine else (np.nan, np.nan)
+        vs_ref = interval(name, WEIGHTS_REFERENCE)
+        vs_engine = interval(name, LLAMACPP_REFERENCE) if engine else (np.nan, np.nan)
         weights, _, mode = name.rpartition(" ")
         rows.append({"cap": cap, "variant": name, "weights": weights if name != LLAMACPP_REFERENCE else None,
                      "mode": mode if name != LLAMACPP_REFERENCE else "llama.cpp", "status": "ok", "error": None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import fmt
 from .fmt import to_markdown
 from .params import RING_STATIC
 
@@ -48,12 +49,7 @@ def _bench_cell(v) -> str:
 def _ratio_ci(frame: pd.DataFrame, column: str) -> pd.Series:
     """'value [lo, hi]' of a bench ratio and its 95 % block-bootstrap interval ('' where there is none)."""
     def cell(row) -> str:
-        v, lo, hi = row.get(column), row.get(f"{column}_lo"), row.get(f"{column}_hi")
-        if v is None or not np.isfinite(v):
-            return ""
-        if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
-            return f"{v:.3f}"
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        return fmt.ratio(row.get(column), row.get(f"{column}_lo"), row.get(f"{column}_hi"), empty="")
 
     return frame.apply(cell, axis=1)
 
@@ -175,10 +171,8 @@ def _one_line(error, limit: int = 300) -> str | None:
 
 
 def _bench_interval(row: dict, column: str) -> str:
-    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
-    if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return "(no interval)"
-    return f"[{lo:.3f}, {hi:.3f}]"
+    """The interval of a ratio the sentence already gives: "[lo, hi]", "(identical)" or "(no interval)"."""
+    return fmt.ratio(1.0, row.get(f"{column}_lo"), row.get(f"{column}_hi")).split(" ", 1)[1]
 
 
 def bench_findings(result: dict) -> list[str]:

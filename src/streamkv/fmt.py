@@ -22,6 +22,21 @@ def num(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def ratio(v, lo=None, hi=None, empty: str = "–") -> str:
+    """A timing ratio with its interval: "1.013 [0.998, 1.027]"; "(identical)" for a series over itself (a
+    zero-width interval: the reference's own row), "(no interval)" where there is none."""
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not finite(v):
+        return empty
+    if not (finite(lo) and finite(hi)):
+        return f"{v:.3f} (no interval)"
+    if lo == hi:
+        return f"{v:.3f} (identical)"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def pct(v) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:+.2f} %"
 

@@ -80,6 +80,12 @@ def max_tokens(config: dict, text: str) -> int:
             else config["protocol"]["max_tokens"])
 
 
+def row_tokens(row_n, text: str) -> int | None:
+    """A row's own `max_tokens` on `text`: one number for every text, or a text key -> number mapping (None: the
+    text's own)."""
+    return row_n.get(text) if isinstance(row_n, dict) else row_n
+
+
 def setting_id(config: dict, text: str, n: int | None = None, cap: int | None = None) -> str:
     p = config["protocol"]
     n, cap = n or max_tokens(config, text), cap or p["cap"]
@@ -172,7 +178,7 @@ def jobs(config: dict) -> list[Job]:
             params = normalise_run(run)
             cap = row_cap or config["protocol"]["cap"]
             for text in texts:
-                n = row_n or max_tokens(config, text)
+                n = row_tokens(row_n, text) or max_tokens(config, text)
                 setting = setting_id(config, text, n, cap)
                 rid = run_id(params)
                 job = found.setdefault(("runs", model, text, setting, rid),
@@ -217,12 +223,17 @@ def check(config: dict) -> None:
                                 f"sweep it; name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
     for group, name, order, texts, run, where, row_n, row_cap in _rows(config):
         place = where if where.startswith(("runs", "peers")) else where.rsplit(".", 1)[0]
+        unknown = sorted(set(row_n) - set(config["texts"])) if isinstance(row_n, dict) else []
+        if unknown:
+            raise StreamkvError(f"config key {place}.max_tokens: unknown text '{unknown[0]}' "
+                                f"(known: {', '.join(config['texts'])})")
         for text in texts:
             if text not in config["texts"]:
                 raise StreamkvError(f"config key {place}.texts: unknown text '{text}' "
                                     f"(known: {', '.join(config['texts'])})")
-            if row_n and row_n > max_tokens(config, text):
-                raise StreamkvError(f"config key {place}.max_tokens: {row_n} is more than text '{text}' "
+            n = row_tokens(row_n, text)
+            if n and n > max_tokens(config, text):
+                raise StreamkvError(f"config key {place}.max_tokens: {n} is more than text '{text}' "
                                     f"is evaluated on ({max_tokens(config, text)}); "
                                     "a row may use fewer tokens than its text, not more")
         params = normalise_run(run)
@@ -231,10 +242,16 @@ def check(config: dict) -> None:
                 fixed = {k: proto[k] for k in PROTOCOL_KEYS if k not in ("max_tokens", "cap", "prefill")}
                 cap = row_cap or proto["cap"]
                 EvalParams(model="-", text="-", **params, **fixed, cap=cap, prefill=min(proto["prefill"], cap),
-                           max_tokens=row_n or max_tokens(config, text), evaluator=proto["evaluator"]).resolved()
+                           max_tokens=row_tokens(row_n, text) or max_tokens(config, text),
+                           evaluator=proto["evaluator"]).resolved()
         except (StreamkvError, TypeError) as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
     rows = [r["name"] for r in config.get("runs", [])] + [r["name"] for r in config.get("peers") or []]
+    runs = [r["name"] for r in config.get("runs", [])]
+    if config.get("reference") and config["reference"] not in runs:
+        raise StreamkvError(f"config key reference: no row of `runs` is named '{config['reference']}' (runs: "
+                            f"{', '.join(runs) or 'none'}); name a row scored on every target, e.g. strict "
+                            "start_recent")
     for i, peer in enumerate(config.get("peers") or []):
         if peer.get("cross_check") and peer["cross_check"] not in rows:
             raise StreamkvError(f"config key peers[{i}].cross_check: no row is named '{peer['cross_check']}' "

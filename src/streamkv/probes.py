@@ -315,4 +315,6 @@ def _probe_cell(v) -> str:
 def probe_table(probe: str, summary: pd.DataFrame, events: pd.DataFrame, model: str, text: str) -> pd.DataFrame:
     part = summary[(summary.group == f"probe:{probe}") & (summary.model_key == model) & (summary.text_key == text)]
     part = part.drop_duplicates("file")
+    if "against" in events:  # every run's prune events, once: those of its diagnosis against the reference
+        events = events[events.against == "reference"]
     return PROBES[probe].table(part, events)

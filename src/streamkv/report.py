@@ -21,6 +21,7 @@ from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
 from .probes import markdown as probe_markdown
+from .stats import MIN_BLOCKS, compare, interval_text, paired
 from .summary import ROW_GROUPS, trace_path
 
 FAILED = "FAILED"
@@ -62,13 +63,12 @@ def _marked(row) -> str:
     return f" ({', '.join(marks)})" if marks else ""
 
 
-def _interval(pct, lo, hi) -> str:
-    """"+1.23 [+0.40, +2.05]", or the value alone where there is no interval."""
-    if pct is None or not math.isfinite(pct):
-        return "–"
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{pct:+.2f}"
-    return f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+def _interval(row, prefix: str, n_col: str) -> str:
+    """The row's difference `prefix` (`delta_ppl`: against the baseline, `delta_ref`: against the reference) as a
+    cell: "+1.23 [+0.40, +2.05]", "identical", or the value with why it has no interval."""
+    value = getattr(row, f"{prefix}_pct", None)
+    return interval_text(value, getattr(row, f"{prefix}_lo", None), getattr(row, f"{prefix}_hi", None),
+                         getattr(row, f"{prefix}_status", None), getattr(row, n_col, None))
 
 
 def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
@@ -80,12 +80,12 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
             "name": row.name, "method": row.method, "configuration": configuration(row), "status": row.status,
             "ppl": (fmt.num(row.ppl, 3) if ok
                     else (_not_installed(row.method) if row.status == NOT_INSTALLED else FAILED)),
-            "delta_ppl": (_interval(row.delta_ppl_pct, getattr(row, "delta_ppl_lo", None),
-                                    getattr(row, "delta_ppl_hi", None))
+            "delta_ppl": (_interval(row, "delta_ppl", "n_paired")
                           if ok and row.group != "baseline" else ("0" if ok else "–")),
+            "delta_ref": _interval(row, "delta_ref", "n_ref") if ok else "–",
             "n": fmt.count(row.n_scored) if ok else "–",
             "evaluator": getattr(row, "evaluator", None) or "decode",
-            "ratio": f"{row.tpot_ratio:.3f}" if ok and _finite(getattr(row, "tpot_ratio", None)) else "–",
+            "ratio": _ratio(row) if ok else "–",
             "versus": (versus or {}).get(row.name, "control" if versus is not None else ""),
             "tpot": fmt.num(row.tpot_ms) if ok else "–",
             "tpot_steady": fmt.num(row.tpot_steady_ms) if ok else "–",
@@ -98,6 +98,11 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
             "value": fmt.short(row.name),
         })
     return rows
+
+
+def _ratio(row) -> str:
+    """The row's "× ref" with its interval where the timing part gave one: "1.013 [0.998, 1.027]"."""
+    return fmt.ratio(*(getattr(row, k, None) for k in ("tpot_ratio", "tpot_ratio_lo", "tpot_ratio_hi")))
 
 
 def _finite(v) -> bool:
@@ -205,9 +210,8 @@ def weights_speed(bench: list[dict] | None, model_key: str) -> dict[tuple[str, s
             continue
         for r in b.get("weights") or []:
             if r.get("mode") in ("eager", "compiled") and r.get("status") == "ok" and _finite(r.get("vs_float32")):
-                lo, hi = r.get("vs_float32_lo"), r.get("vs_float32_hi")
-                out[r["weights"], r["mode"]] = (f"{r['vs_float32']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if _finite(lo)
-                                                                             and _finite(hi) else ""))
+                out[r["weights"], r["mode"]] = fmt.ratio(r["vs_float32"], r.get("vs_float32_lo"),
+                                                         r.get("vs_float32_hi"))
     return out
 
 
@@ -245,7 +249,7 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
                                "finding": probe_finding(probe, table),
                                "figure": f"figures/{model_key}/{text_key}/{probe}.png"})
         peers = part[part.group == "peers"]
-        checks = cross_checks(part, config)
+        checks = cross_checks(part, config, config.get("stats"))
         dtype = config["protocol"].get("dtype", "float32")
         method_rows, peer_rows = table_rows(methods), table_rows(peers)
         out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
@@ -262,8 +266,9 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
     return out
 
 
-def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
-    """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side.
+def cross_checks(part: pd.DataFrame, config: dict, bootstrap: dict | None = None) -> list[dict]:
+    """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side, on the
+    targets both scored (the PPL difference paired, with its interval: `stats.compare`).
 
     A peer's `noise_floor` names another peer row whose own cross-check differs only in what the two
     implementations do anyway (llama.cpp dense against our dense, say): its PPL difference is shown beside.
@@ -276,16 +281,19 @@ def cross_checks(part: pd.DataFrame, config: dict) -> list[dict]:
             continue  # not run on this text, or no cross-check asked for
         check = {"peer": peer.name, "ours": ours.name, "max_dnll": "–", "mean_dnll": "–", "dppl": "–", "first": "–",
                  "floor": "–", "differing": "–", "method": peer.method, "prefill": _int(getattr(peer, "prefill", None)),
-                 "cap": _int(getattr(peer, "cap", None)), "max_abs": None, "n_above": None, "n": None}
+                 "cap": _int(getattr(peer, "cap", None)), "max_abs": None, "n_above": None, "n": None,
+                 "half_width": None}
         if peer.status == "ok" and ours.status == "ok":
-            a = pd.read_parquet(trace_path(peer.file), columns=["position", "nll"]).set_index("position").nll
-            b = pd.read_parquet(trace_path(ours.file), columns=["position", "nll"]).set_index("position").nll
-            diff = (a - b).abs().dropna()
-            above = diff.index[diff > CROSS_CHECK_TOL]
-            check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}",
-                         dppl=f"{(peer.ppl / ours.ppl - 1) * 100:+.3f}",
-                         first=str(int(above[0])) if len(above) else "none", differing=f"{len(above)} of {len(diff)}",
-                         max_abs=float(diff.max()), n_above=len(above), n=len(diff))
+            # both PPLs over the targets both scored, and their paired difference with its interval
+            a, b = (pd.read_parquet(trace_path(r.file), columns=["position", "nll"]) for r in (peer, ours))
+            both = paired(a, b)
+            diff = (both.nll_a - both.nll_b).abs()
+            above = both.position[diff > CROSS_CHECK_TOL]
+            d = compare(a, b, **(bootstrap or {}))
+            check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}", dppl=d.text(),
+                         first=str(int(above.iloc[0])) if len(above) else "none",
+                         differing=f"{len(above)} of {len(diff)}", max_abs=float(diff.max()), n_above=len(above),
+                         n=len(diff), half_width=d.half_width_pct)
         elif peer.status == NOT_INSTALLED:
             check["dppl"] = _not_installed(peer.method)
         checks[peer.name] = check
@@ -345,17 +353,26 @@ def cross_check_notes(checks: list[dict], dtype: str) -> list[str]:
 
 
 def spike_rows(part: pd.DataFrame) -> list[dict]:
-    """Spike metrics of every finished run that pruned after the prefill, each run once."""
+    """Spike metrics of every finished run that pruned after the prefill, each run once: against the full-coverage
+    reference and against the dense row (`summary.spike_diagnosis`), "–" where that row does not cover the run."""
     if "spike_events" not in part:
         return []
-    ok = part[(part.status == "ok") & (part.spike_events > 0)]
+    events = part.spike_events.fillna(part.get("dense_spike_events", pd.Series(0, index=part.index)))
+    ok = part[(part.status == "ok") & (events > 0)]
     ok = ok.assign(rank=ok.group.map(lambda g: 0 if g in ROW_GROUPS else 1)).sort_values(["rank", "group", "order"])
     rows = []
     for r in ok.drop_duplicates("file").itertuples():
-        rows.append({"name": r.name if r.group in ROW_GROUPS else f"{r.group.split(':', 1)[1]}: {fmt.short(r.name)}",
-                     "configuration": configuration(r), "events": int(r.spike_events), "peak": fmt.num(r.spike_peak),
-                     "width": fmt.num(r.spike_width, 1), "area": fmt.num(r.spike_area),
-                     "excess": fmt.num(r.excess_nll_mean, 3), "delta_ppl": fmt.pct(r.delta_ppl_pct)})
+        row = {"name": r.name if r.group in ROW_GROUPS else f"{r.group.split(':', 1)[1]}: {fmt.short(r.name)}",
+               "configuration": configuration(r), "delta_ref": _interval(r, "delta_ref", "n_ref")}
+        for prefix, key in (("", "ref"), ("dense_", "dense")):
+            n = getattr(r, f"{prefix}spike_events", None)
+            row[key] = ({"events": int(n), "peak": fmt.num(getattr(r, f"{prefix}spike_peak")),
+                         "width": fmt.num(getattr(r, f"{prefix}spike_width"), 1),
+                         "area": fmt.num(getattr(r, f"{prefix}spike_area")),
+                         "excess": fmt.num(getattr(r, f"{prefix}excess_nll_mean"), 3)}
+                        if n is not None and n == n else dict.fromkeys(("events", "peak", "width", "area", "excess"),
+                                                                        "–"))
+        rows.append(row)
     return rows
 
 
@@ -394,16 +411,23 @@ EXPECT_WORDS = {"higher": "a higher PPL", "lower": "a lower PPL", "zero": "no di
 
 
 def findings(found: pd.DataFrame) -> list[dict]:
-    """Each claim with its pairs' intervals and a verdict: holds, reversed, or not shown at this scale."""
+    """Each claim with its pairs' intervals and a verdict: holds, reversed, or not shown at this scale.
+
+    A pair whose NLLs are identical shows no difference; a pair with too few targets for an interval counts as
+    not tested.
+    """
     out = []
     for claim, rows in found.groupby("claim", sort=False):
         expect = rows.expect.iloc[0]
-        verdicts = set(rows.verdict)
-        if expect == "zero":
-            holds = verdicts == {"not distinguishable from zero"}
-            verdict = ("holds: every interval contains zero" if holds else
-                       f"does not hold: {sum(rows.verdict != 'not distinguishable from zero')} of {len(rows)} "
-                       "differences are distinguishable from zero")
+        zero = rows.verdict.isin(["not distinguishable from zero", "identical"])
+        tested = rows[rows.verdict != "too few targets"]
+        verdicts = set(tested.verdict.where(~zero, "not distinguishable from zero"))
+        if tested.empty:
+            verdict = "not tested: no pair has enough targets for an interval"
+        elif expect == "zero":
+            verdict = ("holds: every interval contains zero" if verdicts == {"not distinguishable from zero"} else
+                       f"does not hold: {int((~zero[tested.index]).sum())} of {len(tested)} differences are "
+                       "distinguishable from zero")
         elif verdicts == {expect}:
             verdict = "holds: every interval excludes zero, in the claimed direction"
         elif verdicts == {"not distinguishable from zero"}:
@@ -411,8 +435,10 @@ def findings(found: pd.DataFrame) -> list[dict]:
         elif expect not in verdicts and verdicts - {"not distinguishable from zero"}:
             verdict = "reversed: the intervals that exclude zero point the other way"
         else:
-            verdict = (f"mixed: {sum(rows.verdict == expect)} of {len(rows)} pairs in the claimed direction, "
-                       f"{sum(rows.verdict == 'not distinguishable from zero')} not distinguishable from zero")
+            verdict = (f"mixed: {int((tested.verdict == expect).sum())} of {len(tested)} pairs in the claimed "
+                       f"direction, {int(zero[tested.index].sum())} not distinguishable from zero")
+        if len(tested) < len(rows):
+            verdict += f" ({len(rows) - len(tested)} pair(s) with too few targets for an interval left out)"
         pairs = [f"{r.a} vs {r.b}: PPL {r.text} (n = {int(r.n)}; {r.verdict})" for r in rows.itertuples()]
         out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "verdict": verdict, "pairs": pairs})
     return out
@@ -485,7 +511,8 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
     failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
-        stats=config["stats"], sections=sections(frame, config, compared=compared, bench=bench),
+        stats={"min_blocks": MIN_BLOCKS, **config["stats"]}, reference=config.get("reference"),
+        sections=sections(frame, config, compared=compared, bench=bench),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
         meta=provenance(frame), timing=timing_notes(frame, bench),

@@ -1,7 +1,9 @@
 """NLL spike diagnosis: what a prune costs in quality, token by token.
 
-The excess NLL of a run is its per-token NLL minus the baseline's on the same
-target.  Each prune event (a decode step that dropped tokens) opens a window
+The excess NLL of a run is its per-token NLL minus a reference's on the same
+target (the full-coverage reference row, or the dense row), on the targets
+both scored: a reference that scored only some targets (a strided baseline)
+would leave most windows without a value.  Each prune event (a decode step that dropped tokens) opens a window
 that lasts until the next event or `horizon` steps, whichever comes first; in
 it the spike has a peak (largest excess), a width (steps whose excess is above
 `threshold`) and an area (sum of the positive excess).  The prune step itself
@@ -17,11 +19,12 @@ SPIKE_COLUMNS = ("spike_events", "spike_peak", "spike_width", "spike_area", "exc
 
 
 def excess_nll(run: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """The decode steps of `run` with `excess` = run NLL - baseline NLL at the same position."""
+    """The decode steps of `run` that `baseline` (the reference) also scored, with `excess` = run NLL - reference
+    NLL at the same position."""
     base = baseline.set_index("position").nll
     out = run[run.step > 0].copy()
     out["excess"] = out.nll.to_numpy() - base.reindex(out.position).to_numpy()
-    return out.reset_index(drop=True)
+    return out[out.excess.notna()].reset_index(drop=True)
 
 
 def spike_events(excess: np.ndarray, events: np.ndarray, horizon: int = 32, threshold: float = 0.1) -> pd.DataFrame:

@@ -1,16 +1,22 @@
-"""How sure a difference in perplexity is: a paired block bootstrap over per-token NLL differences.
+"""How sure a difference is: paired block bootstraps over per-token NLL differences and over step times.
 
 Two runs that score the same targets are compared target by target: d_i =
 NLL_a(i) - NLL_b(i), and PPL_a / PPL_b = exp(mean d) on those targets.  The
 per-token differences are not independent (an eviction hurts a stretch of
 tokens, a hard passage is hard for both runs), so the interval resamples
-whole blocks of consecutive targets (non-overlapping blocks of `block`
-tokens, drawn with replacement, `n_boot` times, from a seeded generator) and
-reads the percentile interval of the mean.  A difference whose interval
-contains zero is not distinguishable from zero, and the report says so.
+whole blocks, drawn with replacement `n_boot` times from a seeded generator,
+and reads the percentile interval of the mean.
 
-Runs are paired on the positions both scored: a baseline evaluated on every
-s-th target (`baseline.stride`) is compared on its targets only.
+A block is a stretch of consecutive *positions* of the stream (`block`
+positions: [0, block), [block, 2 block), ...), whatever subset of targets a
+comparison has: against a baseline scored on every 32nd target a block of 64
+positions holds two targets, not 64 targets spread over 2,048 positions.  The
+interval is only as good as the number of blocks it resamples, so it is given
+only from `min_blocks` blocks or more; with fewer the difference says so
+("too few targets for an interval").  A zero-width interval appears only when
+the two runs' NLLs are identical on every common target, and it says
+"identical".  A difference whose interval contains zero is not
+distinguishable from zero, and the report says so.
 """
 
 from __future__ import annotations
@@ -21,21 +27,31 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-BLOCK = 64
+BLOCK = 64  # positions per block
+MIN_BLOCKS = 20  # fewer blocks than this give no interval
 N_BOOT = 2000
 LEVEL = 0.95
 SEED = 0
 
+OK, IDENTICAL, TOO_FEW = "ok", "identical", "too few"
+
 
 @dataclass(frozen=True)
 class Difference:
-    """Run a against run b on their common targets: mean NLL difference (nats) and its interval."""
+    """Run a against run b on their common targets: mean NLL difference (nats) and its interval.
+
+    `blocks`: the blocks of positions the targets fall in; `status`: "ok" (an interval), "identical" (the NLLs
+    agree on every target: the interval is that point) or "too few" (fewer than `MIN_BLOCKS` blocks, or no
+    finite difference: no interval, lo and hi NaN).
+    """
 
     n: int  # paired targets
     mean: float
     lo: float
     hi: float
     level: float = LEVEL
+    blocks: int = 0
+    status: str = OK
 
     @property
     def pct(self) -> float:
@@ -56,7 +72,12 @@ class Difference:
 
     @property
     def verdict(self) -> str:
-        """"higher" (a worse), "lower" (a better) or "not distinguishable from zero"."""
+        """"higher" (a worse), "lower" (a better), "not distinguishable from zero", "identical" or
+        "too few targets"."""
+        if self.status == IDENTICAL:
+            return "identical"
+        if self.status == TOO_FEW:
+            return "too few targets"
         if self.lo > 0:
             return "higher"
         if self.hi < 0:
@@ -64,41 +85,91 @@ class Difference:
         return "not distinguishable from zero"
 
     def text(self) -> str:
-        """E.g. "+1.23 % [+0.40, +2.05]": the PPL change with its interval."""
-        return f"{self.pct:+.2f} % [{self.pct_lo:+.2f}, {self.pct_hi:+.2f}]"
+        """E.g. "+1.23 % [+0.40, +2.05]": the PPL change with its interval; or why there is none."""
+        return interval_text(self.pct, self.pct_lo, self.pct_hi, self.status, self.n, unit=" %")
+
+
+def interval_text(pct: float, lo: float, hi: float, status: str | None, n, unit: str = "") -> str:
+    """A difference as a table cell: "+1.23 [+0.40, +2.05]", "identical", "+1.23 (too few targets for an interval,
+    n = 23)", or "–" where there is no value."""
+    if pct is None or not math.isfinite(pct):
+        return "–"
+    if status == IDENTICAL:
+        return "identical"
+    if status == TOO_FEW or lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        count = f", n = {int(n):,}" if n is not None and n == n else ""
+        return f"{pct:+.2f}{unit} (too few targets for an interval{count})"
+    return f"{pct:+.2f}{unit} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def _pct(nats: float) -> float:
     return (math.exp(nats) - 1) * 100 if math.isfinite(nats) else float("nan")
 
 
+def paired(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The positions both traces scored, in order, with `nll_a` and `nll_b`."""
+    both = a[["position", "nll"]].merge(b[["position", "nll"]], on="position", suffixes=("_a", "_b"))
+    return both.sort_values("position").reset_index(drop=True)
+
+
 def paired_differences(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
     """NLL_a - NLL_b on the positions both traces scored, in position order."""
-    both = a[["position", "nll"]].merge(b[["position", "nll"]], on="position", suffixes=("_a", "_b"))
-    both = both.sort_values("position")
+    both = paired(a, b)
     return (both.nll_a - both.nll_b).to_numpy()
 
 
-def block_bootstrap(diff: np.ndarray, block: int = BLOCK, n_boot: int = N_BOOT, seed: int = SEED,
-                    level: float = LEVEL) -> Difference:
-    """The mean of `diff` with a percentile interval from resampling blocks of `block` consecutive values.
+def block_bootstrap(diff: np.ndarray, positions: np.ndarray | None = None, block: int = BLOCK,
+                    n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
+                    min_blocks: int = MIN_BLOCKS) -> Difference:
+    """The mean of `diff` with a percentile interval from resampling blocks of `block` consecutive positions.
 
-    The last block may be shorter; a resampled mean weighs each block by its length, so it is the mean over
-    the tokens drawn.
+    `positions`: the position of each value (default: 0, 1, 2, ...); a block holds the values whose position
+    falls in it, however many (a block with none is not a block).  A resampled mean weighs each block by its
+    count, so it is the mean over the targets drawn.
     """
     diff = np.asarray(diff, dtype=np.float64)
+    positions = np.arange(diff.size) if positions is None else np.asarray(positions, dtype=np.int64)
     if diff.size == 0 or not np.isfinite(diff).all():
-        return Difference(int(diff.size), float("nan"), float("nan"), float("nan"), level)
-    starts = np.arange(0, diff.size, block)
-    sums = np.add.reduceat(diff, starts)
-    lens = np.diff(np.append(starts, diff.size))
-    draws = np.random.default_rng(seed).integers(0, starts.size, size=(n_boot, starts.size))
+        nan = float("nan")
+        return Difference(int(diff.size), nan, nan, nan, level, 0, TOO_FEW)
+    ids, lens = np.unique(positions // block, return_counts=True)
+    mean = float(diff.mean())
+    if not diff.any():  # the same NLL on every common target: the difference is exactly zero, not estimated
+        return Difference(int(diff.size), 0.0, 0.0, 0.0, level, int(ids.size), IDENTICAL)
+    if ids.size < min_blocks:
+        return Difference(int(diff.size), mean, float("nan"), float("nan"), level, int(ids.size), TOO_FEW)
+    order = np.argsort(positions, kind="stable")
+    sums = np.add.reduceat(diff[order], np.concatenate([[0], np.cumsum(lens)[:-1]]))
+    draws = np.random.default_rng(seed).integers(0, ids.size, size=(n_boot, ids.size))
     means = sums[draws].sum(axis=1) / lens[draws].sum(axis=1)
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
-    return Difference(int(diff.size), float(diff.mean()), float(lo), float(hi), level)
+    return Difference(int(diff.size), mean, float(lo), float(hi), level, int(ids.size), OK)
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, **bootstrap) -> Difference:
-    """Run a (trace) against run b (trace), paired on their common targets."""
-    return block_bootstrap(paired_differences(a, b), **bootstrap)
+    """Run a (trace) against run b (trace), paired on their common targets, in blocks of positions."""
+    both = paired(a, b)
+    return block_bootstrap((both.nll_a - both.nll_b).to_numpy(), both.position.to_numpy(), **bootstrap)
+
+
+# ----------------------------------------------------------------------------- step times
+
+
+def ratio_interval(num: np.ndarray, den: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL,
+                   seed: int = SEED, statistic=np.median, min_pairs: int = 2) -> tuple[float, float]:
+    """Percentile interval of statistic(num) / statistic(den), resampling paired entries (seeded).
+
+    Entries are paired (block means of two methods timed interleaved, or the two forwards of one interleaved
+    step), so the drift of a shared machine falls on both sides of each resampled ratio.  NaN, NaN with fewer
+    than `min_pairs` finite pairs.
+    """
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    ok = np.isfinite(num) & np.isfinite(den)
+    num, den = num[ok], den[ok]
+    if num.size < max(2, min_pairs):
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, num.size, (n_boot, num.size))
+    ratios = statistic(num[idx], axis=1) / statistic(den[idx], axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))

@@ -178,35 +178,57 @@ def trace_path(result_file: str) -> str:
     return str(result_file).removesuffix(".json") + ".parquet"
 
 
-def spike_diagnosis(frame: pd.DataFrame, horizon: int = 32, threshold: float = 0.1):
-    """Spike metrics of every finished run against its baseline's per-token NLL.
+def reference_rows(frame: pd.DataFrame, reference: str | None) -> dict:
+    """(model_key, text_key) -> the finished row named `reference` (the full-coverage reference), where it ran."""
+    if not reference:
+        return {}
+    rows = frame[(frame.group == "methods") & (frame.name == reference) & (frame.status == "ok")]
+    return {(r.model_key, r.text_key): r for r in rows.itertuples()}
 
-    Returns the frame with the `spikes.SPIKE_COLUMNS` added, the per-event table and the
-    mean-excess-by-steps-since-prune curves (both keyed by result `file`).
+
+def dense_rows(frame: pd.DataFrame) -> dict:
+    """(model_key, text_key) -> the finished dense row of the method table (no eviction), where there is one."""
+    dense = [m for m, record in methods.REGISTRY.items() if record.dense and record.family == "cache"]
+    rows = frame[(frame.group == "methods") & frame.method.isin(dense) & (frame.status == "ok")]
+    return {(r.model_key, r.text_key): r for r in rows.drop_duplicates(["model_key", "text_key"]).itertuples()}
+
+
+# Spike columns: against the full-coverage reference (`spike_*`) and against the dense row (`dense_spike_*`).
+DENSE_PREFIX = "dense_"
+
+
+def spike_diagnosis(frame: pd.DataFrame, reference: str | None = None, horizon: int = 32, threshold: float = 0.1,
+                    traces=None):
+    """Spike metrics of every finished run against the full-coverage reference's per-token NLL, and against the
+    dense row's where there is one, each on the targets both scored.
+
+    The reference is compared with rows at its own cap only (a sweep's own budget is another comparison); the
+    dense row, which evicts nothing, with every row.  Returns the frame with the `spikes.SPIKE_COLUMNS` added
+    (and the same prefixed `dense_`), the per-event table and the mean-excess-by-steps-since-prune curves (both
+    keyed by result `file` and `against`: "reference" or "dense").
     """
     from .spikes import SPIKE_COLUMNS, diagnose
 
-    baselines = {(r.model_key, r.text_key): r.file for r in frame[frame.group == "baseline"].itertuples()}
-    metrics, events, curves, traces = {}, [], [], {}
-
-    def trace(path):
-        if path not in traces:
-            traces[path] = pd.read_parquet(trace_path(path))
-        return traces[path]
-
+    traces = traces or _Traces(("position", "nll", "step", "pruned", "dropped", "prune_kind"))
+    anchors = {"reference": reference_rows(frame, reference), "dense": dense_rows(frame)}
+    metrics, events, curves = {"reference": {}, "dense": {}}, [], []
     for row in frame.drop_duplicates("file").itertuples():
-        base = baselines.get((row.model_key, row.text_key))
-        if row.status != "ok" or row.group == "baseline" or base is None or row.baseline_status != "ok":
+        if row.status != "ok" or row.group == "baseline":
             continue
-        summary, ev, curve = diagnose(trace(row.file), trace(base), horizon, threshold)
-        metrics[row.file] = summary
-        events.append(ev.assign(file=row.file))
-        curves.append(curve.assign(file=row.file))
-    spikes = pd.DataFrame.from_dict(metrics, orient="index", columns=list(SPIKE_COLUMNS))
-    frame = frame.drop(columns=[c for c in SPIKE_COLUMNS if c in frame]).merge(
-        spikes, left_on="file", right_index=True, how="left")
-    events = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=["file"])
-    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["file"])
+        for against, rows in anchors.items():
+            ref = rows.get((row.model_key, row.text_key))
+            if ref is None or (against == "reference" and row.cap != ref.cap):
+                continue
+            summary, ev, curve = diagnose(traces(row.file), traces(ref.file), horizon, threshold)
+            metrics[against][row.file] = summary
+            events.append(ev.assign(file=row.file, against=against))
+            curves.append(curve.assign(file=row.file, against=against))
+    frame = frame.drop(columns=[c for c in frame if c.removeprefix(DENSE_PREFIX) in SPIKE_COLUMNS])
+    for against, prefix in (("reference", ""), ("dense", DENSE_PREFIX)):
+        spikes = pd.DataFrame.from_dict(metrics[against], orient="index", columns=list(SPIKE_COLUMNS))
+        frame = frame.merge(spikes.add_prefix(prefix), left_on="file", right_index=True, how="left")
+    events = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=["file", "against"])
+    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["file", "against"])
     return frame, events, curves
 
 
@@ -214,56 +236,68 @@ def spike_diagnosis(frame: pd.DataFrame, horizon: int = 32, threshold: float = 0
 
 # The parameters that tell two rows of one sweep apart (the swept ones differ, the rest are equal).
 RUN_PARAMS = tuple(k for k in RUN_KEYS if k != "profile")  # (a synchronised timer changes no NLL)
-COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "n", "mean", "lo", "hi",
-                      "pct", "pct_lo", "pct_hi", "verdict", "text")
+COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "n", "blocks", "status",
+                      "mean", "lo", "hi", "pct", "pct_lo", "pct_hi", "verdict", "text")
 
 
 def _difference_row(d, **keys) -> dict:
-    return {**keys, "n": d.n, "mean": d.mean, "lo": d.lo, "hi": d.hi, "pct": d.pct, "pct_lo": d.pct_lo,
-            "pct_hi": d.pct_hi, "verdict": d.verdict, "text": d.text()}
+    return {**keys, "n": d.n, "blocks": d.blocks, "status": d.status, "mean": d.mean, "lo": d.lo, "hi": d.hi,
+            "pct": d.pct, "pct_lo": d.pct_lo, "pct_hi": d.pct_hi, "verdict": d.verdict, "text": d.text()}
 
 
 class _Traces:
-    """Per-token traces read once each."""
+    """Per-token traces read once each (the columns asked for)."""
 
-    def __init__(self):
-        self.cache = {}
+    def __init__(self, columns=("position", "nll")):
+        self.cache, self.columns = {}, list(columns)
 
     def __call__(self, result_file: str) -> pd.DataFrame:
         if result_file not in self.cache:
-            self.cache[result_file] = pd.read_parquet(trace_path(result_file), columns=["position", "nll"])
+            self.cache[result_file] = pd.read_parquet(trace_path(result_file), columns=self.columns)
         return self.cache[result_file]
 
 
-def with_intervals(frame: pd.DataFrame, bootstrap: dict | None = None, traces=None) -> pd.DataFrame:
-    """Every row's delta PPL against its baseline, paired on the targets both scored, with its interval.
-
-    Adds `delta_ppl_pct` (recomputed on the paired targets), `delta_ppl_lo`, `delta_ppl_hi` and `n_paired`.
-    """
+def _against(frame: pd.DataFrame, anchors: dict, prefix: str, n_col: str, bootstrap: dict | None, traces,
+             same_cap: bool = True) -> pd.DataFrame:
+    """Every finished row against the anchor row of its (model, text) (`anchors`), paired on the targets both
+    scored: `{prefix}_pct` (PPL change, %), `_lo`, `_hi`, `_status` (`stats.Difference.status`), `_blocks`,
+    and `n_col` (the paired targets).  NaN where the row failed, has no anchor or (`same_cap`) another cap."""
     from .stats import compare
 
-    traces = traces or _Traces()
-    base = {(r.model_key, r.text_key): r.file
-            for r in frame[(frame.group == "baseline") & (frame.status == "ok")].itertuples()}
-    cols = {"delta_ppl_lo": [], "delta_ppl_hi": [], "n_paired": []}
-    pct = frame.delta_ppl_pct.to_numpy(dtype=float, copy=True)
-    for i, row in enumerate(frame.itertuples()):
-        b = base.get((row.model_key, row.text_key))
-        if (row.status != "ok" or row.group == "baseline" or b is None
-                or row.cap != frame.loc[frame.file == b, "cap"].iloc[0]):
-            lo = hi = math.nan
-            n = None
+    cols = {f"{prefix}_{k}": [] for k in ("pct", "lo", "hi", "status", "blocks")}
+    cols[n_col] = []
+    for row in frame.itertuples():
+        anchor = anchors.get((row.model_key, row.text_key))
+        if row.status != "ok" or anchor is None or (same_cap and row.cap != anchor.cap):
+            values = (math.nan, math.nan, math.nan, None, None, None)
         else:
-            d = compare(traces(row.file), traces(b), **(bootstrap or {}))
-            pct[i], lo, hi, n = d.pct, d.pct_lo, d.pct_hi, d.n
-        cols["delta_ppl_lo"].append(lo)
-        cols["delta_ppl_hi"].append(hi)
-        cols["n_paired"].append(n)
+            d = compare(traces(row.file), traces(anchor.file), **(bootstrap or {}))
+            values = (d.pct, d.pct_lo, d.pct_hi, d.status, d.blocks, d.n)
+        for name, value in zip(cols, values):
+            cols[name].append(value)
     frame = frame.copy()
-    frame["delta_ppl_pct"] = pct
     for name, values in cols.items():
         frame[name] = values
     return frame
+
+
+def with_intervals(frame: pd.DataFrame, bootstrap: dict | None = None, traces=None,
+                   reference: str | None = None) -> pd.DataFrame:
+    """Every row's delta PPL against its baseline and against the full-coverage reference, each paired on the
+    targets both scored, with its interval (blocks of positions, `stats.block_bootstrap`).
+
+    Against the baseline: `delta_ppl_pct` (recomputed on the paired targets), `delta_ppl_lo`, `delta_ppl_hi`,
+    `delta_ppl_status`, `delta_ppl_blocks`, `n_paired` (the baseline row itself is "identical").  Against the row named
+    `reference` (a method row scored on every target, e.g. strict StreamingLLM): `delta_ref_pct`, `_lo`, `_hi`,
+    `_status`, `_blocks`, `n_ref`, and `reference` (its name); the reference row itself is "identical".
+    """
+    traces = traces or _Traces()
+    base = {(r.model_key, r.text_key): r
+            for r in frame[(frame.group == "baseline") & (frame.status == "ok")].itertuples()}
+    out = _against(frame, base, "delta_ppl", "n_paired", bootstrap, traces)
+    out = _against(out, reference_rows(frame, reference), "delta_ref", "n_ref", bootstrap, traces)
+    out["reference"] = reference or ""
+    return out
 
 
 def _params(row) -> dict:

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import StreamkvError, error_text
 from .params import TIMING_BLOCK as BLOCK
+from .results import finite
 from .stepper import forward_time_ms
 
 WARMUP = 16
@@ -99,6 +100,27 @@ def block_median(values: np.ndarray, block: int) -> float:
     means = block_means(values, block)
     means = means[np.isfinite(means)]
     return float(np.median(means)) if means.size else float("nan")
+
+
+def step_ratio_interval(method_ms: np.ndarray, reference_ms: np.ndarray, block: int = BLOCK) -> tuple[float, float]:
+    """The interval of a timing part's ratio (TPOT over the reference's): paired steps resampled, each resample
+    read as the ratio is (median over blocks of `block` steps of the block mean); NaN with fewer than
+    `stats.MIN_BLOCKS` timed steps.
+
+    The steps are the units resampled, not the blocks: a timing part has only a few blocks (two for 64 steps), and
+    each step's two forwards ran side by side, so the drift of the machine falls on both.  A lazy row's prune
+    steps are drawn as often as chance has it, so the interval carries the uncertainty of how many of them a
+    stretch of steps holds.
+    """
+    from .stats import MIN_BLOCKS, ratio_interval
+
+    def statistic(x, axis):  # the ratio's own reading, along the resample's steps
+        whole = x.shape[axis] // block * block or x.shape[axis]
+        per = np.moveaxis(x, axis, -1)[..., :whole]
+        return np.median(per.reshape(*per.shape[:-1], -1, min(block, whole)).mean(axis=-1), axis=-1)
+
+    lo, hi = ratio_interval(method_ms, reference_ms, statistic=statistic, min_pairs=MIN_BLOCKS)
+    return lo, hi
 
 
 def sync_of(device: torch.device) -> Callable[[], None]:
@@ -206,11 +228,14 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     kv_bytes = max(kv_bytes, int(kv_bytes_at.max()))
     steppers["method"].close()
     timed = step_ms["method"][warmup:]
-    tpot, ref = block_median(timed, block), block_median(step_ms["reference"][warmup:], block)
+    ref_steps = step_ms["reference"][warmup:]
+    tpot, ref = block_median(timed, block), block_median(ref_steps, block)
+    ratio_lo, ratio_hi = step_ratio_interval(timed, ref_steps, block)
     upd = update_ms[warmup:]
     upd = upd[np.isfinite(upd)]
     batch = ids.shape[0]  # every step gives each stream one token
-    return {"tpot_ms": tpot, "tpot_ref_ms": ref, "tpot_ratio": tpot / ref, "timed_steps": steps,
+    return {"tpot_ms": tpot, "tpot_ref_ms": ref, "tpot_ratio": tpot / ref, "tpot_ratio_lo": finite(ratio_lo),
+            "tpot_ratio_hi": finite(ratio_hi), "timed_steps": steps,
             "tokens_per_s": batch * 1e3 / tpot, "tokens_per_s_stream": 1e3 / tpot,
             "tpot_steady_ms": tpot, "tpot_p50_ms": float(np.percentile(timed, 50)),
             "tpot_p90_ms": float(np.percentile(timed, 90)), "ttft_ms": ttft_ms, "prefill_sec": ttft_ms / 1e3,
