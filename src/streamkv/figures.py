@@ -170,14 +170,21 @@ def _log_x(ax, label: str) -> None:
     """A log x axis labelled in plain numbers, once the axis has its limits.
 
     Over a factor of 4 or more, ticks at powers of two (×0.5, ×1, ×2: the unlabelled minor ticks at 0.8 and
-    0.9 would run into the 1); over less, every minor tick labelled (the powers would leave one label or none).
+    0.9 would run into the 1); over less, every minor tick labelled (the powers would leave one label or none);
+    under a factor of 2, evenly spaced ticks (no minor tick of the log scale but 1 falls in a span of 1 to 1.2).
     """
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     wide = hi / lo >= 4
+    if hi / lo < 2:
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel(f"{label}, log scale")
+        return
     ax.xaxis.set_major_locator(LogLocator(base=2 if wide else 10))
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
