@@ -112,6 +112,16 @@ def test_strided_and_short_inputs_pair_on_common_positions_in_blocks_of_position
     assert compare(peer, base).n == 24 and compare(peer, base).status == TOO_FEW
 
 
+def test_a_narrow_interval_is_written_with_the_decimals_that_keep_its_ends_apart():
+    from streamkv.fmt import ratio
+    from streamkv.stats import interval_text
+
+    assert interval_text(-0.001, -0.004, 0.004, "ok", 4351) == "-0.0010 [-0.0040, +0.0040]"
+    assert interval_text(1.234, 0.4, 2.05, "ok", 4351) == "+1.23 [+0.40, +2.05]"
+    assert ratio(1.0002, 1.0001, 1.0004) == "1.00020 [1.00010, 1.00040]"
+    assert ratio(1.2, 1.1, 1.3) == "1.200 [1.100, 1.300]"
+
+
 def test_the_timing_ratio_interval_comes_from_paired_steps():
     from streamkv.timing import step_ratio_interval
 

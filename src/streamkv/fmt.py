@@ -34,7 +34,10 @@ def ratio(v, lo=None, hi=None, empty: str = "–") -> str:
         return f"{v:.3f} (no interval)"
     if lo == hi:
         return f"{v:.3f} (identical)"
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    from .stats import decimals
+
+    digits = decimals(lo, hi, 3)
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def pct(v) -> str:

@@ -99,7 +99,15 @@ def interval_text(pct: float, lo: float, hi: float, status: str | None, n, unit:
     if status == TOO_FEW or lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         count = f", n = {int(n):,}" if n is not None and n == n else ""
         return f"{pct:+.2f}{unit} (too few targets for an interval{count})"
-    return f"{pct:+.2f}{unit} [{lo:+.2f}, {hi:+.2f}]"
+    digits = decimals(lo, hi, 2)
+    return f"{pct:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def decimals(lo: float, hi: float, least: int) -> int:
+    """Decimals that show an interval's two ends apart (at least `least`; at most 6): a narrow interval written
+    with two would read "[-0.00, +0.00]", as if it had no width."""
+    width = hi - lo
+    return least if not width > 0 else int(min(6, max(least, 1 - math.floor(math.log10(width)))))
 
 
 def _pct(nats: float) -> float:
