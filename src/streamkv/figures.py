@@ -198,7 +198,7 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
 
     ΔPPL is against the full-coverage reference row; the x axis is a row's step time over the no-eviction
     reference it was timed beside, where the rows have one, else its TPOT in ms. Left: every point (x on a log
-    scale); right: the points within ±ZOOM_PCT % of the reference. Each point carries a number (names would
+    scale); right: the streaming points within ±ZOOM_PCT % of the reference. Each point carries a number (names would
     overlap where the streaming rows crowd); the key on the right gives each number's row (`pareto_numbers`).
     """
     plt, sns = _plt()
@@ -215,8 +215,10 @@ def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:
     key_width = 1.2 * sum(max((len(line) for text, _ in column for line in text.split("\n")), default=0) * 0.05
                           + 0.15 for column in columns)
     fig, (full, zoom, key) = plt.subplots(1, 3, figsize=(11 + key_width, 7.5), width_ratios=(5, 6, key_width))
-    near = points[points.y.abs() <= ZOOM_PCT]
-    far = points[points.y.abs() > ZOOM_PCT]
+    # the zoom holds the streaming configurations: the recompute baseline, several times slower than any of them,
+    # would stretch its x axis until they crowd into one column
+    near = points[(points.y.abs() <= ZOOM_PCT) & (points.group != "baseline")]
+    far = points.drop(near.index)
     for ax, data in ((full, points), (zoom, near)):
         if len(data):
             _bars(ax, data)
