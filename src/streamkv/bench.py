@@ -152,11 +152,7 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
                          after=after, desc=f"overhead cap {cap}", progress=progress)
     for stepper in steppers.values():
         stepper.close()  # (a peer's worker)
-    # Per-block means, blocks paired across methods (block b of every method covers the same steps): the
-    # intervals of the ratios resample whole blocks.
-    def interval(num: str, den: str) -> tuple[float, float]:  # paired steps resampled (timing.step_ratio_interval)
-        return step_ratio_interval(step_ms[num][cfg.warmup:], step_ms[den][cfg.warmup:], cfg.block)
-
+    # The intervals of the ratios resample paired steps (`_interval`): step i of every method ran side by side.
     rows = []
     for name in names:
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
@@ -171,21 +167,27 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     reference = table.loc[table.method == REFERENCE, "tpot_ms"].item()
     recompute = table.loc[table.method == RECOMPUTE, "tpot_ms"].item()
     table["overhead"] = table.tpot_ms / reference
-    table[["overhead_lo", "overhead_hi"]] = [interval(m, REFERENCE) for m in names]
+    table[["overhead_lo", "overhead_hi"]] = [_interval(step_ms, m, REFERENCE, cfg) for m in names]
     # The cache's own timers are not subject to the drift between methods: its work as a share of the step.
     table["cache_work"] = (table.update_ms + table.plan_ms) / reference
     table["speedup"] = recompute / table.tpot_ms  # the reference's speedup is the ideal
-    table[["speedup_lo", "speedup_hi"]] = [interval(RECOMPUTE, m) for m in names]
+    table[["speedup_lo", "speedup_hi"]] = [_interval(step_ms, RECOMPUTE, m, cfg) for m in names]
     table.loc[table.method == RECOMPUTE, ["overhead", "overhead_lo", "overhead_hi"]] = np.nan
     engine = table.method.str.startswith(LLAMACPP)
     if engine.any():  # another engine: against its own decode, and no speedup over our float32 recompute
         table.loc[engine, "overhead"] = table.tpot_ms / table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
         table.loc[engine, ["overhead_lo", "overhead_hi"]] = [
-            interval(m, LLAMACPP_REFERENCE) for m in table.method[engine]]
+            _interval(step_ms, m, LLAMACPP_REFERENCE, cfg) for m in table.method[engine]]
         table.loc[engine, ["speedup", "speedup_lo", "speedup_hi"]] = np.nan
     table["goal"] = [_goal_text(m, cap) for m in table.method]
     table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
     return table
+
+
+def _interval(step_ms: dict, num: str, den: str, cfg: BenchConfig) -> tuple[float, float]:
+    """The interval of step_ms[num]'s TPOT over step_ms[den]'s after the warm-up: paired steps resampled
+    (`timing.step_ratio_interval`)."""
+    return step_ratio_interval(step_ms[num][cfg.warmup:], step_ms[den][cfg.warmup:], cfg.block)
 
 
 def _goal_text(method: str, cap: int) -> str:
@@ -384,17 +386,14 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     reference = block_median(step_ms[WEIGHTS_REFERENCE][cfg.warmup:], cfg.block)
     engine = LLAMACPP_REFERENCE in step_ms and np.isfinite(step_ms[LLAMACPP_REFERENCE]).any()
 
-    def interval(num: str, den: str) -> tuple[float, float]:  # paired steps resampled (timing.step_ratio_interval)
-        return step_ratio_interval(step_ms[num][cfg.warmup:], step_ms[den][cfg.warmup:], cfg.block)
-
     engine_ms = block_median(step_ms[LLAMACPP_REFERENCE][cfg.warmup:], cfg.block) if engine else float("nan")
     rows = []
     for name in step_ms:
         if name in failures:
             continue
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
-        vs_ref = interval(name, WEIGHTS_REFERENCE)
-        vs_engine = interval(name, LLAMACPP_REFERENCE) if engine else (np.nan, np.nan)
+        vs_ref = _interval(step_ms, name, WEIGHTS_REFERENCE, cfg)
+        vs_engine = _interval(step_ms, name, LLAMACPP_REFERENCE, cfg) if engine else (np.nan, np.nan)
         weights, _, mode = name.rpartition(" ")
         rows.append({"cap": cap, "variant": name, "weights": weights if name != LLAMACPP_REFERENCE else None,
                      "mode": mode if name != LLAMACPP_REFERENCE else "llama.cpp", "status": "ok", "error": None,

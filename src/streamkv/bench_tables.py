@@ -47,7 +47,7 @@ def _bench_cell(v) -> str:
 
 
 def _ratio_ci(frame: pd.DataFrame, column: str) -> pd.Series:
-    """'value [lo, hi]' of a bench ratio and its 95 % block-bootstrap interval ('' where there is none)."""
+    """'value [lo, hi]' of a bench ratio and its 95 % interval over paired steps ('' where there is no value)."""
     def cell(row) -> str:
         return fmt.ratio(row.get(column), row.get(f"{column}_lo"), row.get(f"{column}_hi"), empty="")
 
@@ -172,7 +172,7 @@ def _one_line(error, limit: int = 300) -> str | None:
 
 def _bench_interval(row: dict, column: str) -> str:
     """The interval of a ratio the sentence already gives: "[lo, hi]", "(identical)" or "(no interval)"."""
-    return fmt.ratio(1.0, row.get(f"{column}_lo"), row.get(f"{column}_hi")).split(" ", 1)[1]
+    return fmt.ratio_interval(row.get(f"{column}_lo"), row.get(f"{column}_hi"))
 
 
 def bench_findings(result: dict) -> list[str]:

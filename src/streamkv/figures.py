@@ -179,18 +179,16 @@ def _log_x(ax, label: str) -> None:
     lo, hi = ax.get_xlim()
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     wide = hi / lo >= 4
+    ax.xaxis.set_major_formatter(plain)
+    ax.set_xlabel(f"{label}, log scale")
     if hi / lo < 2:
         ax.xaxis.set_major_locator(MaxNLocator(6))
-        ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel(f"{label}, log scale")
         return
     ax.xaxis.set_major_locator(LogLocator(base=2 if wide else 10))
-    ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
     ax.xaxis.set_minor_formatter(NullFormatter() if wide else plain)
     ax.tick_params(axis="x", which="minor", labelsize=6)
-    ax.set_xlabel(f"{label}, log scale")
 
 
 def pareto_figure(part: pd.DataFrame, path: str | Path, title: str) -> None:

@@ -22,22 +22,34 @@ def num(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def ratio(v, lo=None, hi=None, empty: str = "–") -> str:
-    """A timing ratio with its interval: "1.013 [0.998, 1.027]"; "(identical)" for a series over itself (a
-    zero-width interval: the reference's own row), "(no interval)" where there is none."""
-    def finite(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
-    if not finite(v):
-        return empty
-    if not (finite(lo) and finite(hi)):
-        return f"{v:.3f} (no interval)"
-    if lo == hi:
-        return f"{v:.3f} (identical)"
+
+def _ratio_digits(lo, hi) -> int:
+    """Decimals of a timing ratio: 3, or more where the interval [lo, hi] would otherwise read as a point."""
     from .stats import decimals
 
-    digits = decimals(lo, hi, 3)
-    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return decimals(lo, hi, 3) if _finite(lo) and _finite(hi) else 3
+
+
+def ratio_interval(lo=None, hi=None) -> str:
+    """A timing ratio's interval alone: "[0.998, 1.027]"; "(identical)" for a series over itself (a zero-width
+    interval: the reference's own row), "(no interval)" where there is none."""
+    if not (_finite(lo) and _finite(hi)):
+        return "(no interval)"
+    if lo == hi:
+        return "(identical)"
+    digits = _ratio_digits(lo, hi)
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def ratio(v, lo=None, hi=None, empty: str = "–") -> str:
+    """A timing ratio with its interval (`ratio_interval`): "1.013 [0.998, 1.027]", written with the interval's
+    decimals."""
+    if not _finite(v):
+        return empty
+    return f"{v:.{_ratio_digits(lo, hi)}f} {ratio_interval(lo, hi)}"
 
 
 def pct(v) -> str:

@@ -21,7 +21,7 @@ from .pipeline import max_tokens, text_source
 from .probes import PROBES
 from .probes import finding as probe_finding
 from .probes import markdown as probe_markdown
-from .stats import MIN_BLOCKS, compare, interval_text, paired
+from .stats import MIN_BLOCKS, block_bootstrap, interval_text, paired
 from .summary import ROW_GROUPS, trace_path
 
 FAILED = "FAILED"
@@ -268,7 +268,7 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
 
 def cross_checks(part: pd.DataFrame, config: dict, bootstrap: dict | None = None) -> list[dict]:
     """Each peer row with a `cross_check` against the row it names: per-token NLL and PPL, side by side, on the
-    targets both scored (the PPL difference paired, with its interval: `stats.compare`).
+    targets both scored (the PPL difference paired, with its interval: `stats.block_bootstrap`).
 
     A peer's `noise_floor` names another peer row whose own cross-check differs only in what the two
     implementations do anyway (llama.cpp dense against our dense, say): its PPL difference is shown beside.
@@ -287,9 +287,9 @@ def cross_checks(part: pd.DataFrame, config: dict, bootstrap: dict | None = None
             # both PPLs over the targets both scored, and their paired difference with its interval
             a, b = (pd.read_parquet(trace_path(r.file), columns=["position", "nll"]) for r in (peer, ours))
             both = paired(a, b)
+            d = block_bootstrap((both.nll_a - both.nll_b).to_numpy(), both.position.to_numpy(), **(bootstrap or {}))
             diff = (both.nll_a - both.nll_b).abs()
             above = both.position[diff > CROSS_CHECK_TOL]
-            d = compare(a, b, **(bootstrap or {}))
             check.update(max_dnll=f"{diff.max():.1e}", mean_dnll=f"{diff.mean():.1e}", dppl=d.text(),
                          first=str(int(above.iloc[0])) if len(above) else "none",
                          differing=f"{len(above)} of {len(diff)}", max_abs=float(diff.max()), n_above=len(above),

@@ -257,18 +257,18 @@ class _Traces:
         return self.cache[result_file]
 
 
-def _against(frame: pd.DataFrame, anchors: dict, prefix: str, n_col: str, bootstrap: dict | None, traces,
-             same_cap: bool = True) -> pd.DataFrame:
+def _against(frame: pd.DataFrame, anchors: dict, prefix: str, n_col: str, bootstrap: dict | None,
+             traces) -> pd.DataFrame:
     """Every finished row against the anchor row of its (model, text) (`anchors`), paired on the targets both
     scored: `{prefix}_pct` (PPL change, %), `_lo`, `_hi`, `_status` (`stats.Difference.status`), `_blocks`,
-    and `n_col` (the paired targets).  NaN where the row failed, has no anchor or (`same_cap`) another cap."""
+    and `n_col` (the paired targets).  NaN where the row failed, has no anchor or another cap."""
     from .stats import compare
 
     cols = {f"{prefix}_{k}": [] for k in ("pct", "lo", "hi", "status", "blocks")}
     cols[n_col] = []
     for row in frame.itertuples():
         anchor = anchors.get((row.model_key, row.text_key))
-        if row.status != "ok" or anchor is None or (same_cap and row.cap != anchor.cap):
+        if row.status != "ok" or anchor is None or row.cap != anchor.cap:
             values = (math.nan, math.nan, math.nan, None, None, None)
         else:
             d = compare(traces(row.file), traces(anchor.file), **(bootstrap or {}))
