@@ -42,6 +42,11 @@ def quality_files(wildcards):
     return {} if job is None else {"quality": job.path(), "quality_trace": job.path("parquet")}
 
 
+def quality_threads(wildcards):
+    """Untimed NLLs: one core for the decode loop, whose step a second thread does not speed up, else all."""
+    return pipeline.job_threads(config, job_of("quality", wildcards), workflow.cores)
+
+
 def peer_installed(kind):
     """For a peer's job, what this machine has of it: installing the peer re-runs its "not installed" rows."""
     return lambda wildcards: installed(job_of(kind, wildcards).params["method"])

@@ -9,12 +9,17 @@ import traceback
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from streamkv.errors import NotInstalled, StreamkvError
 from streamkv.evaluation import EvalParams, evaluate, failed_record, timed_row
 from streamkv.jobio import log_to, write_json, write_table
 from streamkv.results import TRACE_COLUMNS
 from streamkv.sources import load_model
+
+# torch's threads follow the job's cores: a one-core job beside another must not spread over both (torch's threads
+# slow down many-fold on shared cores); the peers' workers take the same count.
+torch.set_num_threads(snakemake.threads)
 
 with log_to(snakemake.log[0]):
     params = EvalParams(**snakemake.params.eval)

@@ -248,8 +248,10 @@ def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(don
         config["protocol"]["evaluator"] = "decode"
 
     jobs = planned(done, edited(done, change))
-    # every configuration, both texts (+ the weights ablation's five variants on hamlet)
+    # every configuration, both texts (+ the weights ablation's five variants on hamlet), each with its own loop
     assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 5
+    assert sorted(out.replace("results/quality/", "") for rule, out in jobs if rule == "quality") == sorted(
+        out.replace("results/runs/", "") for rule, out in jobs if rule == "evaluate")
     assert sum(rule == "baseline" for rule, _ in jobs) == 2
 
 
@@ -279,8 +281,9 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     python) its rows re-run, and the report shows them as not installed, with the command, not as failures."""
     env = {**os.environ, "STREAMKV_KVPRESS_PYTHON": str(done / "no-such-python")}
     peer_files = sorted(["kvpress-streaming_llm_s4_k1.json", "kvpress-streaming_llm-rerotate_s4_k1.json"] * 2)
-    reruns = [out.rsplit("/", 1)[1] for rule, out in planned(done, env=env) if rule == "evaluate"]
-    assert sorted(reruns) == peer_files  # one per text
+    jobs = planned(done, env=env)
+    for rule in ("quality", "evaluate"):  # the peer's NLLs (the decode loop) and its timed row, one per text
+        assert sorted(out.rsplit("/", 1)[1] for r, out in jobs if r == rule) == peer_files
     proc = snakemake(done, "report/paper_tables.md", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = pd.read_csv(done / "results/summary.csv")
@@ -291,8 +294,9 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     assert "| kvpress StreamingLLM | S=4, W=28 | – | not installed (install with `make setup-kvpress`) |" in report
     assert "kvpress" not in report.split("## Failed configurations")[1].split("## Provenance")[0]
     # and back: with kvpress found again, exactly these rows run again
-    reruns = [out.rsplit("/", 1)[1] for rule, out in planned(done) if rule == "evaluate"]
-    assert sorted(reruns) == peer_files
+    jobs = planned(done)
+    for rule in ("quality", "evaluate"):
+        assert sorted(out.rsplit("/", 1)[1] for r, out in jobs if r == rule) == peer_files
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -381,6 +385,7 @@ def test_snakemake_lint_is_clean(tmp_path):
 
 RUNS = "results/runs/tiny_llama/hamlet/cap32_n120_p1_float32_cpu_seed0"
 REFRESH = f"{RUNS}/start_recent_s4_k4_sl0_md0_ov0_rf4.json"  # the decode loop: the slowest evaluation
+REFRESH_NLLS = REFRESH.replace("results/runs/", "results/quality/")  # its NLLs: the decode loop's own job
 NO_KVPRESS = "no-such-python"  # what the peers' rows were last run with (see the test above), so they stay
 
 
@@ -432,11 +437,11 @@ def quality(result: Path) -> tuple[dict, pd.DataFrame]:
 
 def test_a_job_killed_mid_run_leaves_nothing_and_the_next_run_equals_an_uninterrupted_one(done, tmp_path):
     workdir = snapshot(done, tmp_path / "wf")
-    result = workdir / REFRESH
+    result = workdir / REFRESH_NLLS
     expected, expected_trace = quality(result)
     result.unlink()
-    log = workdir / "logs" / REFRESH.replace("results/runs", "evaluate").replace(".json", ".log")
-    run = start_snakemake(workdir, REFRESH)
+    log = workdir / "logs" / REFRESH_NLLS.replace("results/", "").replace(".json", ".log")
+    run = start_snakemake(workdir, REFRESH_NLLS)
     pid = wait_for(lambda: job_pid(workdir, "evaluate.py"), "the evaluation job to start")
     # The job runs in slices of 10 ms until the decode loop's progress bar is in its log, then it is killed as the
     # kernel's OOM killer would kill it: mid-run, however fast this machine is.
@@ -448,9 +453,9 @@ def test_a_job_killed_mid_run_leaves_nothing_and_the_next_run_equals_an_uninterr
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     out = run.communicate(timeout=300)[0]
-    assert run.returncode != 0 and "Error in rule evaluate" in out, out[-3000:]
+    assert run.returncode != 0 and "Error in rule quality" in out, out[-3000:]
     assert not result.exists()  # no half-written result: the next run cannot mistake it for a finished one
-    again = snakemake(workdir, REFRESH)
+    again = snakemake(workdir, REFRESH_NLLS)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     got, got_trace = quality(result)
     assert got == pytest.approx(expected, rel=1e-9)
@@ -515,7 +520,8 @@ def test_a_peer_worker_that_dies_mid_run_is_a_failed_row_not_a_failed_pipeline(d
     python.write_text(f'#!/bin/sh\nexec {kvpress_python()} {tmp_path / "dying_worker.py"} "$@"\n')
     python.chmod(0o755)
     peers = [f"{RUNS}/kvpress-streaming_llm_s4_k1.json", f"{RUNS}/kvpress-streaming_llm-rerotate_s4_k1.json"]
-    proc = snakemake(workdir, "report/paper_tables.md", "--forcerun", *peers,
+    nlls = [peer.replace("results/runs/", "results/quality/") for peer in peers]  # the peers' decode loops
+    proc = snakemake(workdir, "report/paper_tables.md", "--forcerun", *nlls,
                      env={**os.environ, "STREAMKV_KVPRESS_PYTHON": str(python)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for peer in peers:

@@ -192,7 +192,27 @@ def jobs(config: dict) -> list[Job]:
             job.quality = found.get(("runs", model, job.text, job.setting, qid)) or found.setdefault(
                 ("quality", model, job.text, job.setting, qid),
                 Job(model, job.text, job.setting, qid, quality, "quality", n=job.n, cap=job.cap))
+    # A row scored by the decode loop gets its NLLs from a quality job of its own: the loop's step uses one core
+    # (measured: a float32 step takes as long on two threads as on one), so two such jobs share a 2-core
+    # machine, while the row's timed job keeps the machine to itself for its timing part alone.
+    for job in [job for job in found.values() if job.kind == "runs" and job.quality is None]:
+        if decode_loop_nlls(config, job):
+            job.quality = found.setdefault(
+                ("quality", job.model, job.text, job.setting, job.run),
+                Job(job.model, job.text, job.setting, job.run, job.params, "quality", n=job.n, cap=job.cap))
     return list(found.values())
+
+
+def decode_loop_nlls(config: dict, job: Job) -> bool:
+    """Whether the job's NLLs come from the decode loop (a method, option or weights variant the parallel
+    evaluator cannot serve, or `protocol.evaluator: decode`)."""
+    p = eval_params(config, job)
+    return p.evaluator == "decode" or p.parallel_reason() is not None
+
+
+def job_threads(config: dict, job: Job, cores: int) -> int:
+    """Cores a job takes: one for a quality job of the decode loop (its step runs on one core), else all."""
+    return 1 if job.kind == "quality" and decode_loop_nlls(config, job) else cores
 
 
 def controls(config: dict) -> dict:
