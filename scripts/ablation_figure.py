@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from streamkv.figures import ablation_figure, softlite_heatmap
+from streamkv.analysis.figures import ablation_figure, softlite_heatmap
 from streamkv.jobio import log_to
 
 with log_to(snakemake.log[0]):

@@ -3,8 +3,8 @@ every delta PPL against the baseline and against the full-coverage reference wit
 targets both runs scored), the NLL spike diagnosis of every run against the reference and the dense row, and the
 intervals of every sweep point against its control and of the findings."""
 
+from streamkv.analysis.summary import comparisons, pipeline_summary, spike_diagnosis, with_intervals
 from streamkv.jobio import log_to, write_table
-from streamkv.summary import comparisons, pipeline_summary, spike_diagnosis, with_intervals
 
 with log_to(snakemake.log[0]):
     frame = pipeline_summary(snakemake.params.rows)

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from streamkv import bench
-from streamkv.bench_tables import bench_markdown
+from streamkv.bench import run as bench
+from streamkv.bench.tables import bench_markdown
+from streamkv.evaluation.params import BenchConfig
 from streamkv.jobio import log_to
-from streamkv.params import BenchConfig
-from streamkv.sources import load_model
+from streamkv.models.sources import load_model
 
 with log_to(snakemake.log[0]):
     settings = dict(snakemake.params.settings)

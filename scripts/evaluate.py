@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 
 from streamkv.errors import NotInstalled, StreamkvError
-from streamkv.evaluation import EvalParams, evaluate, failed_record, timed_row
+from streamkv.evaluation.loop import EvalParams, evaluate, failed_record, timed_row
+from streamkv.evaluation.results import TRACE_COLUMNS
 from streamkv.jobio import log_to, write_json, write_table
-from streamkv.results import TRACE_COLUMNS
-from streamkv.sources import load_model
+from streamkv.models.sources import load_model
 
 # torch's threads follow the job's cores: a one-core job beside another must not spread over both (torch's threads
 # slow down many-fold on shared cores); the peers' workers take the same count.

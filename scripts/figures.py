@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from streamkv.figures import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
+from streamkv.analysis.figures import nll_trace_figure, pareto_figure, spike_curve_figure, spike_runs
+from streamkv.analysis.summary import trace_path
 from streamkv.jobio import log_to
-from streamkv.summary import trace_path
 
 with log_to(snakemake.log[0]):
     model, text = snakemake.wildcards.model, snakemake.wildcards.text

@@ -6,10 +6,11 @@ Writes the result record and the per-token trace; rule long_stream_report makes 
 import time
 from pathlib import Path
 
-from streamkv import long_stream
-from streamkv.evaluation import EvalParams, evaluate
+from streamkv.analysis import long_stream
+from streamkv.evaluation.loop import EvalParams, evaluate
 from streamkv.jobio import log_to, write_json, write_table
-from streamkv.sources import encode, load_model, load_text
+from streamkv.models.sources import encode, load_model
+from streamkv.models.texts import load_text
 
 with log_to(snakemake.log[0]):
     started = time.perf_counter()

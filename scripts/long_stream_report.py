@@ -1,6 +1,6 @@
 """Snakemake: the long stream's page (report/long_stream.md) and figure from the run's record and trace."""
 
-from streamkv import long_stream
+from streamkv.analysis import long_stream
 from streamkv.jobio import log_to
 
 with log_to(snakemake.log[0]):

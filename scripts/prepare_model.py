@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from streamkv.jobio import log_to
-from streamkv.sources import prepare_model
+from streamkv.models.sources import prepare_model
 
 with log_to(snakemake.log[0]):
     marker = prepare_model(snakemake.params.source, Path(snakemake.output[0]).parent, dtype=snakemake.params.dtype)

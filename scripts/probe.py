@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from streamkv.figures import probe_figure
+from streamkv.analysis.figures import probe_figure
 from streamkv.jobio import log_to, write_table
 from streamkv.probes import probe_table
 

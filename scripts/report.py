@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from streamkv.analysis.report import render
 from streamkv.jobio import log_to, write_text
-from streamkv.report import render
 
 with log_to(snakemake.log[0]):
     frame = pd.read_parquet(snakemake.input.summary)

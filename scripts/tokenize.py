@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from streamkv.jobio import log_to, write_text
-from streamkv.sources import encode, load_text, load_tokenizer
+from streamkv.models.sources import encode, load_tokenizer
+from streamkv.models.texts import load_text
 
 with log_to(snakemake.log[0]):
     folder = Path(snakemake.input.model).parent

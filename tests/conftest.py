@@ -10,9 +10,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 from streamkv import load_model
-from streamkv.evaluation import load_tokens
+from streamkv.evaluation.loop import load_tokens
 
 TINY = ("tiny:llama", "tiny:gpt_neox", "tiny:llama-llama3", "tiny:llama-linear")
+# A test that asks for a model is `slow`; so is every test of a module that loads models, runs a peer, the CLI or
+# the pipeline another way (`pytestmark = pytest.mark.slow` there).  `pytest -m "not slow"`: the model-free tests.
+MODEL_FIXTURES = {"tiny", "smollm2", "hamlet_bytes"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

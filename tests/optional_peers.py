@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from streamkv.extras import kvpress_python, llamacpp_version
+from streamkv.peers.installed import kvpress_python, llamacpp_version
 
 IN_CI = bool(os.environ.get("CI"))
 HAS_KVPRESS = kvpress_python() is not None

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from streamkv import make_cache
-from streamkv import weights as W
-from streamkv.compiled import RingDecoder
+from streamkv.cache.compiled import RingDecoder
+from streamkv.cache.factory import make_stepper
 from streamkv.errors import StreamkvError
-from streamkv.factory import make_stepper
-from streamkv.params import EvalParams
-from streamkv.sources import load_model
-from streamkv.timing import batch_streams, time_interleaved
+from streamkv.evaluation.params import EvalParams
+from streamkv.evaluation.timing import batch_streams, time_interleaved
+from streamkv.models import weights as W
+from streamkv.models.sources import load_model
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 B, N, PREFILL, CAP = 3, 120, 16, 32
 
@@ -66,7 +68,7 @@ def test_each_stream_of_a_batch_decodes_as_alone(tiny, streams, family, method, 
 def test_streams_stay_independent_under_quantised_weights(streams, weights):
     """Weights quantised per channel, activations (where quantised at run time) per token: a stream's output does
     not depend on the other streams of its batch.  (bfloat16 is the exception: its products round differently for
-    a batch; README says so.)"""
+    a batch; docs/library.md says so.)"""
     if weights == "int8-fbgemm" and not W.has_vnni():
         pytest.skip("int8-fbgemm needs a CPU with VNNI")
     model = load_model("tiny:llama", weights=weights).model

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from streamkv import bench
-from streamkv.bench_tables import REFERENCE, bench_failures, bench_findings, bench_markdown
+from streamkv.bench import run as bench
+from streamkv.bench.tables import REFERENCE, bench_failures, bench_findings, bench_markdown
 from streamkv.cli import main
 from streamkv.errors import StreamkvError
-from streamkv.params import BenchConfig
+from streamkv.evaluation.params import BenchConfig
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 FAST = dict(caps=(48,), compress_every=8, blocks=1, block=8, warmup=1, compile=False, stream_tokens=100,
             rss_from=60, stream_methods=("ring",), evaluator_tokens=120, weights=("bfloat16",), weights_compile=())

@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from streamkv import Budget, EvalParams, StreamkvError
-from streamkv.policy import StartRecent
+from streamkv.cache.policy import StartRecent
 
 
 def test_window_is_derived_from_cap():

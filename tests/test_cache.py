@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from streamkv import StreamkvError, make_cache
-from streamkv.cache import StreamingCache
+from streamkv.cache.streaming import StreamingCache
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 
 def feed(model, cache, tokens, chunk=1):

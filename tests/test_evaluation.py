@@ -10,7 +10,9 @@ import torch
 
 from conftest import TINY, full_forward_nll
 from streamkv import EvalParams, evaluate
-from streamkv.results import METRIC_KEYS, TRACE_COLUMNS
+from streamkv.evaluation.results import METRIC_KEYS, TRACE_COLUMNS
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 
 def run(loaded, tokens, method, **kw):
@@ -105,11 +107,11 @@ def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
     script.write_text(
         "import sys\n"
         "from streamkv import load_model\n"
-        "from streamkv.bench import run\n"
-        "from streamkv.evaluation import EvalParams, evaluate, load_tokens\n"
+        "from streamkv.bench.run import run\n"
+        "from streamkv.evaluation.loop import EvalParams, evaluate, load_tokens\n"
         "from streamkv.jobio import write_json\n"
-        "from streamkv.meta import EVALUATION_MODULES\n"
-        "from streamkv.params import BenchConfig\n"
+        "from streamkv.provenance import EVALUATION_MODULES\n"
+        "from streamkv.evaluation.params import BenchConfig\n"
         "loaded = load_model('tiny:llama')\n"
         "tokens = load_tokens(loaded, 'embedded:shakespeare/hamlet', 400)\n"
         "for evaluator in ('parallel', 'decode'):\n"
@@ -119,7 +121,7 @@ def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
         "write_json(record, sys.argv[1])\n"
         "run(loaded.model, tokens, BenchConfig(caps=(32,), compress_every=4, blocks=2, block=4, warmup=1,\n"
         "    compile=False, stream_tokens=100, dense_tokens=80, rss_from=40, evaluator_tokens=80), progress=False)\n"
-        "ran = {m.split('.')[1] for m in sys.modules if m.startswith('streamkv.')}\n"
+        "ran = {m.removeprefix('streamkv.') for m in sys.modules if m.startswith('streamkv.')}\n"
         "print(sorted(ran - set(EVALUATION_MODULES)))\n")
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "r.json")], capture_output=True, text=True,
                          timeout=600)

@@ -1,4 +1,4 @@
-"""A new eviction policy added from outside the package, as the README's "Extending" section says: a policy
+"""A new eviction policy added from outside the package, as docs/extending.md says: a policy
 class, a registry record and a builder.  The decode loop, the parallel evaluator and the parameter checks
 take it with no other change."""
 
@@ -7,14 +7,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from streamkv import factory, methods
-from streamkv.budget import Budget
-from streamkv.cache import RealignedLayer, StreamingCache
+from streamkv import methods
+from streamkv.cache import factory
+from streamkv.cache.budget import Budget
+from streamkv.cache.policy import LAZY, Prune
+from streamkv.cache.rope import RotaryAligner
+from streamkv.cache.streaming import RealignedLayer, StreamingCache
 from streamkv.errors import StreamkvError
-from streamkv.evaluation import evaluate
-from streamkv.params import EvalParams
-from streamkv.policy import LAZY, Prune
-from streamkv.rope import RotaryAligner
+from streamkv.evaluation.loop import evaluate
+from streamkv.evaluation.params import EvalParams
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 
 @dataclass

@@ -13,7 +13,9 @@ import pytest
 from optional_peers import needs_llamacpp
 from streamkv import EvalParams, StreamkvError, evaluate
 from streamkv.errors import NotInstalled
-from streamkv.evaluation import load_tokens
+from streamkv.evaluation.loop import load_tokens
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 N, CAP, PREFILL = 400, 64, 16
 
@@ -94,9 +96,9 @@ def test_lazy_shift_discards_k_cells_when_the_budget_is_full(runs):
 
 
 def test_a_missing_llamacpp_is_named_with_its_install_command(smollm2, monkeypatch):
-    import streamkv.peers
+    import streamkv.peers.engines
 
-    monkeypatch.setattr(streamkv.peers, "llamacpp_version", lambda: None)
+    monkeypatch.setattr(streamkv.peers.engines, "llamacpp_version", lambda: None)
     loaded, tokens = smollm2, load_tokens(smollm2, "embedded:shakespeare/hamlet", N)
     with pytest.raises(NotInstalled, match="needs llama-cpp-python, which is not installed: run `make setup-llamacpp`"):
         evaluate(loaded, tokens, EvalParams("m", "t", "llamacpp:shift", cap=CAP, max_tokens=N), progress=False)

@@ -7,11 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamkv import long_stream
+from streamkv.analysis import long_stream
 from streamkv.errors import StreamkvError
-from streamkv.evaluation import evaluate
-from streamkv.params import EvalParams
-from streamkv.sources import encode, load_text, shakespeare_plays
+from streamkv.evaluation.loop import evaluate
+from streamkv.evaluation.params import EvalParams
+from streamkv.models.sources import encode
+from streamkv.models.texts import load_text, shakespeare_plays
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "report/templates/long_stream.md.j2"
 CONFIG = {"models": {"tiny": "tiny:llama"}, "protocol": {"dtype": "float32", "device": "cpu", "seed": 0},

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from streamkv import methods
+from streamkv.analysis.grid import run_id
 from streamkv.errors import StreamkvError
-from streamkv.params import EvalParams
-from streamkv.pipeline import run_id
+from streamkv.evaluation.params import EvalParams
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
 
@@ -90,8 +90,45 @@ def test_the_schema_names_the_registry_probes():
     assert tuple(SCHEMA["properties"]["probes"]["propertyNames"]["enum"]) == tuple(PROBES)
 
 
+def _enums(node, path=()):
+    """Every enum of the schema: (the key it constrains, where it is, its values)."""
+    if isinstance(node, dict):
+        if "enum" in node:
+            key = next(k for k in reversed(path) if k not in ("items", "propertyNames", "properties"))
+            yield key, ".".join(path), node["enum"]
+        for key, value in node.items():
+            yield from _enums(value, (*path, key))
+    elif isinstance(node, list):
+        for item in node:
+            yield from _enums(item, path)
+
+
+def test_every_schema_enum_is_its_registry():
+    """Each enum of config/schema.yaml equals the library's tuple of the same values (methods: the test above), so a
+    value added in one place and not the other fails here, and a new enum needs a registry named below."""
+    from streamkv.analysis.grid import RUN_KEYS
+    from streamkv.analysis.report import EXPECT_WORDS
+    from streamkv.cache.policy import SOFTLITE_MODES
+    from streamkv.evaluation import params
+    from streamkv.probes import PROBES
+
+    registries = {"softlite_mode": SOFTLITE_MODES, "positions": params.POSITIONS, "weights": params.WEIGHTS,
+                  "weights_compile": params.WEIGHTS, "dtype": params.DTYPES, "evaluator": params.EVALUATORS,
+                  "compile_methods": params.COMPILE_METHODS, "stream_methods": params.STREAM_METHODS,
+                  "sections": params.BENCH_SECTIONS, "expect": tuple(EXPECT_WORDS), "probes": tuple(PROBES),
+                  "grid": RUN_KEYS[1:]}
+    seen = set()
+    for key, where, enum in _enums(SCHEMA):
+        if key == "method":
+            continue
+        assert key in registries, f"{where}: an enum with no registry in this test"
+        assert set(enum) == set(registries[key]), where
+        seen.add(key)
+    assert seen == set(registries)  # (every registry named here still has its enum)
+
+
 def test_the_kvpress_worker_serves_every_kvpress_method():
-    from streamkv.kvpress_worker import PRESSES
+    from streamkv.peers.kvpress_worker import PRESSES
 
     assert tuple(f"kvpress:{p}" for p in PRESSES) == methods.names(family="kvpress")
 
@@ -100,7 +137,7 @@ def test_no_module_imports_a_module_that_imports_it():
     """The import graph of src/streamkv (lazy imports included) has no cycle."""
     import ast
 
-    from streamkv.meta import PACKAGE_DIR
+    from streamkv.provenance import PACKAGE_DIR
 
     graph = {}
     for path in PACKAGE_DIR.glob("*.py"):

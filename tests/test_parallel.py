@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY
+from streamkv.cache.policy import StartRecent
 from streamkv.errors import StreamkvError
-from streamkv.evaluation import evaluate, load_tokens
-from streamkv.parallel import evaluate_parallel, schedule
-from streamkv.params import EvalParams
-from streamkv.policy import StartRecent
+from streamkv.evaluation.loop import evaluate, load_tokens
+from streamkv.evaluation.parallel import evaluate_parallel, schedule
+from streamkv.evaluation.params import EvalParams
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 TOL = 1e-4
 CAP, N = 32, 300  # more than 4 x cap tokens: many prunes of every kind

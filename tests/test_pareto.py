@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from streamkv.figures import pareto_figure, pareto_numbers
+from streamkv.analysis.figures import pareto_figure, pareto_numbers
 
 METHODS = ["MIT StreamingLLM", "Ours (strict)", "Ours (lazy K=32)", "Ours (best)", "Ours (ring)",
            "Ours (ring lazy K=32)", "Dense (no eviction)", "Window (no sinks)", "Ours (original positions)"]

@@ -11,6 +11,8 @@ import pytest
 from optional_peers import needs_kvpress
 from streamkv import EvalParams, StreamkvError, evaluate
 
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
+
 CAP, SINK = 32, 4
 # A prefill that is a multiple of K and leaves room for the query (<= cap - 1): kvpress compresses every K decode
 # steps counted from the first, we prune at positions that are multiples of K; from this prefill on they agree.

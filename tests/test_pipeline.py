@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from optional_peers import EXPECT_KVPRESS, needs_kvpress
-from streamkv.params import LOOP_ONLY_WEIGHTS
-from streamkv.pipeline import PROBES
+from streamkv.analysis.grid import PROBES
+from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS
 
 # The tests share one end-to-end run (the fixture `done`): one xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("pipeline")
+pytestmark = [pytest.mark.xdist_group("pipeline"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 # what a changed summary re-runs: figures per text, one figure per ablation, the probes, the tables
@@ -512,7 +512,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @needs_kvpress
 def test_a_peer_worker_that_dies_mid_run_is_a_failed_row_not_a_failed_pipeline(done, tmp_path):
-    from streamkv.extras import kvpress_python
+    from streamkv.peers.installed import kvpress_python
 
     workdir = snapshot(done, tmp_path / "wf")
     (tmp_path / "dying_worker.py").write_text(DYING_WORKER)

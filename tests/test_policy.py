@@ -3,7 +3,7 @@
 import pytest
 
 from streamkv import StreamkvError
-from streamkv.policy import EMERGENCY, FORCED, LAZY, StartRecent
+from streamkv.cache.policy import EMERGENCY, FORCED, LAZY, StartRecent
 
 
 def simulate(policy, n=2000, start=0):

@@ -9,9 +9,11 @@ import pytest
 
 from optional_peers import needs_llamacpp
 from streamkv import methods
-from streamkv.bench_tables import LAZY, REFERENCE
-from streamkv.probes import prune_overhead, prune_overhead_finding, slack_effect, slack_finding
-from streamkv.report import cross_check_notes, cross_checks, render, timing_notes
+from streamkv.analysis.cross_checks import cross_check_notes, cross_checks
+from streamkv.analysis.report import render, timing_notes
+from streamkv.bench.tables import LAZY, REFERENCE
+from streamkv.probes.prune_overhead import prune_overhead, prune_overhead_finding
+from streamkv.probes.slack import slack_effect, slack_finding
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "templates" / "paper_tables.md.j2"
 CAP = 256
@@ -78,7 +80,7 @@ def write_gguf(path, file_type=None, tensors=(("w", np.float32, (64, 64)),)):
 def test_the_gguf_file_type_is_read_from_the_file(tmp_path):
     import gguf
 
-    from streamkv.peers import gguf_file_type
+    from streamkv.peers.engines import gguf_file_type
 
     assert gguf_file_type(write_gguf(tmp_path / "a.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)) == "Q8_0"
     assert gguf_file_type(write_gguf(tmp_path / "b.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)) == "Q4_K_M"
@@ -91,8 +93,8 @@ def test_the_gguf_file_type_is_read_from_the_file(tmp_path):
 
 @needs_llamacpp
 def test_the_llamacpp_peer_records_what_the_report_says_of_it():
-    from streamkv.peers import LlamaCppStepper, gguf_file_type
-    from streamkv.sources import gguf_path
+    from streamkv.models.sources import gguf_path
+    from streamkv.peers.engines import LlamaCppStepper, gguf_file_type
 
     path = gguf_path("embedded:smollm2-135m")
     stepper = LlamaCppStepper(path, "llamacpp:shift", cap=64, sink=4, compress_every=8, max_tokens=128)
@@ -225,7 +227,7 @@ def test_the_drift_is_cited_from_the_run():
 
 
 def test_the_block_size_is_the_timing_parts(monkeypatch):
-    monkeypatch.setattr("streamkv.report.TIMING_BLOCK", 16)
+    monkeypatch.setattr("streamkv.analysis.report.TIMING_BLOCK", 16)
     assert "the median over blocks of 16 steps of the block mean" in report([row("Ours (strict)", "start_recent")])
 
 
@@ -352,7 +354,7 @@ def test_a_cross_check_compares_the_ppls_on_the_common_targets_only(tmp_path):
 
 
 def test_findings_leave_out_pairs_without_an_interval():
-    from streamkv.report import findings
+    from streamkv.analysis.report import findings
 
     found = pd.DataFrame([
         {"claim": "c", "expect": "zero", "a": "x", "b": "y", "text": "identical", "n": 100, "verdict": "identical"},

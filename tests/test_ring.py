@@ -7,6 +7,8 @@ import torch
 from conftest import TINY
 from streamkv import EvalParams, StreamkvError, evaluate, make_cache
 
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
+
 
 def stream(model, cache, tokens, chunk=1):
     """Log-probabilities of every position, feeding `tokens` in chunks."""

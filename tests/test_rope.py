@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from streamkv import RotaryAligner, StreamkvError
-from streamkv.rope import find_rotary_module
+from streamkv.cache.rope import find_rotary_module
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 FAMILIES = ("tiny:gpt_neox", "tiny:llama", "tiny:llama-linear", "tiny:llama-llama3")
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from streamkv import EvalParams, StreamkvError, evaluate, make_cache
-from streamkv.cache import select_uniform
+from streamkv.cache.streaming import select_uniform
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 CAP, SINK = 48, 4
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamkv.spikes import diagnose, spike_events, steps_since_prune
+from streamkv.analysis.spikes import diagnose, spike_events, steps_since_prune
 
 BUMP = [0.0, 0.5, 1.0, 0.5]  # at the event, then a bump over the next three steps
 

@@ -5,7 +5,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamkv.stats import IDENTICAL, MIN_BLOCKS, OK, TOO_FEW, Difference, block_bootstrap, compare, paired_differences
+from streamkv.analysis.stats import (
+    IDENTICAL,
+    MIN_BLOCKS,
+    OK,
+    TOO_FEW,
+    Difference,
+    block_bootstrap,
+    compare,
+    paired_differences,
+)
 
 
 def _trace(positions, nll):
@@ -113,8 +122,8 @@ def test_strided_and_short_inputs_pair_on_common_positions_in_blocks_of_position
 
 
 def test_a_narrow_interval_is_written_with_the_decimals_that_keep_its_ends_apart():
-    from streamkv.fmt import ratio
-    from streamkv.stats import interval_text
+    from streamkv.analysis.fmt import ratio
+    from streamkv.analysis.stats import interval_text
 
     assert interval_text(-0.001, -0.004, 0.004, "ok", 4351) == "-0.0010 [-0.0040, +0.0040]"
     assert interval_text(1.234, 0.4, 2.05, "ok", 4351) == "+1.23 [+0.40, +2.05]"
@@ -123,7 +132,7 @@ def test_a_narrow_interval_is_written_with_the_decimals_that_keep_its_ends_apart
 
 
 def test_the_timing_ratio_interval_comes_from_paired_steps():
-    from streamkv.timing import step_ratio_interval
+    from streamkv.evaluation.timing import step_ratio_interval
 
     rng = np.random.default_rng(0)
     drift = 50 + np.cumsum(rng.normal(0, 0.5, 64))  # the machine's speed drifts; both forwards of a step share it
@@ -134,8 +143,8 @@ def test_the_timing_ratio_interval_comes_from_paired_steps():
 
 
 def test_bench_verdicts_read_the_interval_of_paired_blocks():
-    from streamkv.bench import verdict
-    from streamkv.stats import ratio_interval
+    from streamkv.analysis.stats import ratio_interval
+    from streamkv.bench.overhead import verdict
 
     ref = 50 + np.random.default_rng(1).normal(0, 2, 8)  # block means drifting together across methods
     lo, hi = ratio_interval(ref * 1.2, ref)

@@ -1,18 +1,20 @@
-"""Reduced-precision weights (streamkv.weights): the cache keeps its precision, the model is what the result says,
-the parallel evaluator serves exactly the variants it reproduces, and a variant that fails is a failed row."""
+"""Reduced-precision weights (streamkv.models.weights): the cache keeps its precision, the model is what the result
+says, the parallel evaluator serves exactly the variants it reproduces, and a variant that fails is a failed row."""
 
 import numpy as np
 import pytest
 import torch
 
-from streamkv import weights as W
-from streamkv.bench import weights_speed
+from streamkv.bench.weights import weights_speed
+from streamkv.cache.factory import make_stepper
 from streamkv.cli import main
 from streamkv.errors import StreamkvError
-from streamkv.evaluation import evaluate
-from streamkv.factory import make_stepper
-from streamkv.params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
-from streamkv.sources import load_model
+from streamkv.evaluation.loop import evaluate
+from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
+from streamkv.models import weights as W
+from streamkv.models.sources import load_model
+
+pytestmark = pytest.mark.slow  # loads models (see tests/conftest.py)
 
 CAP, N = 32, 200
 QUANTISED = [w for w in WEIGHTS if w != W.DEFAULT]
@@ -95,7 +97,7 @@ def _ring_step_nlls_eager_and_compiled(model, tokens) -> tuple[dict, int]:
     import torch._dynamo.testing
 
     from streamkv import make_cache
-    from streamkv.compiled import RingDecoder
+    from streamkv.cache.compiled import RingDecoder
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
@@ -197,7 +199,7 @@ def test_recompute_and_generate_run_the_variant(tokens):
     record, trace = _run("tiny:llama", tokens[:80], "int8", method="recompute")
     _, reference = _run("tiny:llama", tokens[:80], W.DEFAULT, method="recompute")
     assert record["status"] == "ok" and 0 < np.abs(trace.nll.to_numpy() - reference.nll.to_numpy()).max() < 0.5
-    from streamkv.factory import make_cache
+    from streamkv.cache.factory import make_cache
 
     for weights in ("bfloat16", "int8"):
         model = load_model("tiny:llama", weights=weights).model

@@ -1,16 +1,17 @@
 """streamkv: streaming LLM decoding with attention sinks, and honest measurement of it.
 
 The public names are imported lazily, so that light modules (the pipeline's
-config checks, `streamkv.params`, `streamkv.budget`) load without torch.
+config checks, `streamkv.evaluation.params`, `streamkv.cache.budget`) load without torch.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "Budget": "budget", "EvalParams": "params", "METHODS": "params", "RotaryAligner": "rope",
-    "StreamingCache": "cache", "StreamkvError": "errors", "evaluate": "evaluation", "load_model": "sources",
-    "load_text": "sources", "make_cache": "factory", "apply_weights": "weights",
+    "Budget": "cache.budget", "EvalParams": "evaluation.params", "METHODS": "evaluation.params",
+    "RotaryAligner": "cache.rope", "StreamingCache": "cache.streaming", "StreamkvError": "errors",
+    "evaluate": "evaluation.loop", "load_model": "models.sources", "load_text": "models.texts",
+    "make_cache": "cache.factory", "apply_weights": "models.weights",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,11 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import methods
-from .errors import NotInstalled, StreamkvError
-from .jobio import write_json, write_table
-from .params import CACHE_METHODS, EVALUATORS, PARALLEL_METHODS, RING_STATIC, WEIGHTS, EvalParams
-from .policy import SOFTLITE_MODES
+from streamkv import methods
+from streamkv.cache.policy import SOFTLITE_MODES
+from streamkv.errors import NotInstalled, StreamkvError
+from streamkv.evaluation.params import CACHE_METHODS, EVALUATORS, PARALLEL_METHODS, RING_STATIC, WEIGHTS, EvalParams
+from streamkv.jobio import write_json, write_table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +97,7 @@ def _positive(value: str) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .params import BENCH_SECTIONS, BenchConfig
+    from streamkv.evaluation.params import BENCH_SECTIONS, BenchConfig
 
     d = BenchConfig()
     b = sub.add_parser("bench", help="eviction overhead, speedup, compile and memory as ratios from one run")
@@ -175,9 +175,10 @@ def check_output(path: str, option: str) -> None:
 
 
 def run_eval(args) -> int:
-    from .evaluation import evaluate, failed_record, load_tokens
-    from .params import LLAMACPP_METHODS
-    from .sources import check_attn, check_device, gguf_path, load_model, load_text
+    from streamkv.evaluation.loop import evaluate, failed_record, load_tokens
+    from streamkv.evaluation.params import LLAMACPP_METHODS
+    from streamkv.models.sources import check_attn, check_device, gguf_path, load_model
+    from streamkv.models.texts import load_text
 
     params = EvalParams(
         model=args.model, text=args.text, method=args.method, cap=args.cap, sink=args.sink,
@@ -192,7 +193,7 @@ def run_eval(args) -> int:
     # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
     params.resolved()
     if args.timing_steps:  # the timing part runs on the tokens loaded here, max-tokens of them
-        from .timing import WARMUP, timing_steps
+        from streamkv.evaluation.timing import WARMUP, timing_steps
 
         need = args.cap + WARMUP + timing_steps(args.timing_steps, args.compress_every)
         if need > args.max_tokens:
@@ -234,10 +235,10 @@ def run_eval(args) -> int:
 def run_bench(args) -> int:
     import torch
 
-    from . import bench
-    from .bench_tables import bench_failures, bench_markdown
-    from .params import BenchConfig
-    from .sources import load_model
+    from streamkv.bench import run as bench
+    from streamkv.bench.tables import bench_failures, bench_markdown
+    from streamkv.evaluation.params import BenchConfig
+    from streamkv.models.sources import load_model
 
     cfg = BenchConfig(
         caps=tuple(args.caps), sink=args.sink, compress_every=args.compress_every, blocks=args.blocks, block=args.block,
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
-            from .summary import markdown
+            from streamkv.analysis.summary import markdown
 
             print(markdown(args.results))
             return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import StreamkvError
+from streamkv.errors import StreamkvError
 
 # The options a method may accept beyond cap, sink and the protocol (the others must stay at their defaults).
 # compress_every is the prune period K (a lazy method prunes K tokens at once); the softlite and Auto-cap
@@ -32,7 +32,7 @@ class Method:
     summary: str  # one line for the CLI help and config/README
     options: frozenset = frozenset()  # the OPTIONS it accepts
     default_sink: int | None = 4  # None: evicts nothing, keeps no sinks; 0: keeps none by design
-    parallel: bool = False  # the exact parallel evaluator (streamkv.parallel) can produce its NLLs
+    parallel: bool = False  # the exact parallel evaluator (streamkv.evaluation.parallel) can produce its NLLs
     setup: str | None = None  # the command that installs a peer's optional package
     # How its KV bytes are known: "measured" from the cache tensors it holds (streamkv's caches), or "computed"
     # from shapes and counts where there are no tensors of ours to read: recompute keeps no cache (the bytes its

@@ -1,0 +1,267 @@
+"""Exact parallel evaluation: every per-token NLL of the decode loop, chunk by chunk.
+
+For caches whose contents depend on positions only (`dense`, `window`,
+`start_recent` without refresh, `mit`, `ring`), the decode loop's step t
+attends a set of earlier tokens that is known in advance: the sinks
+0..S-1 and a contiguous window ws(t)..t, L(t) keys in all, its own
+included.  Token t's keys and values were computed at its own step with
+exactly that set, so one layer-by-layer forward over a chunk of queries, each
+with its own key set and the loop's query-key distances, reproduces every
+hidden state of the loop, and so every NLL, up to float rounding.
+
+Distances, as the caches keep them:
+
+* window key j: t - j for every method (window keys keep their rotation);
+* sink i under pos-shift (`positions: cache`, `mit`, `ring`): the sinks sit
+  just before the window, so the distance is L(t) - 1 - i; with
+  `positions: original` it is t - i.
+
+The schedule -- L(t), and the prunes, their sizes and kinds -- comes from the
+cache's own policy object (`StartRecent`, `KeepAll`), run without the model as
+`StreamingCache` runs it, so this evaluator cannot drift from the loop's
+definition of a method.
+
+The model runs unchanged, one forward per chunk, with its own rotary module:
+queries and keys are rotated at positions re-based per chunk (distances are
+all that matter, and small positions keep float32 angles precise over
+millions of tokens); an attention function registered with transformers joins
+each chunk's queries with the sinks, the kept history and the chunk itself
+under a per-query mask, and re-rotates the queries for the sink columns.
+Memory stays bounded: a chunk attends the sinks plus its history and itself,
+never an N x N matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from streamkv.cache.rope import RotaryAligner
+from streamkv.cache.streaming import RefreshCache
+from streamkv.errors import StreamkvError
+
+ATTN_NAME = "streamkv_parallel"
+DEFAULT_CHUNK = 256  # queries per forward: larger chunks attend more history columns per query
+# Positions are re-based (the kept history rotated back by one rotation) only when a chunk would reach past
+# this: until then queries and keys sit at the decode loop's own absolute positions, with its own roundings.
+REBASE = 4096
+
+
+# ----------------------------------------------------------------------------- the schedule (no model)
+
+
+@dataclass
+class Schedule:
+    """What the decode loop's cache does at every input position t in [0, n): keys attended and prunes."""
+
+    kv_len: np.ndarray  # keys the step of input t attends to, its own included
+    dropped: np.ndarray  # tokens the forward of input t evicted (the prefill's on its last row)
+    kind: np.ndarray  # the prune's kind (policy.LAZY, FORCED, EMERGENCY or "")
+    sink: int
+    prefill: int
+
+    def window_start(self) -> np.ndarray:
+        """First window token ws(t): the window is ws(t)..t, the sinks 0..min(S, t+1)-1."""
+        t = np.arange(self.kv_len.size)
+        return t + 1 - (self.kv_len - np.minimum(self.sink, t + 1))
+
+
+def schedule(policy, n_inputs: int, prefill: int) -> Schedule:
+    """Run `policy` as `StreamingCache._plan` does: a prefill of `prefill` tokens, then one token per step."""
+    kv = np.empty(n_inputs, dtype=np.int64)
+    dropped = np.zeros(n_inputs, dtype=np.int64)
+    kind = np.full(n_inputs, "", dtype=object)
+    prune = policy.plan(0, prefill, 0)
+    if prune.dropped:  # (an empty cache has nothing to drop: a policy that says otherwise is not this one)
+        raise StreamkvError(f"the policy prunes {prune.dropped} tokens of an empty cache at the prefill")
+    kv[:prefill] = np.arange(1, prefill + 1)  # the prefill is causal over its own tokens
+    length = prefill
+    plan = policy.plan
+    for t in range(prefill, n_inputs):
+        prune = plan(length, 1, t)
+        length += 1 - prune.dropped
+        kv[t] = length
+        if prune.dropped:
+            dropped[t], kind[t] = prune.dropped, prune.kind
+    return Schedule(kv, dropped, kind, getattr(policy, "sink", 0), prefill)
+
+
+def policy_of(cache) -> object:
+    """The policy object of a cache this evaluator can follow, or an error that says why it cannot."""
+    if isinstance(cache, RefreshCache):
+        raise StreamkvError("refresh re-inserts evicted tokens at the tail, so the keys attended are not a sink "
+                            "prefix plus a contiguous window: use the decode loop (--evaluator decode)")
+    return cache.policy
+
+
+# ----------------------------------------------------------------------------- one chunk's attention
+
+
+class _Chunk:
+    """Everything the attention function needs for one chunk (passed through the model's forward kwargs)."""
+
+    def __init__(self, state: "_State", mask: torch.Tensor, sink_cos, sink_sin, keep_from: int, shift_cos, shift_sin,
+                 capture_sinks: bool):
+        self.state = state
+        self.mask = mask  # [q, sinks + history + q] additive float mask
+        self.sink_cos, self.sink_sin = sink_cos, sink_sin  # per-query re-rotation for the sink columns
+        self.keep_from = keep_from  # first column of history + chunk that the next chunk still needs
+        self.shift_cos, self.shift_sin = shift_cos, shift_sin  # re-basing of the history first (None: none)
+        self.capture_sinks = capture_sinks
+
+
+class _State:
+    """Per layer: the sinks' keys and values (rotated at 0..S-1) and the kept history (at the current base)."""
+
+    def __init__(self, num_layers: int, sink: int, aligner: RotaryAligner):
+        self.sink = sink
+        self.aligner = aligner
+        self.sink_k = [None] * num_layers
+        self.sink_v = [None] * num_layers
+        self.hist_k = [None] * num_layers
+        self.hist_v = [None] * num_layers
+
+
+def _attend(module, query, key, value, attention_mask, scaling, dropout=0.0, streamkv_chunk=None, **kwargs):
+    """Attention of a chunk's queries over the sinks, the kept history and the chunk, with the loop's distances."""
+    ch = streamkv_chunk
+    if ch is None:
+        raise StreamkvError("the parallel evaluator's attention ran outside a parallel forward")
+    st, layer, s = ch.state, module.layer_idx, ch.state.sink
+    if ch.capture_sinks:
+        st.sink_k[layer], st.sink_v[layer] = key[:, :, :s], value[:, :, :s]
+    if st.hist_k[layer] is None:
+        keys, values = key, value
+    else:
+        hist_k = st.hist_k[layer]
+        if ch.shift_cos is not None:  # the history was rotated at the previous base
+            hist_k = st.aligner.rotate(hist_k, ch.shift_cos, ch.shift_sin)
+        keys, values = torch.cat((hist_k, key), dim=-2), torch.cat((st.hist_v[layer], value), dim=-2)
+    st.hist_k[layer], st.hist_v[layer] = keys[:, :, ch.keep_from :], values[:, :, ch.keep_from :]
+
+    b, hq, q, d = query.shape
+    g = hq // key.shape[1]  # grouped-query attention: query heads per key head
+    query = query * scaling
+    scores = torch.matmul(query.reshape(b, -1, g * q, d), keys.transpose(-1, -2)).view(b, hq, q, -1)
+    if s:  # the sink columns: the query re-rotated to the sinks' distance (keys are at 0..S-1)
+        q_sink = st.aligner.rotate(query, ch.sink_cos, ch.sink_sin).reshape(b, -1, g * q, d)
+        sink_scores = torch.matmul(q_sink, st.sink_k[layer].transpose(-1, -2)).view(b, hq, q, s)
+        scores = torch.cat((sink_scores, scores), dim=-1)
+        values = torch.cat((st.sink_v[layer], values), dim=-2)
+    scores += ch.mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.view(b, -1, g * q, probs.shape[-1]), values).view(b, hq, q, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, _attend)
+# The mask is built per chunk by the evaluator; the model must not build one of its own.
+AttentionMaskInterface.register(ATTN_NAME, lambda *args, **kwargs: None)
+
+
+class _ParallelAttention:
+    """Switches the model to the parallel attention for the duration of a `with` block."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTN_NAME)
+        return self
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.saved)
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "cache", chunk: int = DEFAULT_CHUNK,
+                 progress: bool = False, desc: str = "parallel", rebase: int = REBASE) -> np.ndarray:
+    """Per-token NLL of targets ids[1:] under the schedule, chunk by chunk (ids: [1, n + 1] on the model's device).
+
+    `positions`: "cache" (pos-shift: the sinks sit just before the window) or "original" (where they were
+    rotated).
+    """
+    n = sched.kv_len.size
+    s = sched.sink
+    if chunk < max(1, s):
+        raise StreamkvError(f"chunk ({chunk}) must hold the {s} sinks")
+    device = ids.device
+    dtype = next(model.parameters()).dtype
+    aligner = RotaryAligner(model)
+    state = _State(len(model.model.layers) if hasattr(model, "model") else model.config.num_hidden_layers, s, aligner)
+    ws = sched.window_start()
+    t_all = np.arange(n)
+    # query t's sink columns sit at distance sink_pos(t) - i from it
+    sink_pos = (sched.kv_len - 1) if positions == "cache" else t_all
+    bounds = list(range(0, n, chunk)) + [n]
+    # history each chunk needs: tokens [h0(c), c0) with h0 the smallest window start among its queries
+    h0 = [0] + [max(s, int(ws[a:b].min())) for a, b in zip(bounds[1:-1], bounds[2:])]
+    nll = np.empty(n)
+    base = 0  # token j is rotated at position j - base
+    for c, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc, disable=not progress,
+                                    mininterval=2.0, leave=False)):
+        lo = h0[c]  # the columns after the sinks: tokens lo..b-1 (the kept history, then the chunk)
+        shift_cos = shift_sin = None
+        if b - base > rebase and lo != base:
+            shift_cos, shift_sin = aligner.angles(torch.tensor([base - lo]))
+            base = lo
+        t = t_all[a:b]
+        cols = np.arange(lo, b)
+        win = (cols[None, :] >= ws[a:b, None]) & (cols[None, :] <= t[:, None])
+        sink_ok = np.arange(s)[None, :] <= t[:, None]
+        allowed = torch.from_numpy(np.concatenate((sink_ok, win), axis=1)).to(device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        sink_cos = sink_sin = None
+        if s:
+            delta = torch.from_numpy(sink_pos[a:b] - (t - base)).to(device)
+            sink_cos, sink_sin = aligner.angles(delta)
+        keep_from = (h0[c + 1] if c + 1 < len(h0) else b) - lo
+        ch = _Chunk(state, mask, sink_cos, sink_sin, keep_from, shift_cos, shift_sin, capture_sinks=c == 0 and s > 0)
+        pos = torch.arange(a - base, b - base, device=device).unsqueeze(0)
+        logits = model(input_ids=ids[:, a:b], position_ids=pos, use_cache=False, streamkv_chunk=ch).logits
+        nll[a:b] = F.cross_entropy(logits[0].float(), ids[0, a + 1 : b + 1], reduction="none").cpu().numpy()
+    return nll
+
+
+@torch.inference_mode()
+def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, chunk: int = DEFAULT_CHUNK,
+                      rebase: int = REBASE):
+    """The parallel evaluator's result record and per-token trace (the decode loop's format; no step times).
+
+    `params` must be resolved; the cache is built as the decode loop builds it, and only its policy is used.
+    """
+    from streamkv.cache.factory import make_stepper
+    from streamkv.evaluation.results import peak_memory_mb, quality_metrics, trace_frame
+    from streamkv.provenance import collect
+
+    p = params
+    model = loaded.model
+    device = next(model.parameters()).device
+    torch.manual_seed(p.seed)
+    n = p.max_tokens
+    cache = make_stepper(model, p, loaded.source).cache
+    sched = schedule(policy_of(cache), n - 1, p.prefill)
+    provenance = collect(device, next(model.parameters()).dtype, p.seed)
+    ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
+    started = time.perf_counter()
+    with _ParallelAttention(model):
+        nll = nll_parallel(model, ids, sched, p.positions, chunk, progress, f"{p.method} (parallel)", rebase)
+    total_sec = time.perf_counter() - started
+    pre = p.prefill
+    untimed = np.full(n - 1 - pre, np.nan)
+    trace = trace_frame(ids, nll, pre, math.nan, untimed, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:],
+                        untimed)
+    metrics = quality_metrics(nll, pre, sched.kv_len[pre:], sched.dropped[pre:], sched.kind[pre:])
+    metrics.update(total_sec=total_sec, peak_memory_mb=peak_memory_mb(device))
+    return metrics, trace, provenance
