@@ -16,7 +16,7 @@ from streamkv import methods
 from streamkv.cache.budget import Budget
 from streamkv.cache.policy import KeepAll, StartRecent
 from streamkv.cache.ring import LazyRingCache, RingCache
-from streamkv.cache.rope import RotaryAligner
+from streamkv.cache.rope import REBASE, RotaryAligner
 from streamkv.cache.streaming import (
     REFRESH_SELECTORS,
     MitLayer,
@@ -31,8 +31,6 @@ from streamkv.evaluation.recompute import RecomputeStepper
 from streamkv.evaluation.stepper import CachedStepper
 from streamkv.peers.engines import is_peer, make_peer_stepper
 
-RING_REBASE = 4096  # the ring's positions stay below this + cap: float32 angles stay precise
-
 
 def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = None):
     """The object that runs the forwards of method `p.method`; `source`: the model's source (peers that load it)."""
@@ -45,7 +43,7 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
                        cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
                        positions=p.positions, overlap=p.overlap, refresh=p.refresh,
                        # this loop passes no position_ids, so the ring may keep its positions small
-                       rebase_every=RING_REBASE if p.method == "ring" else None)
+                       rebase_every=REBASE if p.method == "ring" else None)
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)

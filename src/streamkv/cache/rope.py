@@ -21,6 +21,9 @@ from streamkv.errors import StreamkvError
 # length (and mutates the module when called); `longrope` switches factor sets
 # by length: neither can be re-aligned exactly.
 SHIFT_INVARIANT_ROPE = ("default", "linear", "llama3", "yarn")
+# How far positions may grow before they are re-based (rotated back by one offset): float32 rotary angles lose
+# precision with the position, so the ring's pipeline rows and the parallel evaluator keep theirs below this + cap.
+REBASE = 4096
 
 
 def find_rotary_module(model: nn.Module) -> nn.Module:

@@ -44,15 +44,15 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from streamkv.cache.rope import RotaryAligner
+from streamkv.cache.rope import REBASE, RotaryAligner
 from streamkv.cache.streaming import RefreshCache
 from streamkv.errors import StreamkvError
 
 ATTN_NAME = "streamkv_parallel"
 DEFAULT_CHUNK = 256  # queries per forward: larger chunks attend more history columns per query
 # Positions are re-based (the kept history rotated back by one rotation) only when a chunk would reach past
-# this: until then queries and keys sit at the decode loop's own absolute positions, with its own roundings.
-REBASE = 4096
+# REBASE (streamkv.cache.rope): until then queries and keys sit at the decode loop's own absolute positions, with
+# its own roundings.
 
 
 # ----------------------------------------------------------------------------- the schedule (no model)
