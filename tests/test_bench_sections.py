@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from streamkv.bench import run as bench
-from streamkv.bench.tables import REFERENCE, bench_failures, bench_findings, bench_markdown
+from streamkv.bench.goals import REFERENCE
+from streamkv.bench.tables import bench_failures, bench_findings, bench_markdown
 from streamkv.cli import main
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import BenchConfig

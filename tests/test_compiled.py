@@ -9,8 +9,8 @@ import torch._dynamo.testing
 from conftest import TINY
 from optional_peers import EXPECT_KVPRESS, needs_llamacpp
 from streamkv import StreamkvError, make_cache
+from streamkv.bench.goals import REFERENCE
 from streamkv.bench.run import run
-from streamkv.bench.tables import REFERENCE
 from streamkv.cache.compiled import RingDecoder
 from streamkv.cli import main
 from streamkv.evaluation.params import BenchConfig

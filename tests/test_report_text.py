@@ -11,7 +11,7 @@ from optional_peers import needs_llamacpp
 from streamkv import methods
 from streamkv.analysis.cross_checks import cross_check_notes, cross_checks
 from streamkv.analysis.report import render, timing_notes
-from streamkv.bench.tables import LAZY, REFERENCE
+from streamkv.bench.goals import LAZY, REFERENCE
 from streamkv.probes.prune_overhead import prune_overhead, prune_overhead_finding
 from streamkv.probes.slack import slack_effect, slack_finding
 

@@ -144,7 +144,7 @@ def test_the_timing_ratio_interval_comes_from_paired_steps():
 
 def test_bench_verdicts_read_the_interval_of_paired_blocks():
     from streamkv.analysis.stats import ratio_interval
-    from streamkv.bench.overhead import verdict
+    from streamkv.bench.goals import verdict
 
     ref = 50 + np.random.default_rng(1).normal(0, 2, 8)  # block means drifting together across methods
     lo, hi = ratio_interval(ref * 1.2, ref)

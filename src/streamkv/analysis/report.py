@@ -17,14 +17,8 @@ from streamkv.analysis.cross_checks import cross_check_notes, cross_checks, llam
 from streamkv.analysis.grid import max_tokens, text_source
 from streamkv.analysis.rows import NOT_INSTALLED, configuration, kv_note, reference_kv, spike_rows, table_rows
 from streamkv.analysis.stats import MIN_BLOCKS
-from streamkv.bench.tables import (
-    LLAMACPP,
-    LLAMACPP_REFERENCE,
-    REFERENCE,
-    bench_failures,
-    bench_findings,
-    bench_markdown,
-)
+from streamkv.bench.goals import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE
+from streamkv.bench.tables import bench_failures, bench_findings, bench_markdown
 from streamkv.evaluation.params import TIMING_BLOCK
 from streamkv.probes import PROBES
 from streamkv.probes import finding as probe_finding

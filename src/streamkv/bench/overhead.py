@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from streamkv.bench.tables import (
+from streamkv.bench.goals import (
     GOALS,
     LAZY,
     LLAMACPP,
@@ -20,6 +20,7 @@ from streamkv.bench.tables import (
     SPEEDUP_GOAL,
     STRICT,
     llamacpp_shift,
+    verdict,
 )
 from streamkv.cache.compiled import RingDecoder
 from streamkv.cache.factory import make_cache, make_stepper
@@ -157,19 +158,6 @@ def _goal_text(method: str, cap: int) -> str:
     if cap in SPEEDUP_GOAL and method not in (REFERENCE, RECOMPUTE) and not method.startswith(LLAMACPP):
         parts.append(f"speedup >= {SPEEDUP_GOAL[cap]}")
     return ", ".join(parts)
-
-
-def verdict(lo: float, hi: float, bound: float, op: str) -> str:
-    """"met" when the whole interval satisfies `op bound`, "missed" when none of it does, else "within noise";
-    "no interval" where there is none (fewer than `stats.MIN_BLOCKS` timed steps)."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "no interval"
-    good_lo, good_hi = (lo <= bound, hi <= bound) if op == "<=" else (lo >= bound, hi >= bound)
-    if good_lo and good_hi:
-        return "met"
-    if not (good_lo or good_hi):
-        return "missed"
-    return "within noise"
 
 
 def _goal_met(row, cap: int) -> str | None:

@@ -1,8 +1,5 @@
-"""The tables and findings of `streamkv bench`, and the names of its rows (torch-free).
-
-`streamkv.bench.run` measures and names its rows with the constants below; the command, the pipeline's
-Performance section and the tests read them from here, so no row name is a string kept in two places.
-"""
+"""The tables and findings of `streamkv bench` (torch-free): the command and the pipeline's Performance section
+print them; the rows' names and the goals they are read against are `streamkv.bench.goals`'."""
 
 from __future__ import annotations
 
@@ -11,29 +8,8 @@ import pandas as pd
 
 from streamkv.analysis import fmt
 from streamkv.analysis.fmt import to_markdown
+from streamkv.bench.goals import EVALUATOR_GOAL, LAZY, REFERENCE, STRICT, llamacpp_shift
 from streamkv.evaluation.params import RING_STATIC
-
-REFERENCE = "no eviction (reference)"
-RECOMPUTE = "recompute"
-STRICT = "start_recent strict"
-LAZY = "start_recent lazy"
-# llama.cpp's rows are another engine: their ratios are against llama.cpp's own decode without a shift.
-LLAMACPP = "llama.cpp: "
-LLAMACPP_REFERENCE = LLAMACPP + "no shift (its reference)"
-# The goals the ratios are read against: (column, bound, "<=" or ">=").
-GOALS = {
-    STRICT: ("overhead", 1.03, "<="),
-    LAZY: ("overhead", 1.01, "<="),
-    "ring": ("overhead", 1.01, "<="),
-    "ring lazy": ("overhead", 1.01, "<="),
-    "ring (fixed shapes)": ("overhead", 1.01, "<="),
-}
-SPEEDUP_GOAL = {256: 9.5}  # vs recompute, for the streaming methods at this cap
-
-
-def llamacpp_shift(k: int) -> str:
-    """The name of llama.cpp's context-shift row at prune period k."""
-    return f"{LLAMACPP}shift K={k}"
 
 
 def _bench_cell(v) -> str:
@@ -135,9 +111,6 @@ def bench_markdown(result: dict) -> str:
                   "first and last 256 steps, or halves of a shorter stream):", "",
                   to_markdown(bench_memory_table(result["memory"]), _bench_cell), ""]
     return "\n".join(parts)
-
-
-EVALUATOR_GOAL = 20.0  # the parallel evaluator's speed over the decode loop's, on 2 CPU cores
 
 
 def bench_evaluator_table(rows: list[dict]) -> pd.DataFrame:

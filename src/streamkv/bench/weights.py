@@ -7,10 +7,12 @@ import numpy as np
 import torch
 
 from streamkv.bench.compile import target_nll
-from streamkv.bench.overhead import DecoderStepper, model_gguf, step_interval, verdict
-from streamkv.bench.tables import (
+from streamkv.bench.goals import (
     LLAMACPP_REFERENCE,
+    WEIGHTS_GOAL,
+    verdict,
 )
+from streamkv.bench.overhead import DecoderStepper, model_gguf, step_interval
 from streamkv.cache.compiled import RingDecoder
 from streamkv.cache.factory import make_cache
 from streamkv.errors import StreamkvError, error_text
@@ -21,8 +23,6 @@ from streamkv.peers.installed import llamacpp_version
 
 WEIGHTS_REFERENCE = "float32 eager"
 
-
-WEIGHTS_GOAL = 2.0  # the fastest variant's TPOT over llama.cpp's own decode at the same KV length
 
 
 def weights_contenders(model, cap: int, cfg: BenchConfig, source: str | None = None) -> tuple[dict, dict]:
