@@ -20,3 +20,9 @@ class NotInstalled(StreamkvError):
 def error_text(exc: BaseException) -> str:
     """The exception's type and message, as kept in a result (bounded: some messages carry whole graphs)."""
     return f"{type(exc).__name__}: {exc}".strip()[:4000]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its first), or its type where it has none: for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -7,7 +7,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from streamkv.errors import StreamkvError
+from streamkv.errors import StreamkvError, first_line
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"  # what a model or text source can fall back on offline
 EMBEDDED_TEXT = "embedded:shakespeare/hamlet"
@@ -21,12 +21,6 @@ def parse_source(src: str, kind: str, schemes: tuple[str, ...]) -> tuple[str, st
             f"(e.g. {EMBEDDED_MODEL if kind == 'model' else EMBEDDED_TEXT})"
         )
     return scheme, rest
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message on one line (its first), or its type where it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def offline_error(kind: str, src: str, exc: BaseException, alternative: str) -> StreamkvError:

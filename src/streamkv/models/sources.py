@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from streamkv.errors import StreamkvError
+from streamkv.errors import StreamkvError, first_line
 from streamkv.jobio import write_text
-from streamkv.models.hub import EMBEDDED_MODEL, first_line, hub_unreachable_reason, offline_error, parse_source
+from streamkv.models.hub import EMBEDDED_MODEL, hub_unreachable_reason, offline_error, parse_source
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
