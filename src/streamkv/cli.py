@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from streamkv import methods
@@ -180,16 +181,7 @@ def run_eval(args) -> int:
     from streamkv.models.sources import check_attn, check_device, gguf_path, load_model
     from streamkv.models.texts import load_text
 
-    params = EvalParams(
-        model=args.model, text=args.text, method=args.method, cap=args.cap, sink=args.sink,
-        compress_every=args.compress_every, cache_slack=args.cache_slack, max_drop=args.max_drop,
-        softlite_mode=args.softlite_mode, overlap=args.overlap, refresh=args.refresh, positions=args.positions,
-        max_tokens=args.max_tokens,
-        prefill=args.prefill, dtype=args.dtype, weights=args.weights, device=args.device, seed=args.seed,
-        profile=args.profile,
-        evaluator=args.evaluator, timing_steps=args.timing_steps, timing_batch=args.timing_batch,
-        stride=args.stride,
-    )
+    params = EvalParams(**{f.name: getattr(args, f.name) for f in fields(EvalParams)})  # one option per field
     # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
     params.resolved()
     if args.timing_steps:  # the timing part runs on the tokens loaded here, max-tokens of them
