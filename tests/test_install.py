@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_ONLY = ("snakemake", "pyyaml", "jinja2", "seaborn", "adjustText", "datasets")
@@ -15,7 +16,7 @@ BLOCKED = ("snakemake", "jinja2", "seaborn", "adjustText", "datasets", "matplotl
 
 
 def _name(requirement: str) -> str:
-    return requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip()
+    return Requirement(requirement).name
 
 
 def test_pipeline_packages_are_an_extra_not_a_dependency():

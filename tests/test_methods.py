@@ -14,20 +14,21 @@ from streamkv.evaluation.params import EvalParams
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
 
 
-def _method_enums(node, path=""):
-    """Every `method` enum in the schema, with where it is."""
+def _enums(node, path=()):
+    """Every enum of the schema: (the key it constrains, where it is, its values)."""
     if isinstance(node, dict):
+        if "enum" in node:
+            key = next(k for k in reversed(path) if k not in ("items", "propertyNames", "properties"))
+            yield key, ".".join(path), node["enum"]
         for key, value in node.items():
-            if key == "method" and isinstance(value, dict) and "enum" in value:
-                yield f"{path}.method", value["enum"]
-            yield from _method_enums(value, f"{path}.{key}")
+            yield from _enums(value, (*path, key))
     elif isinstance(node, list):
         for item in node:
-            yield from _method_enums(item, path)
+            yield from _enums(item, path)
 
 
 def test_the_schema_names_the_registry_methods():
-    enums = dict(_method_enums(SCHEMA))
+    enums = {where: enum for key, where, enum in _enums(SCHEMA) if key == "method"}
     rows = {where: enum for where, enum in enums.items() if "long_stream" not in where and "peers" not in where}
     assert len(rows) >= 2  # a run's method and a named row's
     for where, enum in rows.items():
@@ -88,19 +89,6 @@ def test_the_schema_names_the_registry_probes():
     from streamkv.probes import PROBES
 
     assert tuple(SCHEMA["properties"]["probes"]["propertyNames"]["enum"]) == tuple(PROBES)
-
-
-def _enums(node, path=()):
-    """Every enum of the schema: (the key it constrains, where it is, its values)."""
-    if isinstance(node, dict):
-        if "enum" in node:
-            key = next(k for k in reversed(path) if k not in ("items", "propertyNames", "properties"))
-            yield key, ".".join(path), node["enum"]
-        for key, value in node.items():
-            yield from _enums(value, (*path, key))
-    elif isinstance(node, list):
-        for item in node:
-            yield from _enums(item, path)
 
 
 def test_every_schema_enum_is_its_registry():
