@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from streamkv.errors import NotInstalled, StreamkvError
-from streamkv.evaluation.loop import EvalParams, evaluate, failed_record, timed_row
+from streamkv.evaluation.loop import RUN_FAILURES, EvalParams, evaluate, failure, timed_row
 from streamkv.evaluation.results import TRACE_COLUMNS
 from streamkv.jobio import log_to, write_json, write_table
 from streamkv.models.sources import load_model
@@ -39,12 +39,12 @@ with log_to(snakemake.log[0]):
         else:
             record = timed_row(loaded, tokens["ids"], params, shared)
         record["params"]["model"], record["params"]["text"] = params.model, params.text
-    except NotInstalled as exc:  # an optional peer: its row says how to install it
-        print(exc)
-        record = failed_record(params, str(exc), status="not_installed")
-    except (StreamkvError, OSError, RuntimeError, MemoryError) as exc:  # (OSError: a peer's pipe, a full disk)
-        traceback.print_exc()
-        record = failed_record(params, f"{type(exc).__name__}: {exc}")
+    except RUN_FAILURES as exc:  # a failed row, with the reason (an absent optional peer: how to install it)
+        if isinstance(exc, NotInstalled):
+            print(exc)
+        else:
+            traceback.print_exc()
+        record = failure(params, exc)
     # the trace first, then the result that names it (each written atomically)
     if shared is not None and record["status"] == "ok":  # the shared per-token NLLs
         write_table(pd.read_parquet(snakemake.input.quality_trace), snakemake.output.trace)

@@ -115,6 +115,26 @@ def test_every_schema_enum_is_its_registry():
     assert seen == set(registries)  # (every registry named here still has its enum)
 
 
+def test_run_options_are_declared_once():
+    """A run option is a field of EvalParams (the CLI makes one option per field), a key of RUN_KEYS (the grid, run
+    ids, the summary's columns) and a property of the schema's run_params; a key in one and not the others fails
+    here, and each one changes the run id (two runs that differ in it never share a result file)."""
+    from dataclasses import fields
+
+    from streamkv.analysis.grid import RUN_DEFAULTS, RUN_KEYS
+
+    assert set(SCHEMA["definitions"]["run_params"]["properties"]) == set(RUN_KEYS)
+    assert set(RUN_KEYS) <= {f.name for f in fields(EvalParams)}
+    assert set(methods.OPTIONS) - {"stride"} <= set(RUN_KEYS)  # (stride: the baseline's, set by the pipeline)
+    other = {"compress_every": 4, "cache_slack": 3, "max_drop": 2, "softlite_mode": "cooldown", "positions": "original",
+             "overlap": 2, "refresh": 2, "weights": "bfloat16", "profile": True, "sink": 2, "method": "mit"}
+    assert set(other) == set(RUN_KEYS)
+    base = {"method": "start_recent", "cache_slack": 2}  # (softlite_mode counts only under softlite)
+    for key, value in other.items():
+        assert value != RUN_DEFAULTS.get(key, 4)
+        assert run_id({**base, key: value}) != run_id(base), key
+
+
 def test_the_kvpress_worker_serves_every_kvpress_method():
     from streamkv.peers.kvpress_worker import PRESSES
 

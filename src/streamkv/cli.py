@@ -18,14 +18,14 @@ from pathlib import Path
 
 from streamkv import methods
 from streamkv.cache.policy import SOFTLITE_MODES
-from streamkv.errors import NotInstalled, StreamkvError
+from streamkv.errors import NotInstalled, StreamkvError, one_line
 from streamkv.evaluation.params import CACHE_METHODS, EVALUATORS, PARALLEL_METHODS, RING_STATIC, WEIGHTS, EvalParams
 from streamkv.jobio import write_json, write_table
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def _add_eval(sub) -> None:
@@ -176,7 +176,7 @@ def check_output(path: str, option: str) -> None:
 
 
 def run_eval(args) -> int:
-    from streamkv.evaluation.loop import evaluate, failed_record, load_tokens
+    from streamkv.evaluation.loop import RUN_FAILURES, evaluate, failure, load_tokens
     from streamkv.evaluation.params import LLAMACPP_METHODS
     from streamkv.models.sources import check_attn, check_device, gguf_path, load_model
     from streamkv.models.texts import load_text
@@ -207,9 +207,9 @@ def run_eval(args) -> int:
         record, trace = evaluate(loaded, tokens, params, progress=not args.quiet)
     except NotInstalled:  # a peer's package is missing: nothing ran, and the message says how to install it
         raise
-    except (StreamkvError, OSError, RuntimeError, MemoryError) as exc:  # the run broke: keep a failed record
-        write_json(failed_record(params, f"{type(exc).__name__}: {exc}"), args.out)
-        print(f"streamkv: run failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+    except RUN_FAILURES as exc:  # the run broke: keep a failed record
+        write_json(failure(params, exc), args.out)
+        print(f"streamkv: run failed: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
     if args.trace:  # the trace first: a result never names a trace that is not there
         write_table(trace, args.trace)
@@ -255,11 +255,6 @@ def run_bench(args) -> int:
     return 1 if result["failed"] else 0
 
 
-def _one_line(exc: BaseException | str) -> str:
-    """The message on one line, whatever line breaks the values in it hold."""
-    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="streamkv", description="Streaming LLM decoding with attention sinks, measured honestly.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -279,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         return run_eval(args)
     except StreamkvError as exc:
-        print(f"streamkv: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"streamkv: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

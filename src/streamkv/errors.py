@@ -26,3 +26,8 @@ def first_line(exc: BaseException) -> str:
     """An exception's message on one line (its first), or its type where it has none: for a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def one_line(exc: BaseException | str) -> str:
+    """The whole message on one line, whatever line breaks the values in it hold (its type where it has none)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__

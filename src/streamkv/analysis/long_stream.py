@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from streamkv.analysis.grid import run_id
+from streamkv.analysis.stats import ABOVE, ACROSS, BELOW, bootstrap, side
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import SINKLESS_METHODS, EvalParams
 from streamkv.jobio import write_text
@@ -131,19 +132,18 @@ def trend(table: pd.DataFrame, segment: int, seed: int = 0, n_boot: int = BOOTST
            "first_ppl": float(t.ppl.iloc[0]), "last_ppl": float(t.ppl.iloc[-1])}
     if len(t) < MIN_SEGMENTS:
         return out
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one seeded stream for both intervals
     x = np.log((t["first"].to_numpy() + t["last"].to_numpy()) / 2 + 1)
     y = t.nll_mean.to_numpy()
-    picks = rng.integers(0, len(t), size=(n_boot, len(t)))
-    boot = np.array([_slope(x[i], y[i]) if np.ptp(x[i]) > 0 else np.nan for i in picks])
+    slope_ci = bootstrap(lambda picks: np.array([_slope(x[i], y[i]) if np.ptp(x[i]) > 0 else np.nan for i in picks]),
+                         len(t), n_boot=n_boot, seed=rng)
     q = len(t) // 4
     head, tail = y[:q], y[-q:]
     # mean PPL of a quarter: exp of the mean of its segments' mean NLLs (each segment weighs the same)
-    boot_ratio = np.exp(tail[rng.integers(0, q, (n_boot, q))].mean(1) - head[rng.integers(0, q, (n_boot, q))].mean(1))
-    out.update(slope=_slope(x, y), slope_ci=tuple(np.nanpercentile(boot, [2.5, 97.5]).tolist()), quarter=q,
-               head_ppl=math.exp(head.mean()), tail_ppl=math.exp(tail.mean()),
-               ratio=math.exp(tail.mean() - head.mean()),
-               ratio_ci=tuple(np.percentile(boot_ratio, [2.5, 97.5]).tolist()))
+    ratio_ci = bootstrap(lambda t_draws, h_draws: np.exp(tail[t_draws].mean(1) - head[h_draws].mean(1)), q, q,
+                         n_boot=n_boot, seed=rng)
+    out.update(slope=_slope(x, y), slope_ci=slope_ci, quarter=q, head_ppl=math.exp(head.mean()),
+               tail_ppl=math.exp(tail.mean()), ratio=math.exp(tail.mean() - head.mean()), ratio_ci=ratio_ci)
     return out
 
 
@@ -151,15 +151,10 @@ def verdict(tr: dict) -> str:
     """Flat when neither interval excludes no change; else the direction both agree on, or unclear."""
     if "slope" not in tr:
         return "too few segments for a trend"
-    lo, hi = tr["slope_ci"]
-    rlo, rhi = tr["ratio_ci"]
-    if lo <= 0 <= hi and rlo <= 1 <= rhi:
+    where = {side(*tr["slope_ci"], 0.0), side(*tr["ratio_ci"], 1.0)}
+    if where == {ACROSS}:
         return "flat"
-    if lo > 0 and rlo > 1:
-        return "rising"
-    if hi < 0 and rhi < 1:
-        return "falling"
-    return "unclear"
+    return {ABOVE: "rising", BELOW: "falling"}.get(where.pop(), "unclear") if len(where) == 1 else "unclear"
 
 
 def finding(table: pd.DataFrame, segment: int, tr: dict) -> str:

@@ -34,6 +34,36 @@ LEVEL = 0.95
 SEED = 0
 
 OK, IDENTICAL, TOO_FEW = "ok", "identical", "too few"
+ABOVE, BELOW, ACROSS, NO_INTERVAL = "above", "below", "across", "no interval"
+
+
+def bootstrap(statistic, *sizes: int, n_boot: int = N_BOOT, seed: int | np.random.Generator = SEED,
+              level: float = LEVEL) -> tuple[float, float]:
+    """The one resampler: the percentile interval of `statistic` over `n_boot` resamples of whole units.
+
+    `sizes`: the number of units (blocks, paired steps, segments) of each group; every group is resampled with
+    replacement within itself, and `statistic(*draws)` gets one (n_boot, size) array of unit indices per group,
+    in that order, and returns the n_boot resampled values.  A NaN value (a degenerate resample) is left out.
+    `seed`: an integer, or a generator whose draws continue (several intervals from one seeded stream).
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    draws = [rng.integers(0, size, size=(n_boot, size)) for size in sizes]
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(statistic(*draws), [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def side(lo: float, hi: float, value: float) -> str:
+    """Where an interval lies against a value: wholly ABOVE it, wholly BELOW it, ACROSS it (touching counts), or
+    NO_INTERVAL (an end is missing).  Every verdict of the project reads an interval through this: a difference
+    against zero, a ratio against its goal, a trend against no change."""
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return NO_INTERVAL
+    if lo > value:
+        return ABOVE
+    if hi < value:
+        return BELOW
+    return ACROSS
 
 
 @dataclass(frozen=True)
@@ -78,11 +108,7 @@ class Difference:
             return "identical"
         if self.status == TOO_FEW:
             return "too few targets"
-        if self.lo > 0:
-            return "higher"
-        if self.hi < 0:
-            return "lower"
-        return "not distinguishable from zero"
+        return {ABOVE: "higher", BELOW: "lower"}.get(side(self.lo, self.hi, 0.0), "not distinguishable from zero")
 
     def text(self) -> str:
         """E.g. "+1.23 % [+0.40, +2.05]": the PPL change with its interval; or why there is none."""
@@ -148,11 +174,9 @@ def block_bootstrap(diff: np.ndarray, positions: np.ndarray | None = None, block
         return Difference(int(diff.size), mean, float("nan"), float("nan"), level, int(ids.size), TOO_FEW)
     order = np.argsort(positions, kind="stable")
     sums = np.add.reduceat(diff[order], np.concatenate([[0], np.cumsum(lens)[:-1]]))
-    draws = np.random.default_rng(seed).integers(0, ids.size, size=(n_boot, ids.size))
-    means = sums[draws].sum(axis=1) / lens[draws].sum(axis=1)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return Difference(int(diff.size), mean, float(lo), float(hi), level, int(ids.size), OK)
+    lo, hi = bootstrap(lambda draws: sums[draws].sum(axis=1) / lens[draws].sum(axis=1), ids.size,
+                       n_boot=n_boot, seed=seed, level=level)
+    return Difference(int(diff.size), mean, lo, hi, level, int(ids.size), OK)
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, **bootstrap) -> Difference:
@@ -177,7 +201,5 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, n_boot: int = N_BOOT, level
     num, den = num[ok], den[ok]
     if num.size < max(2, min_pairs):
         return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, num.size, (n_boot, num.size))
-    ratios = statistic(num[idx], axis=1) / statistic(den[idx], axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+    return bootstrap(lambda draws: statistic(num[draws], axis=1) / statistic(den[draws], axis=1), num.size,
+                     n_boot=n_boot, seed=seed, level=level)

@@ -4,7 +4,7 @@ interval against a goal."""
 
 from __future__ import annotations
 
-import numpy as np
+from streamkv.analysis.stats import ABOVE, BELOW, NO_INTERVAL, side
 
 REFERENCE = "no eviction (reference)"
 RECOMPUTE = "recompute"
@@ -33,12 +33,10 @@ def llamacpp_shift(k: int) -> str:
 
 def verdict(lo: float, hi: float, bound: float, op: str) -> str:
     """"met" when the whole interval satisfies `op bound`, "missed" when none of it does, else "within noise";
-    "no interval" where there is none (fewer than `stats.MIN_BLOCKS` timed steps)."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    "no interval" where there is none (fewer than `stats.MIN_BLOCKS` timed steps).  A point estimate with no
+    interval of its own is read as lo = hi."""
+    where = side(lo, hi, bound)
+    if where == NO_INTERVAL:
         return "no interval"
-    good_lo, good_hi = (lo <= bound, hi <= bound) if op == "<=" else (lo >= bound, hi >= bound)
-    if good_lo and good_hi:
-        return "met"
-    if not (good_lo or good_hi):
-        return "missed"
-    return "within noise"
+    good, bad = (BELOW, ABOVE) if op == "<=" else (ABOVE, BELOW)
+    return {good: "met", bad: "missed"}.get(where, "within noise")

@@ -8,7 +8,7 @@ import pandas as pd
 
 from streamkv.analysis import fmt
 from streamkv.analysis.fmt import to_markdown
-from streamkv.bench.goals import EVALUATOR_GOAL, LAZY, REFERENCE, STRICT, llamacpp_shift
+from streamkv.bench.goals import EVALUATOR_GOAL, LAZY, REFERENCE, STRICT, llamacpp_shift, verdict
 from streamkv.evaluation.params import RING_STATIC
 
 
@@ -132,10 +132,10 @@ def bench_weights_table(rows: list[dict]) -> pd.DataFrame:
         "mean NLL (timed steps)": frame.nll_mean,
         "fastest": frame.best.map(lambda v: "yes" if v is True else ""),
         "goal": frame.goal.where(frame.goal.notna(), None), "verdict": frame.met.where(frame.met.notna(), None),
-        "error": frame.error.map(_one_line)})
+        "error": frame.error.map(_error_cell)})
 
 
-def _one_line(error, limit: int = 300) -> str | None:
+def _error_cell(error, limit: int = 300) -> str | None:
     """An error as one table cell: its lines joined, cut at `limit` characters (the result keeps all of it)."""
     if not isinstance(error, str):
         return None
@@ -152,10 +152,10 @@ def bench_findings(result: dict) -> list[str]:
     """One line per goal of the benchmark, in numbers."""
     lines = []
     for row in result.get("evaluator") or []:
-        verdict = "met" if row["speedup"] >= EVALUATOR_GOAL else "missed"
+        met = verdict(row["speedup"], row["speedup"], EVALUATOR_GOAL, ">=")  # (one measurement: no interval)
         lines.append(f"parallel evaluator, {row['method']} at cap {row['cap']} over {row['tokens']} tokens: "
                      f"{row['parallel_tok_s']:.0f} tokens/s against the decode loop's {row['decode_tok_s']:.1f}, "
-                     f"{row['speedup']:.1f}x (goal >= {EVALUATOR_GOAL:g}x: {verdict}), max |dNLL| "
+                     f"{row['speedup']:.1f}x (goal >= {EVALUATOR_GOAL:g}x: {met}), max |dNLL| "
                      f"{row['nll_max_abs_diff']:.1e}")
     for cap in sorted({row["cap"] for row in result["overhead"]}):
         rows = {row["method"]: row for row in result["overhead"] if row["cap"] == cap}
@@ -188,7 +188,7 @@ def bench_findings(result: dict) -> list[str]:
             lines.append(f"fastest weights variant at cap {row['cap']}: {row['variant']}, {row['tpot_ms']:.1f} ms a "
                          f"step, x{row['vs_float32']:.3f} {_bench_interval(row, 'vs_float32')} float32 eager{engine}")
         elif row["status"] != "ok":
-            lines.append(f"weights variant {row['variant']} failed: {_one_line(row['error'])}")
+            lines.append(f"weights variant {row['variant']} failed: {_error_cell(row['error'])}")
     for m in result["memory"]:
         growth = "n/a" if m["rss_growth"] is None else f"{m['rss_growth'] * 100:+.2f} %"
         lines.append(f"{m['method']} over {m['tokens']} tokens: KV bytes max/min {m['kv_max_over_min']:.3f}, "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from streamkv.cache.factory import make_stepper
-from streamkv.errors import StreamkvError
+from streamkv.errors import NotInstalled, StreamkvError, error_text
 from streamkv.evaluation.params import EvalParams
 from streamkv.evaluation.results import METRIC_KEYS, TIMING_KEYS, peak_memory_mb, quality_metrics, trace_frame
 from streamkv.evaluation.stepper import forward_time_ms
@@ -208,6 +208,19 @@ def timed_row(loaded: LoadedModel | None, tokens: list[int], params: EvalParams,
         record["meta"]["peer_versions"] = quality["meta"]["peer_versions"]
     _timing_part(record, loaded, tokens, p)
     return record
+
+
+# What a run may raise and still leave a record: a bad input found late, a peer's pipe or a full disk (OSError),
+# a kernel's or a worker's error, memory.  Anything else is a bug and propagates.
+RUN_FAILURES = (StreamkvError, OSError, RuntimeError, MemoryError)
+
+
+def failure(params: EvalParams, exc: BaseException) -> dict:
+    """The record of a run that raised one of RUN_FAILURES: "not_installed" with the install hint for an absent
+    optional peer, else "failed" with the exception's type and message."""
+    if isinstance(exc, NotInstalled):
+        return failed_record(params, str(exc), status="not_installed")
+    return failed_record(params, error_text(exc))
 
 
 def failed_record(params: EvalParams, error: str, status: str = "failed") -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from streamkv.errors import StreamkvError
+from streamkv.errors import StreamkvError, first_line
 
 DEFAULT = "float32"
 
@@ -282,7 +282,7 @@ def apply_weights(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise
     except (RuntimeError, ValueError, AssertionError, NotImplementedError, TypeError) as exc:
         raise StreamkvError(f"weights '{name}' cannot be applied to this model: {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+                            f"{first_line(exc)}") from None
     model.streamkv_weights = name  # read back by weights_of()
     return model
 
