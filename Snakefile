@@ -5,6 +5,7 @@
 #   -> aggregate (results/summary.csv + NLL spike diagnosis)
 #   -> probes (one rule per probe of streamkv.probes.PROBES: verify_max_drop_effect, verify_slack_effect,
 #      profile_prune_overhead, summarize_k_quality)
+#   prepare_model -> recall (one job per row of the recall probe) -> recall_table
 #   prepare_model -> bench (streamkv bench: overhead, speedup, compile, memory as ratios; one timed job)
 #   -> report (report/paper_tables.md + figures: Pareto, NLL traces, spikes, ablations, probes)
 #
@@ -33,6 +34,7 @@ include: "rules/bench.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
 include: "rules/long_stream.smk"
+include: "rules/recall.smk"
 
 
 # Cheap rules stay on the submitting machine when a cluster executor is used.

@@ -6,6 +6,7 @@ import sys
 from streamkv.errors import StreamkvError
 from streamkv.provenance import ANALYSIS_MODULES, EVALUATION_MODULES, code_hash
 from streamkv.analysis import long_stream
+from streamkv.analysis import recall_jobs
 from streamkv.analysis import grid as pipeline
 from streamkv.peers.installed import installed
 
@@ -130,3 +131,26 @@ def long_stream_eval(wildcards):
     if stem != long_stream.result_stem(config):
         raise ValueError(f"{stem} is not the configured long stream ({long_stream.result_stem(config)})")
     return long_stream.eval_params(config)
+
+
+# ----------------------------------------------------------------------------- the recall probe (rules/recall.smk)
+# Optional like the long stream: without the `recall` key the report has no recall section.
+
+try:
+    RECALL_JOBS = recall_jobs.jobs(config) if config.get(recall_jobs.KEY) else {}
+except StreamkvError as exc:
+    sys.exit(f"Invalid config: {exc}")
+RECALL_TABLES = [f"results/probes/recall/{recall_jobs.spec(config)['model']}.csv"] if RECALL_JOBS else []
+RECALL_FIGURES = [f"report/figures/{recall_jobs.spec(config)['model']}/recall.png"] if RECALL_JOBS else []
+
+
+def recall_job(wildcards):
+    if wildcards.run not in RECALL_JOBS or wildcards.setting != recall_jobs.setting(config):
+        raise ValueError(f"results/recall/{wildcards.model}/{wildcards.setting}/{wildcards.run} is not a row of "
+                         "the recall probe")
+    return RECALL_JOBS[wildcards.run]
+
+
+def recall_results(wildcards):
+    setting = recall_jobs.setting(config)
+    return [f"results/recall/{wildcards.model}/{setting}/{run}.json" for run in RECALL_JOBS]

@@ -62,8 +62,9 @@ rule paper_tables:
         summary="results/summary.parquet",
         comparisons="results/comparisons.csv",
         template="report/templates/paper_tables.md.j2",
-        figures=FIGURES + ABLATION_FIGURES + PROBE_FIGURES,
+        figures=FIGURES + ABLATION_FIGURES + PROBE_FIGURES + RECALL_FIGURES,
         probes=PROBE_TABLES,
+        recall=RECALL_TABLES,
         bench=bench_files(),
     output:
         "report/paper_tables.md",

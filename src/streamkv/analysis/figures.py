@@ -13,7 +13,7 @@ import pandas as pd
 from streamkv.analysis import fmt
 from streamkv.analysis.summary import ROW_GROUPS
 from streamkv.jobio import atomic_path
-from streamkv.probes import PROBES
+from streamkv.probes import PROBES, STREAM_PROBES
 from streamkv.probes.common import log2_axis
 
 
@@ -359,9 +359,18 @@ def spike_curve_figure(curves: pd.DataFrame, names: dict, path: str | Path, titl
 
 def probe_figure(probe: str, table: pd.DataFrame, path: str | Path, title: str) -> None:
     """One figure per probe, drawn from its table by the probe's own function (two panels)."""
+    _two_panels(PROBES[probe].figure, table, path, title)
+
+
+def stream_probe_figure(probe: str, table: pd.DataFrame, path: str | Path, title: str) -> None:
+    """The figure of a probe with streams of its own (STREAM_PROBES), two panels likewise."""
+    _two_panels(STREAM_PROBES[probe].figure, table, path, title)
+
+
+def _two_panels(draw, table: pd.DataFrame, path: str | Path, title: str) -> None:
     plt, sns = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     if len(table):
-        PROBES[probe].figure(table.copy(), axes, sns)
+        draw(table.copy(), axes, sns)
     fig.suptitle(title)
     _save(fig, path)

@@ -218,10 +218,27 @@ def timing_notes(frame: pd.DataFrame, bench: list[dict] | None = None) -> dict:
     return notes
 
 
+def recall_sections(tables: dict[str, pd.DataFrame], config: dict) -> list[dict]:
+    """The recall probe's section per model (`tables`: model key -> the probe's table)."""
+    from streamkv.evaluation.recall import spec
+    from streamkv.probes import STREAM_PROBES
+
+    probe = STREAM_PROBES["recall"]
+    out = []
+    for model, table in tables.items():
+        s = spec(config)
+        failed = [f"{r.name} failed: {r.error}" for r in table[table.status != "ok"].itertuples()]
+        out.append({"model": model, "title": probe.title, "cap": s["cap"], "instances": s["instances"],
+                    "passage": s["passage_tokens"], "table": probe.markdown(table[table.status == "ok"]),
+                    "finding": probe.finding(table, s["reference"]), "failed": failed,
+                    "figure": f"figures/{model}/recall.png"})
+    return out
+
+
 def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[dict] | None = None,
-           compared: pd.DataFrame | None = None) -> str:
+           compared: pd.DataFrame | None = None, recall: dict[str, pd.DataFrame] | None = None) -> str:
     """The report; `bench`: `streamkv bench` results for the Performance section; `compared`: the intervals of
-    sweep points against their controls and of the findings."""
+    sweep points against their controls and of the findings; `recall`: the recall probe's table per model."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(template).parent)),
@@ -234,7 +251,7 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
         sections=sections(frame, config, compared=compared, bench=bench),
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
-        meta=provenance(frame), timing=timing_notes(frame, bench),
+        meta=provenance(frame), timing=timing_notes(frame, bench), recall=recall_sections(recall or {}, config),
         performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
                       "text": b["config"].get("text_key", b["config"].get("text")),
                       "findings": bench_findings(b), "tables": bench_markdown(b),

@@ -186,8 +186,12 @@ class _ParallelAttention:
 
 
 def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "cache", chunk: int = DEFAULT_CHUNK,
-                 progress: bool = False, desc: str = "parallel", rebase: int = REBASE) -> np.ndarray:
-    """Per-token NLL of targets ids[1:] under the schedule, chunk by chunk (ids: [1, n + 1] on the model's device).
+                 progress: bool = False, desc: str = "parallel", rebase: int = REBASE,
+                 hits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Per-token NLL of targets ids[:, 1:] under the schedule, chunk by chunk (ids: [B, n + 1] on the model's
+    device: B independent streams of one length, which the one schedule serves alike, as positions are all it
+    reads).  An array [n] for one stream, [B, n] for several; with `hits`, also whether the model's top guess was
+    the target, of the same shape.
 
     `positions`: "cache" (pos-shift: the sinks sit just before the window) or "original" (where they were
     rotated).
@@ -207,7 +211,8 @@ def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "ca
     bounds = list(range(0, n, chunk)) + [n]
     # history each chunk needs: tokens [h0(c), c0) with h0 the smallest window start among its queries
     h0 = [0] + [max(s, int(ws[a:b].min())) for a, b in zip(bounds[1:-1], bounds[2:])]
-    nll = np.empty(n)
+    nll = np.empty((ids.shape[0], n))
+    hit = np.empty((ids.shape[0], n), dtype=bool)
     base = 0  # token j is rotated at position j - base
     for c, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc, disable=not progress,
                                     mininterval=2.0, leave=False)):
@@ -230,8 +235,13 @@ def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "ca
         ch = _Chunk(state, mask, sink_cos, sink_sin, keep_from, shift_cos, shift_sin, capture_sinks=c == 0 and s > 0)
         pos = torch.arange(a - base, b - base, device=device).unsqueeze(0)
         logits = model(input_ids=ids[:, a:b], position_ids=pos, use_cache=False, streamkv_chunk=ch).logits
-        nll[a:b] = F.cross_entropy(logits[0].float(), ids[0, a + 1 : b + 1], reduction="none").cpu().numpy()
-    return nll
+        for row in range(ids.shape[0]):
+            target = ids[row, a + 1 : b + 1]
+            nll[row, a:b] = F.cross_entropy(logits[row].float(), target, reduction="none").cpu().numpy()
+            if hits:
+                hit[row, a:b] = (logits[row].argmax(-1) == target).cpu().numpy()
+    nll = nll[0] if ids.shape[0] == 1 else nll
+    return (nll, hit[0] if ids.shape[0] == 1 else hit) if hits else nll
 
 
 @torch.inference_mode()

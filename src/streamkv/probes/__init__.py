@@ -5,7 +5,9 @@ plus the per-event spike table, and returns a frame with one row per point of
 the probe's grid.  Nothing is re-run here: a probe is a view of runs the
 pipeline already made under its own parameters.
 
-One probe is one record of PROBES here and one module beside it (its table, its finding, its figure).
+One probe is one record of PROBES here and one module beside it (its table, its finding, its figure).  A probe
+that needs streams of its own (recall: what eviction forgets) is a record of STREAM_PROBES: its config key names
+the rows it runs, its jobs score its streams, and its table is read from their results.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable
 
 import pandas as pd
 
+from streamkv.probes import recall
 from streamkv.probes.k_quality import k_quality, k_quality_figure, k_quality_finding
 from streamkv.probes.max_drop import max_drop_effect, max_drop_figure, max_drop_finding
 from streamkv.probes.prune_overhead import prune_overhead, prune_overhead_figure, prune_overhead_finding
@@ -45,6 +48,25 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
           lambda part, events: prune_overhead(part), prune_overhead_finding, prune_overhead_figure),
     Probe("summarize_k_quality", ("compress_every",), "summarize_k_quality: quality and speed against K",
           lambda part, events: k_quality(part), k_quality_finding, k_quality_figure),
+)}
+
+
+@dataclass(frozen=True)
+class StreamProbe:
+    """A probe that scores streams of its own: its table from the rows' per-instance results, its markdown, its
+    finding against a reference row, its figure."""
+
+    name: str
+    title: str
+    table: Callable[[pd.DataFrame, int], pd.DataFrame]  # (every row's instances, cap) -> table
+    markdown: Callable[[pd.DataFrame], str]
+    finding: Callable[[pd.DataFrame, str], str]  # (table, reference row) -> numbers in sentences
+    figure: Callable  # (table, two axes, seaborn) -> None
+
+
+STREAM_PROBES: dict[str, StreamProbe] = {p.name: p for p in (
+    StreamProbe("recall", "recall: what eviction forgets (a passage copied, a pass key asked for, D tokens later)",
+                recall.table, recall.markdown, recall.finding, recall.figure),
 )}
 
 
