@@ -107,6 +107,11 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (expected_ok(summary).status == "ok").all()
+    # the recall probe: every row at every distance, its section and figure
+    recall = pd.read_csv(done / "results/probes/recall/tiny_llama.csv")
+    assert (recall.status == "ok").all() and len(recall) == 5 * 4
+    assert "## What eviction forgets (recall) — tiny_llama" in report and "| Ours (lazy K=8) | " in report
+    assert (done / "report/figures/tiny_llama/recall.png").stat().st_size > 10_000
     # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 6 (weights), probes 4 + 4 + 3 + 4
     assert len(summary) == 2 * (1 + 8 + 2) + 16 + 15
     # the spike diagnosis against the full-coverage reference (every target): numbers for every streaming row
@@ -262,6 +267,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     def change(config):
         config["texts"]["short"] = f"file:{done / 'short.txt'}"
         config["ablations"]["compress_every"]["texts"] = ["hamlet"]
+        config["recall"]["filler"] = "short"  # too short for the recall streams: every recall row fails
 
     proc = snakemake(done, "report/paper_tables.md", config=edited(done, change))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -273,6 +279,8 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     report = (done / "report/paper_tables.md").read_text()
     assert "| Ours (strict) | S=4, W=28 | – | FAILED |" in report
     assert "| Ours (strict) | short | tiny_llama | StreamkvError: text 'file:" in report
+    assert "- Ours (strict) failed: StreamkvError: config key recall.filler: the text has 56 tokens" in report
+    assert "| Ours (strict) | " not in report.split("## What eviction forgets")[1].split("## Performance")[0]
 
 
 @needs_kvpress

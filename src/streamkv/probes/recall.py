@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from streamkv.analysis import fmt
-from streamkv.analysis.stats import TOO_FEW, block_bootstrap, interval_text, proportion_interval
+from streamkv.analysis.stats import block_bootstrap, interval_text, proportion_interval
 
 # ----------------------------------------------------------------------------- table, finding, figure
 
@@ -36,8 +36,7 @@ def table(frame: pd.DataFrame, cap: int) -> pd.DataFrame:
 def gain_text(r) -> str:
     if r.status != "ok":
         return "failed"
-    return interval_text(r.gain, r.gain_lo, r.gain_hi, r.gain_status if r.gain_status == TOO_FEW else None,
-                         r.gain_n)
+    return interval_text(r.gain, r.gain_lo, r.gain_hi, r.gain_status, r.gain_n)
 
 
 def exact_text(r) -> str:
@@ -48,11 +47,13 @@ def exact_text(r) -> str:
 
 def markdown(t: pd.DataFrame) -> str:
     """Rows: methods; columns: copy gain and pass-key exact match at each D."""
-    ds = sorted(t.distance.unique())
+    if t.empty:
+        return "No row finished."
+    ds = sorted(int(d) for d in t.distance.unique())
     caps = {d: t[t.distance == d].d_cap.iloc[0] for d in ds}
     rows = []
     for name, g in t.groupby("name", sort=False):
-        by = {r.distance: r for r in g.itertuples()}
+        by = {int(r.distance): r for r in g.itertuples()}
         rows.append({"method": name,
                      **{f"copy gain, D={d} ({caps[d]:g} cap)": gain_text(by[d]) if d in by else "–" for d in ds},
                      **{f"pass key, D={d}": exact_text(by[d]) if d in by else "–" for d in ds}})
@@ -65,7 +66,7 @@ def finding(t: pd.DataFrame, reference: str, at: float = 2.0) -> str:
     here = t[(t.d_cap == at) & (t.status == "ok")]
     if here.empty:
         return f"No finished run at D = {at:g} cap."
-    d = int(here.distance.iloc[0])
+    d = int(here.distance.iloc[0])  # (a float where a failed row's line has none)
     gains = "; ".join(f"{r.name} {gain_text(r)}" for r in here.itertuples())
     text = f"At D = {d} tokens ({at:g} × cap), copy gain (nats): {gains}."
     ref = here[here.name == reference]
