@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from optional_peers import HAS_KVPRESS, needs_llamacpp
+from optional_peers import HAS_KVPRESS, needs_kvpress, needs_llamacpp
 from streamkv import EvalParams, StreamkvError, evaluate
 from streamkv.evaluation.loop import RUN_FAILURES, failure, load_tokens
 from streamkv.peers.pipe import exit_text
@@ -119,6 +119,21 @@ def test_the_bench_keeps_its_other_rows_and_sections_when_llamacpp_segfaults(tin
     assert f"**Row {LLAMACPP_REFERENCE} at cap 48 failed:** StreamkvError: the llama.cpp worker" in text
     assert any(line.startswith(f"cap 48, {LLAMACPP}shift K=8 failed: ") for line in bench_findings(result))
     assert all(s.worker.proc.returncode == -signal.SIGSEGV for s in steppers)
+
+
+@needs_kvpress
+def test_a_killed_kvpress_worker_is_named_the_same_way(tiny):
+    from streamkv.peers.engines import KvpressStepper
+
+    stepper = KvpressStepper(tiny("tiny:llama").model, "kvpress:streaming_llm", 32, 4, 1, "float32")
+    try:
+        stepper.forward(torch.arange(1, 20).unsqueeze(0))
+        os.kill(stepper.proc.pid, signal.SIGKILL)
+        with pytest.raises(StreamkvError, match=r"^the kvpress worker of 'kvpress:streaming_llm' stopped: it died of "
+                                                r"SIGKILL \(signal 9\)"):
+            stepper.forward(torch.tensor([[5]]))
+    finally:
+        stepper.close()
 
 
 @needs_llamacpp
