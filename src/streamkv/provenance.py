@@ -54,7 +54,8 @@ def imported_modules(roots: tuple[str, ...]) -> tuple[str, ...]:
 # they import) and the ones that only read results (aggregation, diagnosis, probes, report): editing a module of the
 # latter alone must not re-run evaluations.
 EVALUATION_MODULES = imported_modules(("evaluation.loop", "evaluation.parallel", "evaluation.timing", "bench.run",
-                                       "evaluation.recall", "jobio", "models.sources", "peers.kvpress_worker"))
+                                       "evaluation.recall", "jobio", "models.sources", "peers.kvpress_worker",
+                                       "peers.llamacpp_worker"))
 ANALYSIS_MODULES = tuple(m for m in imported_modules(("analysis.summary", "analysis.spikes", "analysis.stats", "probes",
                                                       "analysis.report", "analysis.figures", "analysis.recall_jobs",
                                                       "bench.tables"))

@@ -25,12 +25,13 @@ from streamkv.bench.goals import (
 from streamkv.cache.compiled import RingDecoder
 from streamkv.cache.factory import make_cache, make_stepper
 from streamkv.cache.streaming import num_attention_layers
-from streamkv.errors import StreamkvError
+from streamkv.errors import StreamkvError, error_text
+from streamkv.evaluation.loop import RUN_FAILURES
 from streamkv.evaluation.params import BenchConfig, EvalParams
 from streamkv.evaluation.stepper import CachedStepper, Stepper
 from streamkv.evaluation.timing import SameLengthCache, block_median, interleave, step_ratio_interval
 from streamkv.models.sources import gguf_path
-from streamkv.peers.engines import LlamaCppStepper
+from streamkv.peers.engines import KvpressStepper, LlamaCppStepper
 from streamkv.peers.installed import kvpress_python, llamacpp_version
 
 
@@ -55,12 +56,14 @@ def model_gguf(source: str | None) -> Path | None:
         return None
 
 
-def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None) -> dict:
+def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None,
+               failures: dict[str, str] | None = None) -> dict:
     """Every method of the overhead table, each with its own state, built by the decode loop's factory.
 
     The two references are the bench's own: the no-eviction forward (`SameLengthCache`) and, with peers,
     llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is,
-    llama.cpp rows where it is installed and the model (`source`) has a GGUF file.
+    llama.cpp rows where it is installed and the model (`source`) has a GGUF file.  A peer whose worker fails
+    to start is left out, its error kept in `failures` (without `failures`, the error propagates).
     """
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -68,13 +71,24 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
         p = EvalParams(source or "-", "-", method, cap=cap, sink=sink, compress_every=k, max_tokens=cap, dtype=dtype)
         return make_stepper(model, p.resolved(), source)
 
-    kvpress, llamacpp = {}, {}
+    built = {}
+
+    def peer(name: str, build: Callable[[], Stepper]) -> None:
+        try:
+            built[name] = build()
+        except RUN_FAILURES as exc:
+            if failures is None:
+                raise
+            failures[name] = error_text(exc)
+
     if peers and kvpress_python() and hasattr(model, "model"):
-        kvpress = {f"kvpress streaming_llm K={k}": stepper("kvpress:streaming_llm", k) for k in (1, compress_every)}
+        for k in (1, compress_every):
+            peer(f"kvpress streaming_llm K={k}", lambda k=k: stepper("kvpress:streaming_llm", k))
     gguf = model_gguf(source) if peers and llamacpp_version() else None
     if gguf is not None:
-        llamacpp = {LLAMACPP_REFERENCE: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True),
-                    **{llamacpp_shift(k): stepper("llamacpp:shift", k) for k in (1, compress_every)}}
+        peer(LLAMACPP_REFERENCE, lambda: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True))
+        for k in (1, compress_every):
+            peer(llamacpp_shift(k), lambda k=k: stepper("llamacpp:shift", k))
     return {
         REFERENCE: CachedStepper(model, SameLengthCache(num_attention_layers(model), cap)),
         STRICT: stepper("start_recent"),
@@ -83,8 +97,7 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
         "ring": stepper("ring"),
         "ring lazy": stepper("ring", compress_every),
         "ring (fixed shapes)": DecoderStepper(RingDecoder(model, make_cache("ring", model, cap=cap, sink=sink))),
-        **kvpress,
-        **llamacpp,
+        **built,
         RECOMPUTE: stepper("recompute"),
     }
 
@@ -98,10 +111,18 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source)
+    failures: dict[str, str] = {}  # a peer whose worker died, hung or failed to start: a failed row
+    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source, failures=failures)
+    peers = {name for name, stepper in steppers.items() if isinstance(stepper, (KvpressStepper, LlamaCppStepper))}
     names = list(steppers)
-    for stepper in steppers.values():
-        stepper.forward(ids[:, :cap])
+    for name, stepper in list(steppers.items()):
+        try:
+            stepper.forward(ids[:, :cap])
+        except RUN_FAILURES as exc:
+            if name not in peers:
+                raise
+            failures[name] = error_text(exc)
+            steppers.pop(name).close()
     update_ms = {m: np.full(n, np.nan) for m in names}
     plan_ms = {m: np.full(n, np.nan) for m in names}
 
@@ -109,16 +130,20 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
         update_ms[name][i], plan_ms[name][i] = stepper.update_ms, stepper.plan_ms
 
     step_ms = interleave(steppers, ids, cap, n, skip=lambda i, name: name == RECOMPUTE and i % cfg.recompute_every,
-                         after=after, desc=f"overhead cap {cap}", progress=progress)
+                         after=after, failures=failures, desc=f"overhead cap {cap}", progress=progress)
     for stepper in steppers.values():
         stepper.close()  # (a peer's worker)
+    ours = [name for name in failures if name not in peers]
+    if ours:  # our own methods and the references do not fail: a bug, the section fails
+        raise StreamkvError(f"{ours[0]} failed in the overhead section: {failures[ours[0]]}")
     # The intervals of the ratios resample paired steps (`step_interval`): step i of every method ran side by side.
+    names = [name for name in names if name not in failures]
     rows = []
     for name in names:
         tpot = block_median(step_ms[name][cfg.warmup:], cfg.block)
         update = block_median(update_ms[name][cfg.warmup:], cfg.block)
         plan = block_median(plan_ms[name][cfg.warmup:], cfg.block)
-        rows.append({"cap": cap, "method": name, "tpot_ms": tpot,
+        rows.append({"cap": cap, "method": name, "status": "ok", "error": None, "tpot_ms": tpot,
                      "forward_ms": tpot - update if np.isfinite(update) else tpot,
                      "update_ms": update - plan if np.isfinite(update) else float("nan"), "plan_ms": plan,
                      "kv_bytes": steppers[name].kv_bytes(),
@@ -134,13 +159,24 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     table[["speedup_lo", "speedup_hi"]] = [step_interval(step_ms, RECOMPUTE, m, cfg) for m in names]
     table.loc[table.method == RECOMPUTE, ["overhead", "overhead_lo", "overhead_hi"]] = np.nan
     engine = table.method.str.startswith(LLAMACPP)
-    if engine.any():  # another engine: against its own decode, and no speedup over our float32 recompute
-        table.loc[engine, "overhead"] = table.tpot_ms / table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
-        table.loc[engine, ["overhead_lo", "overhead_hi"]] = [
-            step_interval(step_ms, m, LLAMACPP_REFERENCE, cfg) for m in table.method[engine]]
+    if engine.any():  # another engine: against its own decode (none if that failed), no speedup over our recompute
+        if LLAMACPP_REFERENCE in names:
+            own = table.loc[table.method == LLAMACPP_REFERENCE, "tpot_ms"].item()
+            table.loc[engine, "overhead"] = table.tpot_ms / own
+            table.loc[engine, ["overhead_lo", "overhead_hi"]] = [
+                step_interval(step_ms, m, LLAMACPP_REFERENCE, cfg) for m in table.method[engine]]
+        else:
+            table.loc[engine, ["overhead", "overhead_lo", "overhead_hi"]] = np.nan
         table.loc[engine, ["speedup", "speedup_lo", "speedup_hi"]] = np.nan
+    if failures:  # with no measurement, before recompute (the last row)
+        failed = pd.DataFrame([{"cap": cap, "method": name, "status": "failed", "error": failures[name],
+                                "timed_steps": 0} for name in failures])
+        table = pd.concat([table, failed], ignore_index=True)
+        last = (table.method == RECOMPUTE).astype(int)
+        table = table.iloc[np.argsort(last.to_numpy(), kind="stable")].reset_index(drop=True)
     table["goal"] = [_goal_text(m, cap) for m in table.method]
     table["met"] = [_goal_met(row, cap) for row in table.itertuples()]
+    table.loc[table.status == "failed", ["goal", "met"]] = ["", None]  # (a row with no measurement has no verdict)
     return table
 
 

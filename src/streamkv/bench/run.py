@@ -29,8 +29,10 @@ charged to the method instead of being hidden by a median of single steps.
   decode over cap keys (when installed), in one interleaved run; the
   fastest variant's TPOT against the goal of at most 2x llama.cpp's.
 
-A section that raises is recorded as failed, with its error, and the others
-still run; given a file, `run` rewrites it as each part of a section finishes,
+A peer whose worker dies, hangs or does not start (kvpress, llama.cpp) is a
+failed row of its section, with its error, and the section's other rows are
+measured; a section that raises is recorded as failed, with its error, and
+the others still run; given a file, `run` rewrites it as each part of a section finishes,
 so a run that dies later keeps what it had measured.
 """
 

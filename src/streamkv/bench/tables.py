@@ -95,6 +95,9 @@ def bench_markdown(result: dict) -> str:
     if result["overhead"]:
         parts += ["Eviction overhead, speedup and time split (medians of block means, methods interleaved):", "",
                   to_markdown(bench_overhead_table(result["overhead"]), _bench_cell), ""]
+        parts += [f"**Row {r['method']} at cap {r['cap']} failed:** {_bench_cell(_error_cell(r['error']))}"
+                  for r in result["overhead"] if r.get("status") == "failed"]
+        parts += [""] * any(r.get("status") == "failed" for r in result["overhead"])
     if result["compile"]:
         parts += ["Decode steps, torch.compile vs eager (graphs: compiled in the first two steps and after them; "
                   "a step that keeps recompiling falls back to eager at dynamo's recompile limit):", "",
@@ -166,9 +169,12 @@ def bench_findings(result: dict) -> list[str]:
             lines.append(f"cap {cap}, {method}: x{row['overhead']:.3f} {_bench_interval(row, 'overhead')} "
                          f"the no-eviction forward, {row['speedup']:.2f}x {_bench_interval(row, 'speedup')} "
                          f"faster than recompute (ideal {ideal:.2f}x); goal {row['goal']}: {row.get('met') or ''}")
+        for method, row in rows.items():
+            if row.get("status") == "failed":  # a peer whose worker died, hung or did not start
+                lines.append(f"cap {cap}, {method} failed: {_error_cell(row['error'])}")
         for k, ours in ((1, STRICT), (result["config"]["compress_every"], LAZY)):
             peer = rows.get(llamacpp_shift(k))
-            if peer and ours in rows:
+            if peer and ours in rows and peer.get("overhead") is not None:
                 lines.append(f"cap {cap}, {peer['method']}: x{peer['overhead']:.3f} llama.cpp's own decode without a "
                              f"shift, where our {ours} is x{rows[ours]['overhead']:.3f} our no-eviction forward")
     for c in result["compile"]:

@@ -16,6 +16,7 @@ from streamkv.bench.overhead import DecoderStepper, model_gguf, step_interval
 from streamkv.cache.compiled import RingDecoder
 from streamkv.cache.factory import make_cache
 from streamkv.errors import StreamkvError, error_text
+from streamkv.evaluation.loop import RUN_FAILURES
 from streamkv.evaluation.params import BenchConfig
 from streamkv.evaluation.timing import block_median, interleave
 from streamkv.peers.engines import LlamaCppStepper
@@ -50,7 +51,11 @@ def weights_contenders(model, cap: int, cfg: BenchConfig, source: str | None = N
                 variant, make_cache("ring", variant, cap=cap, sink=cfg.sink), compile=True, **kwargs))
     gguf = model_gguf(source) if llamacpp_version() else None
     if gguf is not None:
-        steppers[LLAMACPP_REFERENCE] = LlamaCppStepper(gguf, "llamacpp:shift", cap, cfg.sink, 1, cap, reference=True)
+        try:
+            steppers[LLAMACPP_REFERENCE] = LlamaCppStepper(gguf, "llamacpp:shift", cap, cfg.sink, 1, cap,
+                                                           reference=True)
+        except RUN_FAILURES as exc:  # its worker did not start: a failed row, the variants still run
+            failures[LLAMACPP_REFERENCE] = error_text(exc)
     return steppers, failures
 
 
@@ -91,7 +96,7 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
     for stepper in steppers.values():
         stepper.close()
     reference = block_median(step_ms[WEIGHTS_REFERENCE][cfg.warmup:], cfg.block)
-    engine = LLAMACPP_REFERENCE in step_ms and np.isfinite(step_ms[LLAMACPP_REFERENCE]).any()
+    engine = LLAMACPP_REFERENCE in step_ms and LLAMACPP_REFERENCE not in failures
 
     engine_ms = block_median(step_ms[LLAMACPP_REFERENCE][cfg.warmup:], cfg.block) if engine else float("nan")
     rows = []
@@ -117,7 +122,7 @@ def weights_speed(model, tokens: list[int], cap: int, cfg: BenchConfig, progress
             best["goal"] = f"TPOT <= {WEIGHTS_GOAL:g}x llama.cpp"
             best["met"] = verdict(best["vs_llamacpp_lo"], best["vs_llamacpp_hi"], WEIGHTS_GOAL, "<=")
     for name, error in failures.items():
-        weights, _, mode = name.rpartition(" ")
+        weights, _, mode = (None, None, "llama.cpp") if name == LLAMACPP_REFERENCE else name.rpartition(" ")
         rows.append({"cap": cap, "variant": name, "weights": weights, "mode": mode, "status": "failed",
                      "error": error})
     return rows

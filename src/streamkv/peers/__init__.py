@@ -1,2 +1,2 @@
-"""The peers: other implementations run on the same tokens (kvpress in a worker process, llama.cpp in process),
+"""The peers: other implementations run on the same tokens (kvpress and llama.cpp, each in a worker process),
 and whether this machine has them."""

@@ -20,9 +20,11 @@ by K - 1 past that, like our lazy pruning):
 * `kvpress:knorm`: KnormPress, a score-based press (keeps the keys of lowest norm).
 
 llama.cpp (the optional extra `llama-cpp-python`, `make setup-llamacpp`) runs
-in this process on the model's GGUF file, with its own kernels, the file's
-weight type and its context's cache type (both recorded with the result),
-through its C API:
+in a worker process of its own (`streamkv/peers/llamacpp_worker.py`, in this
+environment), so that a crash of its native code is a failed row, not a dead
+job; on the model's GGUF file, with its own kernels, the file's weight type
+and its context's cache type (both recorded with the result), through its C
+API:
 
 * `llamacpp:shift`: its context shift, which is StreamingLLM: when a token
   would exceed the budget, keep the first `sink` cells (n_keep), remove the
@@ -52,8 +54,11 @@ from streamkv.evaluation.params import LLAMACPP_METHODS, PEER_METHODS
 from streamkv.evaluation.stepper import Stepper
 from streamkv.models.sources import gguf_path, save_checkpoint
 from streamkv.peers.installed import INSTALL_HINT, LLAMACPP_HINT, kvpress_python, llamacpp_version
+from streamkv.peers.pipe import REQUEST_LIMIT_S, Worker, exit_text
+from streamkv.peers.pipe import has_fileno as _has_fileno
 
 WORKER = Path(__file__).with_name("kvpress_worker.py")
+LLAMACPP_WORKER = Path(__file__).with_name("llamacpp_worker.py")
 
 
 def is_peer(method: str) -> bool:
@@ -101,14 +106,14 @@ class KvpressStepper(Stepper):
             self.proc.stdin.flush()
             header = self.proc.stdout.readline()
             if not header:
-                raise StreamkvError(f"the kvpress worker of '{self.method}' stopped (exit status {self.proc.wait()}); "
+                raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it {exit_text(self.proc.wait())}; "
                                     "its error is in the log above")
             reply = json.loads(header)
             rows, vocab = reply["shape"]
             raw = self.proc.stdout.read(rows * vocab * 4)
         except BrokenPipeError as exc:
-            raise StreamkvError(f"the kvpress worker of '{self.method}' stopped "
-                                f"(exit status {self.proc.wait()})") from exc
+            raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it "
+                                f"{exit_text(self.proc.wait())}") from exc
         self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
         self._kv_bytes, self.peak_memory_mb = reply["kv_bytes"], reply["rss_mb"]
         self.versions = reply.get("versions", self.versions)
@@ -132,21 +137,21 @@ class KvpressStepper(Stepper):
 class LlamaCppStepper(Stepper):
     """A stepper of the decode loop whose forwards are llama.cpp decodes; `llamacpp:shift` or `llamacpp:dense`.
 
-    Every token's logits come back (teacher forcing), positions are consecutive
-    from 0, and the shift happens inside the timed forward, as the eviction
-    work of our own caches does.
+    llama.cpp runs in a worker process (`streamkv/peers/llamacpp_worker.py`), one forward per request: a crash
+    of its native code, a hang or an abort ends the worker, and the forward raises a `StreamkvError` that says
+    how (the signal that killed it), which becomes a failed row.  Every token's logits come back (teacher
+    forcing), positions are consecutive from 0, and the shift happens inside the forward the worker times, as
+    the eviction work of our own caches does.
     """
 
     # (no cache timers: the shift's work is done inside the next decode)
 
     def __init__(self, gguf: Path, method: str, cap: int, sink: int | None, compress_every: int, max_tokens: int,
-                 threads: int | None = None, reference: bool = False):
+                 threads: int | None = None, reference: bool = False, limit_s: float = REQUEST_LIMIT_S):
         if llamacpp_version() is None:
             raise NotInstalled(f"method '{method}' needs llama-cpp-python, which is not installed: {LLAMACPP_HINT}")
-        import llama_cpp as lc
-
         sink = sink or 0
-        self.lc, self.method, self.sink, self.compress_every = lc, method, sink, compress_every
+        self.method = method
         # The timing reference of `streamkv bench`: a decode over the prefill's cells (cap), after which the new
         # cell is removed again; what the shift costs on top of llama.cpp's own decode.
         self.reference = reference
@@ -154,79 +159,50 @@ class LlamaCppStepper(Stepper):
         self.budget = max_tokens if self.dense else cap + compress_every - 1
         if not self.dense:
             Budget.derive(cap, sink=sink)  # (sink < cap, as for our own caches)
-        # llama-cpp-python logs every tensor it loads through this logger; only errors reach the job's log
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
-        if not self.model:
-            raise StreamkvError(f"llama.cpp could not load {gguf}")
-        params = lc.llama_context_default_params()
-        params.n_ctx = self.budget
-        params.n_batch = params.n_ubatch = self.budget
-        params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
-        self.ctx = lc.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            lc.llama_model_free(self.model)
-            raise StreamkvError(f"llama.cpp could not create a context of {self.budget} cells for {gguf}")
-        self.mem = lc.llama_get_memory(self.ctx)
-        self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
-        self.batch = lc.llama_batch_init(self.budget, 0, 1)
-        # An F16 cell holds a key and a value of every layer's kv heads (the context's default types).
-        n_layer, n_head = lc.llama_model_n_layer(self.model), lc.llama_model_n_head(self.model)
-        head_dim = lc.llama_model_n_embd(self.model) // n_head
-        self.cell_bytes = 2 * n_layer * lc.llama_model_n_head_kv(self.model) * head_dim * 2
-        self.cells = lc.llama_n_ctx(self.ctx)
-        self.n_past = self.kv_len = self.dropped = 0
+        argv = [sys.executable, str(LLAMACPP_WORKER), "--gguf", str(gguf), "--method", method,
+                "--cells", str(self.budget), "--sink", str(sink), "--discard", str(compress_every),
+                "--threads", str(threads or torch.get_num_threads())]
+        argv += ["--dense"] * self.dense + ["--reference"] * reference
+        self.worker = Worker(argv, f"the llama.cpp worker of '{method}'", limit_s)
+        try:
+            info, _ = self.worker.receive(f"while loading {Path(gguf).name}")
+        except StreamkvError:
+            self.worker.close()
+            raise
+        self.cells, self.cell_bytes = info["cells"], info["cell_bytes"]
+        self.seen = self.kv_len = self.dropped = 0
         self.kind = ""
-        # What the report says of this engine is read here, not assumed: the file's weight type, the cache's
-        # number type and the cells it allocated for the budget.
+        self.forward_ms = self.peak_memory_mb = None
+        # What the report says of this engine is read, not assumed: the file's weight type, the cache's number
+        # type and the cells llama.cpp allocated for the budget.
         self.versions = {"llama-cpp-python": llamacpp_version(), "gguf": Path(gguf).name,
-                         "gguf_type": gguf_file_type(gguf), "kv_cache": _ggml_type_name(params.type_k, "f16"),
-                         "kv_cells": int(self.cells), "kv_budget": int(self.budget), "threads": params.n_threads}
+                         "gguf_type": gguf_file_type(gguf), "kv_cache": _ggml_type_name(info["type_k"], "f16"),
+                         "kv_cells": int(self.cells), "kv_budget": int(self.budget), "threads": info["threads"]}
 
-    def _shift(self) -> None:
-        """llama.cpp's context shift: drop cells [sink, sink + K), move the rest K positions back."""
-        lc, keep, n = self.lc, self.sink, self.compress_every  # n_discard
-        lc.llama_memory_seq_rm(self.mem, 0, keep, keep + n)
-        lc.llama_memory_seq_add(self.mem, 0, keep + n, self.n_past, -n)
-        self.n_past -= n
-        self.dropped, self.kind = n, "lazy"  # (what our caches call a prune on their rhythm, strict ones included)
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self.worker.proc.pid
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tokens = ids[0].tolist()
         self.dropped, self.kind = 0, ""
-        if self.n_past + len(tokens) > self.budget:
-            if self.dense or len(tokens) > 1 or self.reference:  # (EvalParams keeps every run of the loop from here)
-                raise StreamkvError(f"{self.method}: {self.n_past + len(tokens)} tokens do not fit "
-                                    f"{self.budget} cells")
-            self._shift()
-        b = self.batch
-        b.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, self.n_past + i, 1, 1
-            b.seq_id[i][0] = 0
-        status = self.lc.llama_decode(self.ctx, b)
-        if status != 0:
-            raise StreamkvError(f"llama.cpp's decode failed with status {status} at position {self.n_past}")
-        logits = np.ctypeslib.as_array(self.lc.llama_get_logits(self.ctx), shape=(len(tokens), self.vocab))
-        out = torch.from_numpy(logits.copy()).unsqueeze(0)
-        self.n_past += len(tokens)
-        self.kv_len = self.n_past
-        if self.reference:  # the cell just written goes again: every step attends to as many keys, nothing shifts
-            self.n_past -= 1
-            self.lc.llama_memory_seq_rm(self.mem, 0, self.n_past, -1)
-        return out
+        during = (f"at token {self.seen}" if len(tokens) == 1 else
+                  f"at tokens {self.seen}..{self.seen + len(tokens) - 1}")
+        reply, raw = self.worker.request({"ids": tokens}, during)
+        self.seen += len(tokens)
+        self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
+        self.peak_memory_mb = reply["rss_mb"]
+        self.kind = "lazy" if self.dropped else ""  # (what our caches call a prune on their rhythm, strict included)
+        rows, vocab = reply["shape"]
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.float32)).view(1, rows, vocab)
 
     def kv_bytes(self) -> int:
         """The cells llama.cpp allocated for the context (it holds them all from the start)."""
         return self.cells * self.cell_bytes
 
     def close(self) -> None:
-        if self.ctx:
-            self.lc.llama_batch_free(self.batch)
-            self.lc.llama_free(self.ctx)
-            self.lc.llama_model_free(self.model)
-            self.ctx = None
+        self.worker.close()
 
 
 def gguf_file_type(path: str | Path) -> str | None:
@@ -265,10 +241,3 @@ def _ggml_type_name(value, default: str) -> str:
     except (TypeError, ValueError):
         return default
 
-
-def _has_fileno() -> bool:
-    try:
-        sys.stderr.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
