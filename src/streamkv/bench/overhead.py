@@ -26,7 +26,7 @@ from streamkv.cache.compiled import RingDecoder
 from streamkv.cache.factory import make_cache, make_stepper
 from streamkv.cache.streaming import num_attention_layers
 from streamkv.errors import StreamkvError
-from streamkv.evaluation.params import BenchConfig, EvalParams
+from streamkv.evaluation.params import BENCH_KVPRESS, SINKLESS_METHODS, BenchConfig, EvalParams
 from streamkv.evaluation.stepper import CachedStepper, Stepper
 from streamkv.evaluation.timing import SameLengthCache, block_median, interleave, step_ratio_interval
 from streamkv.models.sources import gguf_path
@@ -55,22 +55,28 @@ def model_gguf(source: str | None) -> Path | None:
         return None
 
 
-def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None) -> dict:
+def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None,
+               kvpress_methods: tuple[str, ...] = BENCH_KVPRESS) -> dict:
     """Every method of the overhead table, each with its own state, built by the decode loop's factory.
 
     The two references are the bench's own: the no-eviction forward (`SameLengthCache`) and, with peers,
-    llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is,
-    llama.cpp rows where it is installed and the model (`source`) has a GGUF file.
+    llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is
+    (`kvpress_methods`: StreamingLLM at K = 1 and `compress_every`, the others at `compress_every`), llama.cpp
+    rows where it is installed and the model (`source`) has a GGUF file.  `tova` runs the model's eager attention
+    (it needs the weights), the reference the model's own: its overhead includes that difference.
     """
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     def stepper(method: str, k: int = 1) -> Stepper:
-        p = EvalParams(source or "-", "-", method, cap=cap, sink=sink, compress_every=k, max_tokens=cap, dtype=dtype)
+        p = EvalParams(source or "-", "-", method, cap=cap, sink=None if method in SINKLESS_METHODS else sink,
+                       compress_every=k, max_tokens=cap, dtype=dtype)
         return make_stepper(model, p.resolved(), source)
 
     kvpress, llamacpp = {}, {}
     if peers and kvpress_python() and hasattr(model, "model"):
-        kvpress = {f"kvpress streaming_llm K={k}": stepper("kvpress:streaming_llm", k) for k in (1, compress_every)}
+        for method in kvpress_methods:
+            for k in (1, compress_every) if method == "kvpress:streaming_llm" else (compress_every,):
+                kvpress[f"kvpress {method.split(':', 1)[1]} K={k}"] = stepper(method, k)
     gguf = model_gguf(source) if peers and llamacpp_version() else None
     if gguf is not None:
         llamacpp = {LLAMACPP_REFERENCE: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True),
@@ -83,6 +89,8 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
         "ring": stepper("ring"),
         "ring lazy": stepper("ring", compress_every),
         "ring (fixed shapes)": DecoderStepper(RingDecoder(model, make_cache("ring", model, cap=cap, sink=sink))),
+        "tova": stepper("tova"),
+        "tova lazy": stepper("tova", compress_every),
         **kvpress,
         **llamacpp,
         RECOMPUTE: stepper("recompute"),
@@ -98,7 +106,8 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
     if len(tokens) < cap + n:
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
-    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source)
+    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source,
+                          kvpress_methods=cfg.kvpress_methods)
     names = list(steppers)
     for stepper in steppers.values():
         stepper.forward(ids[:, :cap])
