@@ -136,7 +136,7 @@ def test_a_press_that_cannot_run_fails_with_its_reason(tiny, hamlet_bytes, press
     from streamkv.evaluation.loop import failure
 
     params = EvalParams("m", "t", f"kvpress:{press}", cap=CAP, compress_every=k, max_tokens=100, prefill=PREFILL)
-    with pytest.raises(StreamkvError, match=f"kvpress press 'kvpress:{press}' failed in its worker: .*{reason}") as exc:
+    with pytest.raises(StreamkvError, match=f"the kvpress worker of 'kvpress:{press}' failed: .*{reason}") as exc:
         evaluate(tiny("tiny:llama"), hamlet_bytes[:100], params, progress=False)
     record = failure(params, exc.value)
     assert record["status"] == "failed" and f"kvpress:{press}" in record["error"]
@@ -147,6 +147,6 @@ def test_a_worker_that_dies_without_a_word_is_named(tiny, hamlet_bytes, monkeypa
     python.write_text("#!/bin/sh\nexit 3\n")
     python.chmod(0o755)
     monkeypatch.setenv("STREAMKV_KVPRESS_PYTHON", str(python))
-    with pytest.raises(StreamkvError, match=r"kvpress press 'kvpress:tova' failed in its worker: it stopped "
+    with pytest.raises(StreamkvError, match=r"the kvpress worker of 'kvpress:tova' failed: it stopped "
                                             r"\(exit status 3\)"):
         run(tiny("tiny:llama"), hamlet_bytes[:100], "kvpress:tova", sink=None)

@@ -112,7 +112,7 @@ class KvpressStepper(Stepper):
         reply = json.loads(header) if header.strip() else {"error": self._last_words()}
         if "error" in reply:
             self._reap()
-            raise StreamkvError(f"kvpress press '{self.method}' failed in its worker: {reply['error']}")
+            raise StreamkvError(f"the kvpress worker of '{self.method}' failed: {reply['error']}")
         rows, vocab = reply["shape"]
         raw = self.proc.stdout.read(rows * vocab * 4)
         self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
