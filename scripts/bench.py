@@ -10,7 +10,8 @@ from streamkv.models.sources import load_model
 
 with log_to(snakemake.log[0]):
     settings = dict(snakemake.params.settings)
-    for key in ("caps", "compile_methods", "stream_methods", "sections", "weights", "weights_compile"):
+    for key in ("caps", "compile_methods", "stream_methods", "sections", "weights", "weights_compile",
+                "kvpress_methods"):
         if key in settings:
             settings[key] = tuple(settings[key])
     cfg = BenchConfig(**settings).check()

@@ -55,7 +55,7 @@ def test_a_failed_section_keeps_the_others_and_the_file_holds_each_as_it_finishe
     assert len(sections["memory"]["error"]) == 4000  # bounded
     assert "memory_stream" in sections["memory"]["where"]
     assert sections["overhead"]["seconds"] > 0 and sections["compile"]["seconds"] is None
-    assert len(result["overhead"]) == 8 and len(result["evaluator"]) == 1 and result["memory"] == []
+    assert len(result["overhead"]) == 10 and len(result["evaluator"]) == 1 and result["memory"] == []
 
     text = bench_markdown(result)
     failure = next(line for line in text.splitlines() if "memory" in line and "failed" in line)

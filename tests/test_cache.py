@@ -104,7 +104,7 @@ def test_is_a_transformers_cache(tiny):
 def test_unknown_cache_method(tiny):
     with pytest.raises(StreamkvError) as err:
         make_cache("h2o", tiny("tiny:llama").model)
-    assert str(err.value) == "unknown cache method 'h2o'; choose one of: dense, window, start_recent, mit, ring"
+    assert str(err.value) == "unknown cache method 'h2o'; choose one of: dense, window, start_recent, mit, ring, tova"
 
 
 @pytest.mark.parametrize("k", [1, 8])

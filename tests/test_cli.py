@@ -38,16 +38,17 @@ def test_eval_writes_result_and_trace(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "h2o"],
-     "streamkv: error: unknown method 'h2o'; choose one of: dense, window, start_recent, mit, ring, recompute, "
-     "kvpress:streaming_llm, kvpress:streaming_llm_unsorted, kvpress:streaming_llm+rerotate, kvpress:knorm, "
-     "llamacpp:shift, llamacpp:dense\n"),
+     "streamkv: error: unknown method 'h2o'; choose one of: dense, window, start_recent, mit, ring, tova, "
+     "recompute, kvpress:streaming_llm, kvpress:streaming_llm_unsorted, kvpress:streaming_llm+rerotate, "
+     "kvpress:knorm, kvpress:snapkv, kvpress:tova, kvpress:expected_attention, kvpress:keydiff, "
+     "kvpress:observed_attention, llamacpp:shift, llamacpp:dense\n"),
     (["--method", "mit", "--cap", "-5"], "streamkv: error: cap must be a positive number of tokens, got -5\n"),
     (["--method", "mit", "--cap", "8", "--sink", "8"],
      "streamkv: error: sink (8) must be smaller than cap (8) so that a window remains\n"),
     (["--method", "mit", "--cap", "64", "--prefill", "65", "--max-tokens", "100"],
      "streamkv: error: prefill (65) must not exceed cap (64): the prefill forward would attend beyond the budget\n"),
     (["--method", "mit", "--compress-every", "4"],
-     "streamkv: error: compress-every applies to window, start_recent, ring, the kvpress methods and "
+     "streamkv: error: compress-every applies to window, start_recent, ring, tova, the kvpress methods and "
      "llamacpp:shift, not to 'mit'\n"),
     (["--method", "window", "--sink", "4"],
      "streamkv: error: method 'window' keeps no sink tokens; leave --sink out or use start_recent\n"),

@@ -218,15 +218,16 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert main(["bench", "--model", "tiny:llama", "--caps", "48", "--compress-every", "8", "--block", "8",
                  "--blocks", "1", "--warmup", "1", "--no-compile", "--peers", "--stream-tokens", "100",
                  "--rss-from", "60", "--stream-methods", "ring", "--evaluator-tokens", "120", "--quiet",
-                 "--out", str(out)]) == 0
+                 "--kvpress-methods", "kvpress:streaming_llm", "kvpress:tova", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| 48 | ring (fixed shapes) |" in printed and "| ring | 48 | 100 |" in printed
     assert "| 48 | start_recent K=8 | 120 |" in printed  # the evaluator section
     record = json.loads(out.read_text())
-    peers = 2 if EXPECT_KVPRESS else 0  # kvpress at K = 1 and compress_every (CI: always)
-    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 8 + peers
+    assert "| 48 | tova lazy |" in printed
+    peers = 3 if EXPECT_KVPRESS else 0  # kvpress StreamingLLM at K = 1 and compress_every, TOVA at K (CI: always)
+    assert record["config"]["model"] == "tiny:llama" and len(record["overhead"]) == 10 + peers
     if peers:
-        assert "| 48 | kvpress streaming_llm K=8 |" in printed
+        assert "| 48 | kvpress streaming_llm K=8 |" in printed and "| 48 | kvpress tova K=8 |" in printed
 
 
 @needs_llamacpp

@@ -104,7 +104,7 @@ def test_every_schema_enum_is_its_registry():
                   "weights_compile": params.WEIGHTS, "dtype": params.DTYPES, "evaluator": params.EVALUATORS,
                   "compile_methods": params.COMPILE_METHODS, "stream_methods": params.STREAM_METHODS,
                   "sections": params.BENCH_SECTIONS, "expect": tuple(EXPECT_WORDS), "probes": tuple(PROBES),
-                  "grid": RUN_KEYS[1:]}
+                  "grid": RUN_KEYS[1:], "kvpress_methods": params.KVPRESS_METHODS}
     seen = set()
     for key, where, enum in _enums(SCHEMA):
         if key == "method":

@@ -85,3 +85,68 @@ def test_peer_options_are_checked():
         EvalParams("m", "t", "mit", positions="original").resolved()
     with pytest.raises(StreamkvError, match="unknown positions 'absolute'; choose one of: cache, original"):
         EvalParams("m", "t", "start_recent", positions="absolute").resolved()
+
+
+@needs_kvpress
+@pytest.mark.parametrize("k", [1, 8])
+def test_tova_press_gives_the_nll_of_the_native_tova(tiny, hamlet_bytes, k):
+    """DecodingPress(TOVAPress) keeps no sinks; the native policy with sink 0 keeps the same keys, at the same
+    original positions, so every NLL agrees."""
+    loaded, tokens = tiny("tiny:llama"), hamlet_bytes[:400]
+    peer, a = run(loaded, tokens, "kvpress:tova", k, sink=None)
+    ours, b = run(loaded, tokens, "tova", k, sink=0)
+    assert np.abs(a.nll.values - b.nll.values).max() <= 1e-4
+    assert a.kv_len.tolist() == b.kv_len.tolist() and a.kv_len.max() == CAP + k - 1
+    assert peer["metrics"]["tokens_dropped"] == ours["metrics"]["tokens_dropped"] > 0
+    _, sinks = run(loaded, tokens, "tova", k)  # and the sinks matter: kept always, they change what is kept
+    assert np.abs(a.nll.values - sinks.nll.values).max() > 1e-3
+
+
+@needs_kvpress
+@pytest.mark.parametrize("press", ["snapkv", "tova", "expected_attention", "keydiff", "observed_attention"])
+def test_a_score_based_press_streams_within_its_budget(tiny, hamlet_bytes, press):
+    """Each runs to the end under eviction, attends to at most cap + K - 1 keys, and keeps other tokens than
+    Start+Recent with its sinks (it evicts by score, not by age)."""
+    loaded, tokens, k = tiny("tiny:llama"), hamlet_bytes[:200], 8
+    record, trace = run(loaded, tokens, f"kvpress:{press}", k, sink=None)
+    assert record["status"] == "ok" and record["metrics"]["n_prunes"] > 0
+    assert trace.kv_len.max() == CAP + k - 1
+    _, recent = run(loaded, tokens, "start_recent", k, sink=record["params"]["sink"], positions="original")
+    assert trace.kv_len.tolist() == recent.kv_len.tolist()
+    assert np.abs(trace.nll.values - recent.nll.values).max() > 1e-3
+
+
+@needs_kvpress
+def test_observed_attention_runs_eager_whatever_the_model_runs(hamlet_bytes):
+    """ObservedAttentionPress reads the attention weights, which only eager attention returns."""
+    from streamkv import load_model
+
+    loaded = load_model("tiny:llama", attn_implementation="sdpa")
+    record, _ = run(loaded, hamlet_bytes[:60], "kvpress:observed_attention", 4, sink=None)
+    assert record["status"] == "ok" and record["metrics"]["n_prunes"] > 0
+    assert record["meta"]["peer_versions"]["attn_implementation"] == "eager"
+
+
+@needs_kvpress
+@pytest.mark.parametrize("press, k, reason", [
+    ("snapkv", 1, r"AssertionError: Query length 1 should be greater than the window size 1 \(snapkv_press.py:\d+\)"),
+    ("expected_attention", 4, "leaves the first n_sink=4 buffered queries out"),
+])
+def test_a_press_that_cannot_run_fails_with_its_reason(tiny, hamlet_bytes, press, k, reason):
+    from streamkv.evaluation.loop import failure
+
+    params = EvalParams("m", "t", f"kvpress:{press}", cap=CAP, compress_every=k, max_tokens=100, prefill=PREFILL)
+    with pytest.raises(StreamkvError, match=f"the kvpress worker of 'kvpress:{press}' failed: .*{reason}") as exc:
+        evaluate(tiny("tiny:llama"), hamlet_bytes[:100], params, progress=False)
+    record = failure(params, exc.value)
+    assert record["status"] == "failed" and f"kvpress:{press}" in record["error"]
+
+
+def test_a_worker_that_dies_without_a_word_is_named(tiny, hamlet_bytes, monkeypatch, tmp_path):
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 3\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("STREAMKV_KVPRESS_PYTHON", str(python))
+    with pytest.raises(StreamkvError, match=r"the kvpress worker of 'kvpress:tova' stopped: it exited with "
+                                            r"status 3; its error is in the log above"):
+        run(tiny("tiny:llama"), hamlet_bytes[:100], "kvpress:tova", sink=None)

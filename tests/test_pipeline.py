@@ -319,7 +319,7 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
     (lambda c: c["runs"].append({"name": "too big", "method": "start_recent", "cache_slack": 40}),
      "config key runs[8] ('too big'): budget leaves no window: cap (32) - sink (4) - cache_slack (40)"),
     (lambda c: c["runs"].append({"name": "lazy mit", "method": "mit", "compress_every": 4}),
-     "config key runs[8] ('lazy mit'): compress-every applies to window, start_recent, ring, the kvpress methods "
+     "config key runs[8] ('lazy mit'): compress-every applies to window, start_recent, ring, tova, the kvpress methods "
      "and llamacpp:shift, not to 'mit'"),
     (lambda c: c["runs"][0].update(texts=["macbeth"]), "config key runs[0].texts: unknown text 'macbeth'"),
     (lambda c: c["ablations"]["softlite"].update(texts=["macbeth"]),

@@ -121,7 +121,7 @@ def test_ring_options_are_checked(tiny, hamlet_bytes):
     stream(model, cache, hamlet_bytes[:40])
     with pytest.raises(StreamkvError, match="a chunk of 30 tokens does not fit the ring's window \\(28\\)"):
         stream(model, cache, hamlet_bytes[40:70], chunk=30)
-    with pytest.raises(StreamkvError, match="compress-every applies to window, start_recent, ring, the kvpress "
+    with pytest.raises(StreamkvError, match="compress-every applies to window, start_recent, ring, tova, the kvpress "
                                             "methods and llamacpp:shift, not to 'mit'"):
         EvalParams("m", "t", "mit", compress_every=8).resolved()
 

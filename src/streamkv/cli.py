@@ -118,9 +118,13 @@ def _add_bench(sub) -> None:
                    help=f"time recompute on every n-th step only (default {d.recompute_every})")
     b.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile comparison")
     b.add_argument("--peers", action="store_true",
-                   help="add the peers to the overhead table: kvpress StreamingLLMPress (K = 1 and --compress-every; "
-                        "needs .venv-kvpress) and llama.cpp's context shift (K = 1 and --compress-every, against its "
+                   help="add the peers to the overhead table: the kvpress presses of --kvpress-methods (needs "
+                        ".venv-kvpress) and llama.cpp's context shift (K = 1 and --compress-every, against its "
                         "own decode; needs llama-cpp-python and a GGUF model)")
+    b.add_argument("--kvpress-methods", nargs="+", default=list(d.kvpress_methods),
+                   help="the kvpress presses timed with --peers: StreamingLLM at K = 1 and --compress-every, the "
+                        "others at --compress-every; each adds a worker and a row of timed steps (default "
+                        f"{' '.join(d.kvpress_methods)})")
     b.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     b.add_argument("--compile-steps", type=int, default=d.compile_steps)
     b.add_argument("--compile-methods", nargs="+", default=list(d.compile_methods),
@@ -235,6 +239,7 @@ def run_bench(args) -> int:
     cfg = BenchConfig(
         caps=tuple(args.caps), sink=args.sink, compress_every=args.compress_every, blocks=args.blocks, block=args.block,
         warmup=args.warmup, recompute_every=args.recompute_every, compile=args.compile, peers=args.peers,
+        kvpress_methods=tuple(args.kvpress_methods),
         compile_mode=args.compile_mode,
         compile_steps=args.compile_steps, compile_methods=tuple(args.compile_methods),
         stream_tokens=args.stream_tokens, stream_methods=tuple(args.stream_methods),

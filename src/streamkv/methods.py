@@ -92,12 +92,25 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            parallel=True),
     Method("ring", "cache", "Start+Recent in preallocated buffers (strict or lazy K): nothing is moved on eviction",
            frozenset({"compress_every"}), parallel=True),
+    Method("tova", "cache", "TOVA: sinks plus the keys the newest query attends to most (head mean, per layer), "
+           "pruned every K; original positions; decode loop only (what it keeps depends on the attention)",
+           frozenset({"compress_every"})),
     Method("recompute", "baseline", "the baseline: a fresh forward over sinks + window for every token",
            frozenset({"stride"}), kv_bytes="computed"),
     _kvpress("kvpress:streaming_llm", "kvpress's StreamingLLMPress (original positions), in its own environment"),
     _kvpress("kvpress:streaming_llm_unsorted", "kvpress's StreamingLLMPress with its unsorted kept indices"),
     _kvpress("kvpress:streaming_llm+rerotate", "kvpress's StreamingLLMPress with keys re-rotated (pos-shift)"),
     _kvpress("kvpress:knorm", "kvpress's KnormPress (keeps the keys of smallest norm, no sinks)", default_sink=0),
+    _kvpress("kvpress:snapkv", "kvpress's SnapKVPress: pooled attention of the last min(64, K - 1) queries, whose keys "
+             "it keeps (no sinks; needs K > 1)", default_sink=0),
+    _kvpress("kvpress:tova", "kvpress's TOVAPress: the current query's attention averaged over heads, the newest key "
+             "kept (no sinks)", default_sink=0),
+    _kvpress("kvpress:expected_attention", "kvpress's ExpectedAttentionPress: attention expected from the statistics "
+             "of the queries since the last compression (keeps sink first tokens; needs K > sink)"),
+    _kvpress("kvpress:keydiff", "kvpress's KeyDiffPress (keeps the keys least similar to their mean, no sinks)",
+             default_sink=0),
+    _kvpress("kvpress:observed_attention", "kvpress's ObservedAttentionPress (H2O-style; while decoding: the "
+             "current query's attention over n - i per slot i; eager attention; no sinks)", default_sink=0),
     Method("llamacpp:shift", "llamacpp", "llama.cpp's context shift (K = n_discard) on the GGUF file",
            frozenset({"compress_every"}), setup="make setup-llamacpp", kv_bytes="computed"),
     Method("llamacpp:dense", "llamacpp", "llama.cpp without eviction (its own reference)", default_sink=None,

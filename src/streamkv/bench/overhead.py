@@ -27,7 +27,7 @@ from streamkv.cache.factory import make_cache, make_stepper
 from streamkv.cache.streaming import num_attention_layers
 from streamkv.errors import StreamkvError, error_text
 from streamkv.evaluation.loop import RUN_FAILURES
-from streamkv.evaluation.params import BenchConfig, EvalParams
+from streamkv.evaluation.params import BENCH_KVPRESS, SINKLESS_METHODS, BenchConfig, EvalParams
 from streamkv.evaluation.stepper import CachedStepper, Stepper
 from streamkv.evaluation.timing import SameLengthCache, block_median, interleave, step_ratio_interval
 from streamkv.models.sources import gguf_path
@@ -57,18 +57,21 @@ def model_gguf(source: str | None) -> Path | None:
 
 
 def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = False, source: str | None = None,
-               failures: dict[str, str] | None = None) -> dict:
+               kvpress_methods: tuple[str, ...] = BENCH_KVPRESS, failures: dict[str, str] | None = None) -> dict:
     """Every method of the overhead table, each with its own state, built by the decode loop's factory.
 
     The two references are the bench's own: the no-eviction forward (`SameLengthCache`) and, with peers,
-    llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is,
-    llama.cpp rows where it is installed and the model (`source`) has a GGUF file.  A peer whose worker fails
-    to start is left out, its error kept in `failures` (without `failures`, the error propagates).
+    llama.cpp's decode over cap keys without a shift.  With `peers`: kvpress rows where its environment is
+    (`kvpress_methods`: StreamingLLM at K = 1 and `compress_every`, the others at `compress_every`), llama.cpp
+    rows where it is installed and the model (`source`) has a GGUF file.  `tova` runs the model's eager attention
+    (it needs the weights), the reference the model's own: its overhead includes that difference.  A peer whose
+    worker fails to start is left out, its error kept in `failures` (without `failures`, the error propagates).
     """
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     def stepper(method: str, k: int = 1) -> Stepper:
-        p = EvalParams(source or "-", "-", method, cap=cap, sink=sink, compress_every=k, max_tokens=cap, dtype=dtype)
+        p = EvalParams(source or "-", "-", method, cap=cap, sink=None if method in SINKLESS_METHODS else sink,
+                       compress_every=k, max_tokens=cap, dtype=dtype)
         return make_stepper(model, p.resolved(), source)
 
     built = {}
@@ -82,8 +85,9 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
             failures[name] = error_text(exc)
 
     if peers and kvpress_python() and hasattr(model, "model"):
-        for k in (1, compress_every):
-            peer(f"kvpress streaming_llm K={k}", lambda k=k: stepper("kvpress:streaming_llm", k))
+        for method in kvpress_methods:
+            for k in (1, compress_every) if method == "kvpress:streaming_llm" else (compress_every,):
+                peer(f"kvpress {method.split(':', 1)[1]} K={k}", lambda method=method, k=k: stepper(method, k))
     gguf = model_gguf(source) if peers and llamacpp_version() else None
     if gguf is not None:
         peer(LLAMACPP_REFERENCE, lambda: LlamaCppStepper(gguf, "llamacpp:shift", cap, sink, 1, cap, reference=True))
@@ -97,6 +101,8 @@ def contenders(model, cap: int, sink: int, compress_every: int, peers: bool = Fa
         "ring": stepper("ring"),
         "ring lazy": stepper("ring", compress_every),
         "ring (fixed shapes)": DecoderStepper(RingDecoder(model, make_cache("ring", model, cap=cap, sink=sink))),
+        "tova": stepper("tova"),
+        "tova lazy": stepper("tova", compress_every),
         **built,
         RECOMPUTE: stepper("recompute"),
     }
@@ -112,7 +118,8 @@ def overhead(model, tokens: list[int], cap: int, cfg: BenchConfig, progress: boo
         raise StreamkvError(f"the bench needs {cap + n} tokens of text at cap {cap}, the text has {len(tokens)}")
     ids = torch.tensor(tokens[: cap + n], device=device).unsqueeze(0)
     failures: dict[str, str] = {}  # a peer whose worker died, hung or failed to start: a failed row
-    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source, failures=failures)
+    steppers = contenders(model, cap, cfg.sink, cfg.compress_every, peers=cfg.peers, source=source,
+                          kvpress_methods=cfg.kvpress_methods, failures=failures)
     peers = {name for name, stepper in steppers.items() if isinstance(stepper, (KvpressStepper, LlamaCppStepper))}
     names = list(steppers)
     for name, stepper in list(steppers.items()):

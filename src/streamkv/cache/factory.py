@@ -17,6 +17,7 @@ from streamkv.cache.budget import Budget
 from streamkv.cache.policy import KeepAll, StartRecent
 from streamkv.cache.ring import LazyRingCache, RingCache
 from streamkv.cache.rope import REBASE, RotaryAligner
+from streamkv.cache.scored import ScoredLayer, ScoringStepper
 from streamkv.cache.streaming import (
     REFRESH_SELECTORS,
     MitLayer,
@@ -47,6 +48,8 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)
+    if isinstance(cache.layers[0], ScoredLayer):  # its scores come from the attention weights
+        return ScoringStepper(model, cache)
     return CachedStepper(model, cache)
 
 
@@ -83,7 +86,9 @@ def make_cache(
     min(budget, len(positions)) distinct indices into the candidates, sorted by position).
     `positions="original"` (start_recent) leaves the kept keys where they were
     rotated, the query at its absolute position (kvpress's semantics; the
-    default "cache" moves the sinks next to the window).  Use with
+    default "cache" moves the sinks next to the window).  `tova` keeps the
+    `sink` first tokens and the keys the newest query attended to most
+    (`streamkv.cache.scored`; the model must run its attention function).  Use with
     `model.generate(..., past_key_values=cache)` or in a forward loop.
     """
     n = num_attention_layers(model)
@@ -187,3 +192,11 @@ def _ring(model: nn.Module, o: Options) -> StreamingCache:
         return LazyRingCache(o.num_layers, budget.cap, budget.sink, o.compress_every, RotaryAligner(model),
                              o.rebase_every)
     return RingCache(o.num_layers, budget.cap, budget.sink, RotaryAligner(model), o.rebase_every)
+
+
+@builder("tova")
+def _tova(model: nn.Module, o: Options) -> StreamingCache:
+    budget = Budget.derive(o.cap, sink=o.sink)
+    # How many and when: lazy Start+Recent's count (cap keys with the query, every K positions); which: the layers
+    # choose by score.  Kept keys stay at their original positions (no aligner).
+    return StreamingCache(ScoredLayer, o.num_layers, StartRecent(budget.sink, budget.window, o.compress_every), None)

@@ -33,7 +33,8 @@ class Prune:
 class Policy(Protocol):
     """What a streaming cache asks its eviction policy; `KeepAll` and `StartRecent` are the built-in ones.
 
-    The evicted tokens are always the oldest ones after the `sink` first: a policy decides how many, and when.
+    A policy decides how many tokens go, and when; the cache's layers decide which: the oldest after the `sink`
+    first, or, in a score-based cache (`streamkv.cache.scored`), the lowest-scored after them.
     """
 
     sink: int  # tokens at the start that are never evicted

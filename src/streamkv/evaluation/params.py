@@ -169,6 +169,8 @@ class EvalParams:
 BENCH_SECTIONS = ("overhead", "compile", "memory", "evaluator", "weights")
 MAX_BENCH_TOKENS = 10_000_000  # tokens of text a bench may decode: more is a mistyped setting (days of decoding)
 STREAM_METHODS = ("ring", "start_recent", "mit", "dense", "window")
+BENCH_KVPRESS = ("kvpress:streaming_llm", "kvpress:snapkv", "kvpress:tova", "kvpress:expected_attention",
+                 "kvpress:keydiff", "kvpress:knorm", "kvpress:observed_attention")
 # The decode steps the compile section compiles: the ring's fixed-shape step, and every cache's general step.
 RING_STATIC = "ring-static"
 COMPILE_METHODS = (RING_STATIC, *CACHE_METHODS)
@@ -187,6 +189,10 @@ class BenchConfig:
     recompute_every: int = 4  # recompute is timed on every n-th step (its history gets every token)
     compile: bool = True
     peers: bool = False  # kvpress rows in the overhead table (they need the peer environment)
+    # With peers, the kvpress presses timed: StreamingLLM at K = 1 and compress_every, every other one at
+    # compress_every only (SnapKV needs K > 1, ExpectedAttention K > sink).  Each press is a worker with its own copy
+    # of the model and a row of timed steps: shorten the list to shorten the bench.
+    kvpress_methods: tuple[str, ...] = BENCH_KVPRESS
     compile_mode: str | None = None  # torch.compile mode ("reduce-overhead": CUDA graphs)
     compile_steps: int = 128
     compile_methods: tuple[str, ...] = (RING_STATIC,)  # see COMPILE_METHODS: the steps compiled, one row each
@@ -230,6 +236,10 @@ class BenchConfig:
         if bad:
             raise StreamkvError(f"unknown compile method(s) {', '.join(bad)}; choose from: "
                                 f"{', '.join(COMPILE_METHODS)}")
+        bad = [m for m in self.kvpress_methods if m not in KVPRESS_METHODS]
+        if bad:
+            raise StreamkvError(f"unknown kvpress method(s) {', '.join(bad)}; "
+                                f"choose from: {', '.join(KVPRESS_METHODS)}")
         bad = [m for m in self.stream_methods if m not in STREAM_METHODS]
         if bad:
             raise StreamkvError(f"unknown stream method(s) {', '.join(bad)}; choose from: {', '.join(STREAM_METHODS)}")

@@ -17,7 +17,14 @@ by K - 1 past that, like our lazy pruning):
 * `kvpress:streaming_llm_unsorted`: the upstream press as it is;
 * `kvpress:streaming_llm+rerotate`: KeyRerotationPress around it, the kept keys
   rotated to 0..n-1 and the query at n (StreamingLLM's pos-shift);
-* `kvpress:knorm`: KnormPress, a score-based press (keeps the keys of lowest norm).
+* `kvpress:knorm`: KnormPress, a score-based press (keeps the keys of lowest norm);
+* `kvpress:snapkv`, `kvpress:tova`, `kvpress:expected_attention`, `kvpress:keydiff`,
+  `kvpress:observed_attention`: the other score-based presses DecodingPress takes
+  (see `kvpress_worker.build_press` for the settings each needs while decoding).
+
+A press that raises in the worker ends the run with a `StreamkvError` that
+names the press and carries the worker's error line (the traceback is in the
+log), so the evaluation records a failed row with kvpress's reason.
 
 llama.cpp (the optional extra `llama-cpp-python`, `make setup-llamacpp`) runs
 in a worker process of its own (`streamkv/peers/llamacpp_worker.py`, in this
@@ -105,20 +112,41 @@ class KvpressStepper(Stepper):
             self.proc.stdin.write((json.dumps({"ids": ids.tolist()}) + "\n").encode())
             self.proc.stdin.flush()
             header = self.proc.stdout.readline()
-            if not header:
-                raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it {exit_text(self.proc.wait())}; "
+        except BrokenPipeError:  # the worker is gone; its last line may say why
+            header = b""
+        reply = json.loads(header) if header.strip() else self._last_words()
+        if "error" in reply or "stopped" in reply:
+            self._reap()
+            if "stopped" in reply:
+                raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it {reply['stopped']}; "
                                     "its error is in the log above")
-            reply = json.loads(header)
-            rows, vocab = reply["shape"]
-            raw = self.proc.stdout.read(rows * vocab * 4)
-        except BrokenPipeError as exc:
-            raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it "
-                                f"{exit_text(self.proc.wait())}") from exc
+            raise StreamkvError(f"the kvpress worker of '{self.method}' failed: {reply['error']}")
+        rows, vocab = reply["shape"]
+        raw = self.proc.stdout.read(rows * vocab * 4)
         self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
         self._kv_bytes, self.peak_memory_mb = reply["kv_bytes"], reply["rss_mb"]
         self.versions = reply.get("versions", self.versions)
         self.kind = "lazy" if self.dropped else ""
         return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).view(1, rows, vocab)
+
+    def _last_words(self) -> dict:
+        """What a worker that stopped without a reply left: its error line, else how it ended (a signal, a status)."""
+        rest = self.proc.stdout.read().decode(errors="replace").strip().splitlines()
+        for line in reversed(rest):
+            try:
+                return {"error": json.loads(line)["error"]}
+            except (ValueError, KeyError, TypeError):
+                continue
+        return {"stopped": exit_text(self.proc.wait())}
+
+    def _reap(self) -> None:
+        """Wait for a failed worker to exit and remove its copy of the weights."""
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+        self._dir.cleanup()
 
     def kv_bytes(self) -> int:
         return self._kv_bytes

@@ -8,6 +8,8 @@ environment: this file runs as a script in the peer environment
     request  (one JSON line on stdin):  {"ids": [[...]]}   or  {"quit": true}
     reply    (on stdout):  one JSON line {"ms", "kv_len", "dropped", "kv_bytes", "shape"}
                            then shape[0] * shape[1] float32 logits
+             or, once, when the worker fails:  {"error": "<exception type>: <message> (<file>:<line>)"}
+                           and the worker exits (the traceback goes to stderr, the job's log)
 
 `ms` is the forward alone, timed here, so the pipe costs nothing to the
 method; `kv_len` is the number of keys the last query attended to; the press
@@ -29,17 +31,32 @@ import os
 import resource
 import sys
 import time
+import traceback
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-PRESSES = ("streaming_llm", "streaming_llm_unsorted", "streaming_llm+rerotate", "knorm")
+PRESSES = ("streaming_llm", "streaming_llm_unsorted", "streaming_llm+rerotate", "knorm", "snapkv", "tova",
+           "expected_attention", "keydiff", "observed_attention")
+# Presses that read the attention weights of the forward, which only eager attention returns.
+EAGER_PRESSES = ("observed_attention",)
 
 
 def build_press(name: str, cap: int, sink: int, compress_every: int):
     """The DecodingPress of `name`: compress every `compress_every` steps to cap - 1 keys (the next query is the
     cap-th)."""
-    from kvpress import DecodingPress, KeyRerotationPress, KnormPress, StreamingLLMPress
+    from kvpress import (
+        DecodingPress,
+        ExpectedAttentionPress,
+        KeyDiffPress,
+        KeyRerotationPress,
+        KnormPress,
+        ObservedAttentionPress,
+        SnapKVPress,
+        StreamingLLMPress,
+        TOVAPress,
+    )
     from kvpress.utils import compute_n_kept
 
     class SortedStreamingLLMPress(StreamingLLMPress):
@@ -65,29 +82,66 @@ def build_press(name: str, cap: int, sink: int, compress_every: int):
             self.hidden_states_buffer = defaultdict(list)
             self.layer_step_counts = defaultdict(int)
 
+    k = compress_every
+    if name == "expected_attention" and k <= sink:
+        # (it would score with the mean and covariance of no queries: NaN scores, arbitrary evictions)
+        raise ValueError(f"ExpectedAttentionPress leaves the first n_sink={sink} buffered queries out of its query "
+                         f"statistics, and DecodingPress buffers the {k} queries since its last compression: none "
+                         f"remain; use a compression interval above {sink}")
+    # SnapKV scores with its last `window_size` queries and keeps their keys.  DecodingPress hands it the queries
+    # buffered since the last compression (at most the interval K), so the window must be shorter than K; K - 1
+    # keeps it on the newest keys, which sit at the end of the cache only since the last compression.
+    window = min(SnapKVPress.window_size, max(1, k - 1))
     scorer = {
         "streaming_llm": lambda: SortedStreamingLLMPress(n_sink=sink),
         "streaming_llm_unsorted": lambda: StreamingLLMPress(n_sink=sink),
         "streaming_llm+rerotate": lambda: KeyRerotationPress(StreamingLLMPress(n_sink=sink)),
         "knorm": lambda: KnormPress(),
+        "snapkv": lambda: SnapKVPress(window_size=window),
+        "tova": lambda: TOVAPress(),
+        "expected_attention": lambda: ExpectedAttentionPress(n_sink=sink),
+        "keydiff": lambda: KeyDiffPress(),
+        "observed_attention": lambda: ObservedAttentionPress(),
     }[name]()
     cls = AnyDecodingPress if name == "streaming_llm+rerotate" else DecodingPress
-    # hidden_states_buffer_size=0: these scorers read keys only, no buffered hidden states needed
-    return cls(base_press=scorer, compression_interval=compress_every, target_size=cap - 1, hidden_states_buffer_size=0)
+    # The hook always scores with the current query's hidden state; a buffer of K holds every query since the last
+    # compression, which the presses that estimate from several queries (SnapKV, ExpectedAttention) need.  The
+    # others read keys, values or the attention weights only.
+    buffered = k if name in ("snapkv", "expected_attention") else 0
+    return cls(base_press=scorer, compression_interval=k, target_size=cap - 1, hidden_states_buffer_size=buffered)
 
 
-def serve(args) -> None:
+def serve(args) -> int:
+    """Answer requests until told to quit; on an exception, send its line as the reply and exit with status 1."""
+    # The protocol owns the real stdout; anything a library prints goes to stderr.
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    try:
+        _serve(args, channel)
+    except Exception as exc:  # (any: the stepper turns the line into the run's error)
+        traceback.print_exc()
+        channel.write((json.dumps({"error": error_line(exc)}) + "\n").encode())
+        channel.flush()
+        return 1
+    return 0
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's type and message, and where it was raised (the innermost frame)."""
+    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{text} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else text
+
+
+def _serve(args, channel) -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-    # The protocol owns the real stdout; anything a library prints goes to stderr.
-    channel = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
     torch.set_num_threads(args.threads)
+    attn = "eager" if args.press in EAGER_PRESSES else args.attn
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                 attn_implementation=args.attn).eval()
+                                                 attn_implementation=attn).eval()
     press = build_press(args.press, args.cap, args.sink, args.compress_every)
     cache = DynamicCache(config=model.config)
     in_cache_positions = args.press.endswith("+rerotate")
@@ -114,7 +168,7 @@ def serve(args) -> None:
                       "kv_bytes": stored * (before + q) // max(after, 1), "shape": list(out.shape),
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the worker's peak
             if seen == q:  # the first reply
-                header["versions"] = versions()
+                header["versions"] = {**versions(), "attn_implementation": attn}
             evicted = before + q - after
             channel.write((json.dumps(header) + "\n").encode())
             channel.write(out.tobytes())
@@ -138,8 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    serve(args)
-    return 0
+    return serve(args)
 
 
 if __name__ == "__main__":
