@@ -100,7 +100,8 @@ def test_the_bench_keeps_its_other_rows_and_sections_when_llamacpp_segfaults(tin
 
     steppers = dying_at(monkeypatch, signal.SIGSEGV, call=3)  # mid-run: after the prefill and one timed step
     cfg = BenchConfig(caps=(48,), compress_every=8, block=8, blocks=2, warmup=1, compile=False, peers=True,
-                      sections=("overhead", "weights"), weights=(), weights_compile=()).check()
+                      sections=("overhead", "weights"), weights=(), weights_compile=(),
+                      kvpress_methods=("kvpress:streaming_llm",)).check()
     # byte tokens are valid ids of the embedded model too; the torch rows run the tiny model, llama.cpp the GGUF
     result = run(tiny("tiny:llama").model, hamlet_bytes, cfg, progress=False, source="embedded:smollm2-135m")
     assert {s: result["sections"][s]["status"] for s in ("overhead", "weights")} == {"overhead": "ok", "weights": "ok"}
@@ -110,7 +111,7 @@ def test_the_bench_keeps_its_other_rows_and_sections_when_llamacpp_segfaults(tin
     assert len(engine) == 3 and all(r["status"] == "failed" and r["tpot_ms"] is None for r in engine.values())
     assert all(r["error"].endswith("died of SIGSEGV (signal 11) at token 49") for r in engine.values())
     ours = {m: r for m, r in rows.items() if m not in engine}
-    assert {REFERENCE, STRICT, RECOMPUTE} <= set(ours) and len(ours) == 8 + 2 * HAS_KVPRESS
+    assert {REFERENCE, STRICT, RECOMPUTE} <= set(ours) and len(ours) == 10 + 2 * HAS_KVPRESS
     assert all(r["status"] == "ok" and r["tpot_ms"] > 0 and r["timed_steps"] > 0 for r in ours.values())
     weights = {r["variant"]: r for r in result["weights"]}
     assert weights["float32 eager"]["status"] == "ok" and weights["float32 eager"]["tpot_ms"] > 0

@@ -17,7 +17,6 @@ from streamkv.cache.budget import Budget
 from streamkv.cache.policy import KeepAll, StartRecent
 from streamkv.cache.ring import LazyRingCache, RingCache
 from streamkv.cache.rope import REBASE, RotaryAligner
-from streamkv.cache.scored import ScoredLayer, ScoringStepper
 from streamkv.cache.streaming import (
     REFRESH_SELECTORS,
     MitLayer,
@@ -48,7 +47,9 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)
-    if isinstance(cache.layers[0], ScoredLayer):  # its scores come from the attention weights
+    if p.method == "tova":  # its scores come from the attention weights, handed over by its attention function
+        from streamkv.cache.scored import ScoringStepper
+
         return ScoringStepper(model, cache)
     return CachedStepper(model, cache)
 
@@ -196,6 +197,9 @@ def _ring(model: nn.Module, o: Options) -> StreamingCache:
 
 @builder("tova")
 def _tova(model: nn.Module, o: Options) -> StreamingCache:
+    # (imported here: registering its attention function imports transformers' modeling side, about 2 s)
+    from streamkv.cache.scored import ScoredLayer
+
     budget = Budget.derive(o.cap, sink=o.sink)
     # How many and when: lazy Start+Recent's count (cap keys with the query, every K positions); which: the layers
     # choose by score.  Kept keys stay at their original positions (no aligner).
