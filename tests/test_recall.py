@@ -18,6 +18,8 @@ from streamkv.models.sources import SMOLLM2_GGUF, ByteTokenizer, embedded_model_
 from streamkv.models.texts import load_text
 from streamkv.probes import STREAM_PROBES
 
+from optional_peers import needs_kvpress
+
 SPEC = {**recall.DEFAULTS, "cap": 32, "instances": 20, "passage_tokens": 12, "prefix_tokens": 8}
 
 
@@ -111,6 +113,27 @@ def test_batched_streams_score_as_the_decode_loop(tiny):
         _, trace = evaluate(loaded, ids[1].tolist(), EvalParams(**{**vars(params), "max_tokens": ids.shape[1]}),
                             progress=False)
         assert np.abs(trace.nll.to_numpy() - dec[0][1]).max() < 1e-4
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("tova", {"compress_every": 4}),
+    pytest.param("kvpress:tova", {"compress_every": 4, "sink": None}, marks=needs_kvpress),
+    pytest.param("kvpress:snapkv", {"compress_every": 4, "sink": None}, marks=needs_kvpress),
+])
+def test_score_based_rows_evict_each_stream_of_a_batch_by_its_own_scores(tiny, method, extra):
+    """A batch through the stepper (native) or the kvpress worker scores each stream as it would alone: the
+    scores, and so the keys kept, are per stream."""
+    loaded = tiny("tiny:llama")
+    tok = loaded.tokenizer
+    batches = recall.build(tok, encode(tok, load_text("embedded:shakespeare/hamlet")),
+                           encode(tok, load_text(SPEC["passages"])), SPEC)
+    ids = batches[2]["ids"][:3]
+    params = EvalParams(model="tiny:llama", text="x", method=method, cap=32, **extra)
+    together = score_streams(loaded, ids, params)
+    for b in range(len(ids)):
+        alone = score_streams(loaded, ids[b : b + 1], params)
+        assert np.abs(together[0][b] - alone[0][0]).max() < 1e-4
+    assert np.abs(together[0][0] - together[0][1]).max() > 1e-2  # different streams, different scores
 
 
 def _instances(gains, exact, name="A"):

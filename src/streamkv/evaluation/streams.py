@@ -5,8 +5,9 @@ A method whose cache depends on positions only is scored by the exact parallel
 evaluator over the whole batch: its schedule comes from the cache's own policy
 and serves every stream alike.  Any other method is scored by the decode
 loop's stepper, fed one token of every stream per step (the same cache and
-policy objects as `evaluation.loop`); a peer, whose worker serves one stream,
-gets the streams one after another.
+policy objects as `evaluation.loop`); kvpress's worker takes the batch too (a
+press scores and evicts per stream); llama.cpp's context holds one stream, so
+it gets the streams one after another.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def score_streams(loaded, ids: np.ndarray, params: EvalParams, progress: bool = 
         with _ParallelAttention(model):
             nll, hit = nll_parallel(model, x, sched, p.positions, PARALLEL_CHUNK, progress, desc or p.method, hits=True)
         return np.atleast_2d(nll), np.atleast_2d(hit)
-    if methods.get(p.method).peer:  # its worker serves one stream
+    if methods.get(p.method).family == "llamacpp":  # its context holds one stream
         parts = [_decode(loaded, x[b : b + 1], p, progress, desc) for b in range(batch)]
         return np.concatenate([n for n, _ in parts]), np.concatenate([h for _, h in parts])
     return _decode(loaded, x, p, progress, desc)

@@ -121,13 +121,13 @@ class KvpressStepper(Stepper):
                 raise StreamkvError(f"the kvpress worker of '{self.method}' stopped: it {reply['stopped']}; "
                                     "its error is in the log above")
             raise StreamkvError(f"the kvpress worker of '{self.method}' failed: {reply['error']}")
-        rows, vocab = reply["shape"]
-        raw = self.proc.stdout.read(rows * vocab * 4)
+        shape = reply["shape"]
+        raw = self.proc.stdout.read(int(np.prod(shape)) * 4)
         self.forward_ms, self.kv_len, self.dropped = reply["ms"], reply["kv_len"], reply["dropped"]
         self._kv_bytes, self.peak_memory_mb = reply["kv_bytes"], reply["rss_mb"]
         self.versions = reply.get("versions", self.versions)
         self.kind = "lazy" if self.dropped else ""
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).view(1, rows, vocab)
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy()).view(shape)
 
     def _last_words(self) -> dict:
         """What a worker that stopped without a reply left: its error line, else how it ended (a signal, a status)."""

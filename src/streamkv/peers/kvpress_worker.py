@@ -5,9 +5,9 @@ environment: this file runs as a script in the peer environment
 (`.venv-kvpress`, see the Makefile) and imports nothing from streamkv.
 `streamkv.peers.engines.KvpressStepper` starts it and talks to it:
 
-    request  (one JSON line on stdin):  {"ids": [[...]]}   or  {"quit": true}
+    request  (one JSON line on stdin):  {"ids": [[...], ...]} (streams x tokens)   or  {"quit": true}
     reply    (on stdout):  one JSON line {"ms", "kv_len", "dropped", "kv_bytes", "shape"}
-                           then shape[0] * shape[1] float32 logits
+                           then shape[0] * shape[1] * shape[2] float32 logits (streams x tokens x vocab)
              or, once, when the worker fails:  {"error": "<exception type>: <message> (<file>:<line>)"}
                            and the worker exits (the traceback goes to stderr, the job's log)
 
@@ -162,7 +162,7 @@ def _serve(args, channel) -> None:
             seen += q
             after = cache.get_seq_length()
             stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-            out = logits[0].float().contiguous().numpy()
+            out = logits.float().contiguous().numpy()  # every stream's: a batch is pressed per stream
             # The press evicts after the attention; streamkv counts an eviction at the query it first affects.
             header = {"ms": ms, "kv_len": before + q, "dropped": evicted,
                       "kv_bytes": stored * (before + q) // max(after, 1), "shape": list(out.shape),
