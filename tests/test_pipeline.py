@@ -155,6 +155,9 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
     assert (compared[compared.status == "ok"].lo < compared[compared.status == "ok"].hi).all()
     assert "### Findings, re-tested" in report and "**lazy pruning costs PPL** (expected: a higher PPL)" in report
+    named = compared[(compared.kind == "finding") & (compared.group == "rows")]  # two named rows, paired
+    assert sorted(named.text_key) == (["hamlet", "tempest"] if EXPECT_KVPRESS else [])
+    assert {(r.a, r.b) for r in named.itertuples()} <= {("Ours (best)", "kvpress StreamingLLM")}
     assert "| K=8 | S=4, W=28, K=8 | 119 |" in report and " vs compress_every=1 |" in report
     assert (done / "logs/evaluate").is_dir() and (done / "benchmarks/evaluate").is_dir()
     assert "| 32 | ring | " in report and "x no-eviction" in report
@@ -344,7 +347,11 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
      "config key ablations.softlite.control: sink is not swept here (swept: cache_slack, compress_every, max_drop)"),
     (lambda c: c["findings"].append({"claim": "x", "group": "ablation:speed", "a": {"sink": 1}, "b": {"sink": 4},
                                      "expect": "higher"}),
-     "config key findings[2].group: no sweep 'ablation:speed'"),
+     "config key findings[3].group: no sweep 'ablation:speed'"),
+    (lambda c: c["findings"].append({"claim": "x", "group": "rows", "a": {"name": "Ours (best)"},
+                                     "b": {"name": "SnapKV"}, "expect": "lower"}),
+     "config key findings[3].b: a finding of group 'rows' takes {name: <a row of runs or peers>}, got "
+     "{'name': 'SnapKV'}"),
     (lambda c: c.update(peers=[]) or c["protocol"].update(evaluator="parallel"),
      "config key ablations.refresh.values[1] ('refresh=4'): evaluator 'parallel' cannot serve this run: refresh "
      "re-inserts evicted tokens"),

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from optional_peers import needs_kvpress
 from streamkv.analysis import recall_jobs
 from streamkv.errors import StreamkvError
 from streamkv.evaluation import recall
@@ -17,8 +18,6 @@ from streamkv.evaluation.streams import score_streams
 from streamkv.models.sources import SMOLLM2_GGUF, ByteTokenizer, embedded_model_dir, encode
 from streamkv.models.texts import load_text
 from streamkv.probes import STREAM_PROBES
-
-from optional_peers import needs_kvpress
 
 SPEC = {**recall.DEFAULTS, "cap": 32, "instances": 20, "passage_tokens": 12, "prefix_tokens": 8}
 

@@ -19,6 +19,8 @@ from streamkv.cache.budget import Budget
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
 
+NAMED_ROWS = "rows"  # a finding's group that pairs two named rows of the method table or the peers
+
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
             "positions", "weights", "profile")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
@@ -289,10 +291,17 @@ def check(config: dict) -> None:
                                     f"(swept: {', '.join(sorted(swept))})")
     groups = ({f"ablation:{k}" for k in config.get("ablations") or {}}
               | {f"probe:{k}" for k in config.get("probes") or {}})
+    named = {r["name"] for r in config.get("runs", []) + (config.get("peers") or [])}
     for i, finding in enumerate(config.get("findings") or []):
-        if finding["group"] not in groups:
+        if finding["group"] == NAMED_ROWS:
+            for side in ("a", "b"):
+                if set(finding[side]) != {"name"} or finding[side]["name"] not in named:
+                    raise StreamkvError(f"config key findings[{i}].{side}: a finding of group '{NAMED_ROWS}' takes "
+                                        f"{{name: <a row of runs or peers>}}, got {finding[side]} "
+                                        f"(rows: {', '.join(sorted(named))})")
+        elif finding["group"] not in groups:
             raise StreamkvError(f"config key findings[{i}].group: no sweep '{finding['group']}' "
-                                f"(sweeps: {', '.join(sorted(groups)) or 'none'})")
+                                f"(sweeps: {', '.join(sorted(groups)) or 'none'}; or '{NAMED_ROWS}')")
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:

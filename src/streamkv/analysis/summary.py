@@ -10,7 +10,7 @@ import pandas as pd
 
 from streamkv import methods
 from streamkv.analysis.fmt import to_markdown
-from streamkv.analysis.grid import RUN_KEYS
+from streamkv.analysis.grid import NAMED_ROWS, RUN_KEYS
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import LAZY_METHODS, WEIGHTS
 
@@ -339,12 +339,20 @@ def sweep_pairs(part: pd.DataFrame, a: dict, b: dict) -> list[tuple]:
     return pairs
 
 
+def named_pairs(part: pd.DataFrame, a: str, b: str) -> list[tuple]:
+    """[(row a, row b)]: the finished rows of the method table or the peers named `a` and `b`, if both are."""
+    ok = part[(part.status == "ok") & part.group.isin(("methods", "peers"))]
+    ra, rb = (next(ok[ok.name == name].itertuples(), None) for name in (a, b))
+    return [(ra, rb)] if ra is not None and rb is not None else []
+
+
 def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: dict | None = None,
                 traces=None) -> pd.DataFrame:
     """Intervals of every sweep point against its control, and of the findings' pairs.
 
     `controls`: sweep group (e.g. "ablation:sink") -> the swept values of its control (e.g. {"sink": 4}).
-    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...]}]
+    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...]}];
+    a group of "rows" pairs two named rows ({"name": ...}) of the method table or the peers.
     """
     from streamkv.analysis.stats import compare
 
@@ -366,7 +374,9 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
         for f in findings:
             if f.get("texts") and text_key not in f["texts"]:
                 continue
-            for ra, rb in sweep_pairs(part[part.group == f["group"]], f["a"], f["b"]):
+            pairs = (named_pairs(part, f["a"]["name"], f["b"]["name"]) if f["group"] == NAMED_ROWS
+                     else sweep_pairs(part[part.group == f["group"]], f["a"], f["b"]))
+            for ra, rb in pairs:
                 d = compare(traces(ra.file), traces(rb.file), **(bootstrap or {}))
                 out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="finding",
                                            group=f["group"], a=ra.name, b=rb.name, claim=f["claim"],
