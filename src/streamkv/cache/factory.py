@@ -47,7 +47,7 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)
-    if p.method == "tova":  # its scores come from the attention weights, handed over by its attention function
+    if cache.layers[0].scored:  # its scores come from the attention weights, handed over by its attention function
         from streamkv.cache.scored import ScoringStepper
 
         return ScoringStepper(model, cache)

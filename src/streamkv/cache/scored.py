@@ -69,6 +69,8 @@ AttentionMaskInterface.register(ATTENTION, eager_mask)
 class ScoredLayer(StreamingLayer):
     """One layer's keys and values; a prune keeps the sinks and the best-scored others, in their order."""
 
+    scored = True
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.scores = None

@@ -64,6 +64,7 @@ class StreamingLayer(CacheLayerMixin):
     """One layer's keys and values; the owning cache decides what to evict."""
 
     is_sliding = False
+    scored = False  # True: its evictions read the attention weights (a `cache.scored.ScoringStepper` runs it)
     is_compileable = False
     supports_early_init = False
 
