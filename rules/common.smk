@@ -76,7 +76,7 @@ def probe_output(probe):
 
 def bench_files():
     spec = config.get("bench")
-    return [f"results/bench/{spec['model']}/{spec['text']}.json"] if spec else []
+    return [f"results/bench/{model}/{spec['text']}.json" for model in pipeline.bench_models(config)]
 
 
 # ----------------------------------------------------------------------------- report (rules/report.smk)

@@ -5,7 +5,7 @@ rule prepare_model:
     output:
         "results/models/{model}/streamkv_source.json",
     params:
-        source=lambda wc: config["models"][wc.model],
+        source=lambda wc: pipeline.model_source(config, wc.model),
         dtype=config["protocol"]["dtype"],
     log:
         "logs/prepare_model/{model}.log",
@@ -26,7 +26,7 @@ rule tokenize:
         "results/tokens/{model}/{text}.json",
     params:
         source=lambda wc: pipeline.text_source(config, wc.text),
-        max_tokens=lambda wc: pipeline.max_tokens(config, wc.text),
+        max_tokens=lambda wc: pipeline.max_tokens(config, wc.text, wc.model),  # (the model's ceiling, if lower)
     log:
         "logs/tokenize/{model}/{text}.log",
     conda:

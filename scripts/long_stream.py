@@ -9,7 +9,7 @@ from pathlib import Path
 from streamkv.analysis import long_stream
 from streamkv.evaluation.loop import EvalParams, evaluate
 from streamkv.jobio import log_to, write_json, write_table
-from streamkv.models.sources import encode, load_model
+from streamkv.models.sources import encode, load_model, start_tokens
 from streamkv.models.texts import load_text
 
 with log_to(snakemake.log[0]):
@@ -18,7 +18,7 @@ with log_to(snakemake.log[0]):
     loaded = load_model(f"path:{Path(snakemake.input.model).parent}", dtype=spec["dtype"], device=spec["device"])
     limit = spec["max_tokens"]
     text = load_text(spec["text"], min_chars=16 * limit if limit else 0)
-    ids = encode(loaded.tokenizer, text)
+    ids = start_tokens(loaded.tokenizer) + encode(loaded.tokenizer, text)
     n = long_stream.stream_length(len(ids), limit, spec["text"])
     print(f"{spec['text']}: {len(text):,} characters, {len(ids):,} tokens, evaluating {n:,}", flush=True)
     record, trace = evaluate(loaded, ids[:n], EvalParams(**{**spec, "max_tokens": n}))

@@ -54,6 +54,12 @@ def test_eval_writes_result_and_trace(tmp_path, capsys):
      "streamkv: error: method 'window' keeps no sink tokens; leave --sink out or use start_recent\n"),
     (["--method", "mit", "--seed", str(2**64)],
      "streamkv: error: seed (18446744073709551616) is out of range; use a value below 2**63\n"),
+    (["--method", "window", "--sink-layers", "all"],
+     "streamkv: error: sink-layers 'all' applies to the caches that keep sinks (start_recent, mit, ring, tova), "
+     "not to 'window'; leave --sink-layers out\n"),
+    (["--method", "kvpress:streaming_llm", "--sink-layers", "all"],
+     "streamkv: error: sink-layers 'all' applies to the caches that keep sinks (start_recent, mit, ring, tova), "
+     "not to 'kvpress:streaming_llm'; leave --sink-layers out\n"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
     code, err = err_of(capsys, BASE + extra + ["--out", str(tmp_path / "r.json")])

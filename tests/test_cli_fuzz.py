@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from streamkv import methods
 from streamkv.cli import main
 from streamkv.evaluation.params import BENCH_SECTIONS, STREAM_METHODS
+from streamkv.models.hub import EMBEDDED_MODELS
 from streamkv.models.sources import TINY_MODELS, attention_implementations
 from streamkv.models.texts import shakespeare_plays
 
@@ -68,7 +69,7 @@ def _model_source(src: str) -> bool:
     scheme, _, rest = src.partition(":")
     if scheme == "path":
         return Path(rest).is_dir() and ((Path(rest) / "config.json").is_file() or any(Path(rest).glob("*.gguf")))
-    return src == "embedded:smollm2-135m" or (scheme == "tiny" and rest in TINY_MODELS)
+    return src in EMBEDDED_MODELS or (scheme == "tiny" and rest in TINY_MODELS)
 
 
 def _bad_eval_values(latin1: str) -> dict[str, st.SearchStrategy]:

@@ -104,7 +104,7 @@ def test_every_schema_enum_is_its_registry():
                   "weights_compile": params.WEIGHTS, "dtype": params.DTYPES, "evaluator": params.EVALUATORS,
                   "compile_methods": params.COMPILE_METHODS, "stream_methods": params.STREAM_METHODS,
                   "sections": params.BENCH_SECTIONS, "expect": tuple(EXPECT_WORDS), "probes": tuple(PROBES),
-                  "grid": RUN_KEYS[1:], "kvpress_methods": params.KVPRESS_METHODS}
+                  "grid": RUN_KEYS[1:], "kvpress_methods": params.KVPRESS_METHODS, "sink_layers": params.SINK_LAYERS}
     seen = set()
     for key, where, enum in _enums(SCHEMA):
         if key == "method":
@@ -127,7 +127,8 @@ def test_run_options_are_declared_once():
     assert set(RUN_KEYS) <= {f.name for f in fields(EvalParams)}
     assert set(methods.OPTIONS) - {"stride"} <= set(RUN_KEYS)  # (stride: the baseline's, set by the pipeline)
     other = {"compress_every": 4, "cache_slack": 3, "max_drop": 2, "softlite_mode": "cooldown", "positions": "original",
-             "overlap": 2, "refresh": 2, "weights": "bfloat16", "profile": True, "sink": 2, "method": "mit"}
+             "overlap": 2, "refresh": 2, "weights": "bfloat16", "profile": True, "sink": 2, "method": "mit",
+             "sink_layers": "all"}
     assert set(other) == set(RUN_KEYS)
     base = {"method": "start_recent", "cache_slack": 2}  # (softlite_mode counts only under softlite)
     for key, value in other.items():

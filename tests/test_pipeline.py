@@ -22,9 +22,9 @@ from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS
 pytestmark = [pytest.mark.xdist_group("pipeline"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-# what a changed summary re-runs: figures per text, one figure per ablation, the probes, the tables
-DOWNSTREAM = ["aggregate", "figures", "figures", *["ablation_figure"] * 4, *PROBES,  # compress_every, softlite,
-              "paper_tables"]                                                    # refresh, weights
+# what a changed summary re-runs: figures per model x text (tiny_llama on two texts, tiny_gemma3 on one), one figure
+# per ablation (tiny_llama: compress_every, softlite, refresh, weights; tiny_gemma3: sink_layers), probes, tables
+DOWNSTREAM = ["aggregate", *["figures"] * 3, *["ablation_figure"] * 5, *PROBES, "paper_tables"]
 PARTS = ("Snakefile", "rules", "scripts", "config", "profiles", "envs", "report/templates")
 
 
@@ -93,7 +93,9 @@ def done(tmp_path_factory):
 
 def test_end_to_end_produces_tables_figures_and_a_summary(done):
     report = (done / "report/paper_tables.md").read_text()
-    for heading in ("## hamlet — tiny_llama", "## tempest — tiny_llama", "### Method comparison", "### Ablations",
+    for heading in ("## hamlet — tiny_llama", "## tempest — tiny_llama", "## hamlet — tiny_gemma3",
+                    "## The study's conclusions, per model", "#### sink_layers", "### Method comparison",
+                    "### Ablations",
                     "#### compress_every", "#### softlite", "### Probes", "### NLL spike diagnosis",
                     "### Negative results, re-measured", "## Performance", "### tiny_llama on hamlet",
                     "## Failed configurations", "## Provenance",
@@ -112,8 +114,15 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (recall.status == "ok").all() and len(recall) == 5 * 4
     assert "## What eviction forgets (recall) — tiny_llama" in report and "| Ours (lazy K=8) | " in report
     assert (done / "report/figures/tiny_llama/recall.png").stat().st_size > 10_000
-    # per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 6 (weights), probes 4 + 4 + 3 + 4
-    assert len(summary) == 2 * (1 + 8 + 2) + 16 + 15
+    # tiny_llama per text: baseline + 8 rows + 2 peers; on hamlet: ablations 4 + 4 + 2 + 6 (weights), probes
+    # 4 + 4 + 3 + 4; tiny_gemma3 on hamlet: baseline + 8 rows + the sink_layers sweep's 4 points
+    assert len(summary) == 2 * (1 + 8 + 2) + 16 + 15 + (1 + 8 + 4)
+    # the second model: its own sections, every job under its ceiling of 100 tokens, sinks in all layers as a row
+    gemma = summary[summary.model_key == "tiny_gemma3"]
+    assert set(gemma.text_key) == {"hamlet"} and (gemma.max_tokens == 100).all()
+    assert "(N = 100 tokens, the ceiling `models.tiny_gemma3.max_tokens`:" in report
+    assert "| S=4, W=28, sinks in all layers |" in report
+    assert "| sinks in the sliding layers change nothing (all vs global layers, S=4) | no difference | – | " in report
     # the spike diagnosis against the full-coverage reference (every target): numbers for every streaming row
     pruned = summary[(summary.status == "ok") & (summary.group != "baseline") & (summary.spike_events > 0)]
     assert len(pruned) > 20 and pruned[["spike_peak", "spike_width", "spike_area"]].notna().all().all()
@@ -142,11 +151,13 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (abs(ring.ppl.values - mit.ppl.values) / mit.ppl.values < 1e-4).all()
     assert (summary.loc[summary.group == "baseline", "delta_ppl_pct"] == 0).all()
     # the baseline scores every 3rd target (baseline.stride); every row is compared with it on those, with an interval
-    assert (summary.loc[summary.group == "baseline", "n_scored"] == 40).all()
+    baselines = summary[summary.group == "baseline"].set_index("model_key").n_scored
+    assert baselines.tiny_llama.tolist() == [40, 40] and baselines.tiny_gemma3 == 33  # of 119 and 99 targets
     loop_only = summary.weights.isin(list(LOOP_ONLY_WEIGHTS))
     rows = summary[(summary.group != "baseline") & summary.method.isin(["start_recent", "mit", "ring", "window"])
                    & (summary.refresh == 0) & ~loop_only]
-    assert (rows.n_paired == 40).all() and (rows.delta_ppl_lo <= rows.delta_ppl_pct).all()
+    assert (rows.n_paired == rows.model_key.map({"tiny_llama": 40, "tiny_gemma3": 33})).all()
+    assert (rows.delta_ppl_lo <= rows.delta_ppl_pct).all()
     assert (rows.delta_ppl_pct <= rows.delta_ppl_hi).all() and (rows.evaluator == "parallel").all()
     assert (summary[summary.refresh > 0].evaluator == "decode").all()  # refresh: only the loop follows it
     assert loop_only.sum() == 3 and (summary[loop_only].evaluator == "decode").all()  # bfloat16, int8-fbgemm, -pack
@@ -242,7 +253,7 @@ def test_changing_the_baseline_reruns_it_and_every_comparison_with_it(done):
         config["baseline"]["sink"] = 2
 
     rules = [rule for rule, _ in planned(done, edited(done, change))]
-    assert sorted(rules) == sorted(["baseline", "baseline", *DOWNSTREAM])  # one baseline per text
+    assert sorted(rules) == sorted([*["baseline"] * 3, *DOWNSTREAM])  # one baseline per model x text
 
 
 def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(done):
@@ -256,11 +267,13 @@ def test_rows_of_one_schedule_share_their_nlls_and_the_evaluator_reruns_them(don
         config["protocol"]["evaluator"] = "decode"
 
     jobs = planned(done, edited(done, change))
-    # every configuration, both texts (+ the weights ablation's five variants on hamlet), each with its own loop
-    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 5
+    # every configuration, each with its own loop: tiny_llama's on both texts (+ the weights ablation's five variants
+    # on hamlet), tiny_gemma3's 8 rows and the 3 sink_layers points that are no row (S=4 in the global layers is
+    # Ours (strict))
+    assert sum(rule == "evaluate" for rule, _ in jobs) == 2 * 10 + 7 + 5 + 8 + 3
     assert sorted(out.replace("results/quality/", "") for rule, out in jobs if rule == "quality") == sorted(
         out.replace("results/runs/", "") for rule, out in jobs if rule == "evaluate")
-    assert sum(rule == "baseline" for rule, _ in jobs) == 2
+    assert sum(rule == "baseline" for rule, _ in jobs) == 3
 
 
 def test_a_failed_configuration_is_reported_as_failed(done):
@@ -336,7 +349,8 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
      "unknown softlite-mode 'eager'"),
     (lambda c: c["probes"].update(verify_everything={"base": {"method": "mit"}, "grid": {"sink": [1]}}),
      "'verify_everything' is not one of"),
-    (lambda c: c["bench"].update(model="pythia"), "config key bench.model: unknown model 'pythia' (known: tiny_llama)"),
+    (lambda c: c["bench"].update(model="pythia"),
+     "config key bench.model: unknown model 'pythia' (known: tiny_llama, tiny_gemma3)"),
     (lambda c: c["bench"].update(block=4), "config key bench: block (4) must be at least compress_every (8)"),
     (lambda c: c["bench"].update(stream_methods=["ring", "h2o"]), "'h2o' is not one of"),
     (lambda c: c["ablations"]["softlite"]["grid"].update(refresh=[30]),
@@ -347,15 +361,20 @@ def test_a_peer_not_installed_says_so_and_installing_it_reruns_exactly_its_rows(
      "config key ablations.softlite.control: sink is not swept here (swept: cache_slack, compress_every, max_drop)"),
     (lambda c: c["findings"].append({"claim": "x", "group": "ablation:speed", "a": {"sink": 1}, "b": {"sink": 4},
                                      "expect": "higher"}),
-     "config key findings[3].group: no sweep 'ablation:speed'"),
+     "config key findings[4].group: no sweep 'ablation:speed'"),
     (lambda c: c["findings"].append({"claim": "x", "group": "rows", "a": {"name": "Ours (best)"},
                                      "b": {"name": "SnapKV"}, "expect": "lower"}),
-     "config key findings[3].b: a finding of group 'rows' takes {name: <a row of runs or peers>}, got "
+     "config key findings[4].b: a finding of group 'rows' takes {name: <a row of runs or peers>}, got "
      "{'name': 'SnapKV'}"),
     (lambda c: c.update(peers=[]) or c["protocol"].update(evaluator="parallel"),
      "config key ablations.refresh.values[1] ('refresh=4'): evaluator 'parallel' cannot serve this run: refresh "
      "re-inserts evicted tokens"),
     (lambda c: c["baseline"].update(stride=0), "0 is less than the minimum of 1"),
+    (lambda c: c["ablations"]["softlite"].update(models=["gemma"]),
+     "config key ablations.softlite.models: unknown model 'gemma' (known: tiny_llama, tiny_gemma3)"),
+    (lambda c: c["runs"][0].update(sink_layers="sliding"), "'sliding' is not one of ['global', 'all']"),
+    (lambda c: c["runs"][5].update(sink_layers="all"),
+     "config key runs[5] ('Dense'): sink-layers 'all' applies to the caches that keep sinks"),
 ])
 def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path, change, needle):
     workdir = copy_workflow(tmp_path)
@@ -363,6 +382,22 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path, change, needle
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
     assert not (workdir / "results").exists()
+
+
+def test_a_second_model_plans_its_own_jobs_in_a_dry_run(tmp_path):
+    """tiny_gemma3 ({source, texts, max_tokens}): its texts only, every job under its ceiling, the entries that name
+    `models: [tiny_llama]` left out, one baseline per model x text that a row runs on."""
+    jobs = planned(copy_workflow(tmp_path))
+    gemma = sorted(out for rule, out in jobs if "/tiny_gemma3/" in out and rule in ("evaluate", "quality", "baseline"))
+    assert gemma and all(out.startswith(("results/runs/tiny_gemma3/hamlet/cap32_n100_p1_",
+                                         "results/baselines/tiny_gemma3/hamlet/cap32_n100_p1_")) for out in gemma)
+    assert sum(rule == "evaluate" and "/tiny_gemma3/" in out for rule, out in jobs) == 8 + 3
+    assert {out.rsplit("/", 1)[1] for out in gemma if "sinklayers" in out} == {
+        f"start_recent_s{s}_k1_sl0_md0_ov0_rf0_sinklayers-all.json" for s in (0, 4)}
+    assert sorted(out.split("/")[2:4] for rule, out in jobs if rule == "baseline") == [
+        ["tiny_gemma3", "hamlet"], ["tiny_llama", "hamlet"], ["tiny_llama", "tempest"]]
+    assert ("tokenize", "results/tokens/tiny_gemma3/hamlet.json") in jobs
+    assert not any("tiny_gemma3" in out and ("kvpress" in out or "probes" in out) for _, out in jobs)
 
 
 def test_paper_config_is_valid_in_a_dry_run(tmp_path):

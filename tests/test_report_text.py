@@ -364,3 +364,51 @@ def test_findings_leave_out_pairs_without_an_interval():
     assert f["verdict"].startswith("holds: every interval contains zero") and "1 pair(s) with too few" in f["verdict"]
     (g,) = findings(found.iloc[1:])
     assert g["verdict"].startswith("not tested")
+
+
+# ----------------------------------------------------------------------------- a second model
+
+
+def two_models() -> dict:
+    cfg = config()
+    cfg["models"] = {"m": "embedded:smollm2-135m",
+                     "g": {"source": "embedded:gemma3-270m", "texts": ["t"], "max_tokens": 512}}
+    cfg["findings"] = [
+        {"claim": "sinks matter", "group": "ablation:sink", "a": {"sink": 0}, "b": {"sink": 4}, "expect": "higher"},
+        {"claim": "sinks in the sliding layers change nothing", "group": "ablation:sink_layers",
+         "a": {"sink_layers": "all"}, "b": {"sink_layers": "global"}, "expect": "zero", "models": ["g"]}]
+    return cfg
+
+
+def finding(model, claim, expect, verdict, a="x", b="y") -> dict:
+    return {"model_key": model, "text_key": "t", "kind": "finding", "group": "g", "claim": claim, "expect": expect,
+            "a": a, "b": b, "text": "+1.00 [+0.50, +1.50]", "verdict": verdict, "n": 500}
+
+
+def test_with_two_models_the_report_says_per_model_which_findings_hold():
+    compared = pd.DataFrame([finding("m", "sinks matter", "higher", "higher"),
+                             finding("m", "sinks matter", "higher", "higher", a="z"),
+                             finding("g", "sinks matter", "higher", "not distinguishable from zero"),
+                             finding("g", "sinks in the sliding layers change nothing", "zero", "identical")])
+    rows = [row("Ours (strict)", "start_recent"),
+            row("Baseline", "recompute", group="baseline", model_key="g", max_tokens=512),
+            row("Ours (strict)", "start_recent", model_key="g", max_tokens=512),
+            row("Ours (sinks in all layers)", "start_recent", model_key="g", max_tokens=512, sink_layers="all")]
+    text = render(frame(*rows), TEMPLATE, two_models(), None, compared)
+    table = text.split("## The study's conclusions, per model", 1)[1].split("\n## ", 1)[0]
+    assert "| Claim | Expected | m | g |" in table
+    assert "| sinks matter | a higher PPL | holds (2 pairs; t) | not shown (1 pair; t) |" in table
+    assert "| sinks in the sliding layers change nothing | no difference | – | holds (1 pair; t) |" in table
+    # the sections in the config's order of the models; the second one's tokens under its ceiling, said so
+    assert text.index("## t — m") < text.index("## t — g")
+    assert "(N = 1024 tokens), model `embedded:smollm2-135m`." in text
+    assert "(N = 512 tokens, the ceiling `models.g.max_tokens`:\nno row here uses more), model `embedded:gemma3-270m`" \
+        in text
+    assert "| Ours (sinks in all layers) | S=4, W=252, sinks in all layers |" in text
+
+
+def test_with_one_model_there_is_no_table_of_models():
+    compared = pd.DataFrame([finding("m", "sinks matter", "higher", "higher")])
+    text = render(frame(row("Ours (strict)", "start_recent")), TEMPLATE, {**config(), "findings": two_models()[
+        "findings"][:1]}, None, compared)
+    assert "per model" not in text and "**sinks matter** (expected: a higher PPL) — holds" in text

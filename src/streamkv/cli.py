@@ -19,7 +19,16 @@ from pathlib import Path
 from streamkv import methods
 from streamkv.cache.policy import SOFTLITE_MODES
 from streamkv.errors import NotInstalled, StreamkvError, one_line
-from streamkv.evaluation.params import CACHE_METHODS, EVALUATORS, PARALLEL_METHODS, RING_STATIC, WEIGHTS, EvalParams
+from streamkv.evaluation.params import (
+    CACHE_METHODS,
+    EVALUATORS,
+    PARALLEL_METHODS,
+    RING_STATIC,
+    SINK_LAYERS,
+    SINK_METHODS,
+    WEIGHTS,
+    EvalParams,
+)
 from streamkv.jobio import write_json, write_table
 
 
@@ -49,6 +58,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--refresh", type=int, default=0, help="evicted tokens re-inserted at the tail (start_recent)")
     e.add_argument("--positions", default="cache", choices=["cache", "original"],
                    help="start_recent: kept keys at cache positions (default) or where they were rotated (as kvpress)")
+    e.add_argument("--sink-layers", default=SINK_LAYERS[0], choices=list(SINK_LAYERS),
+                   help="which layers of a hybrid model (sliding-window layers beside global ones, e.g. Gemma 3) keep "
+                        "the sinks: global (default: a sliding layer keeps a plain recent window) or all (the sliding "
+                        f"layers keep them too); for {', '.join(SINK_METHODS)}; the two are the same on a model "
+                        "without sliding layers")
     e.add_argument("--profile", action="store_true",
                    help="synchronise the device around cache updates (exact update times on GPU)")
     e.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")

@@ -5,6 +5,11 @@ prints its help from it, and a test holds `config/schema.yaml`'s method enums
 equal to it.  Parameter resolution (`params.EvalParams.resolved`), the cache
 factory, run ids, report labels and the peers' install hints all read these
 records, so adding a method means one record here plus its own code.
+
+On a hybrid model (sliding-window and global layers, e.g. Gemma 3) every "cache" method keeps one cache per layer
+type (`streamkv.cache.hybrid`): the global layers as the record says; the sliding layers the same method within the
+model's window W (the most recent min(cap, W) tokens, no sinks unless `sink_layers` is "all"); each type
+re-rotates with its own RoPE base.  Peers run the model as they run it; recompute runs it on the kept tokens.
 """
 
 from __future__ import annotations

@@ -311,8 +311,8 @@ def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) 
 
 def _swept(ok: pd.DataFrame) -> list[str]:
     """Run parameters that vary among the rows, most values first."""
-    cols = [c for c in ("compress_every", "sink", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
-                        "weights")
+    cols = [c for c in ("compress_every", "sink", "sink_layers", "cache_slack", "max_drop", "softlite_mode", "overlap",
+                        "refresh", "weights")
             if c in ok and ok[c].nunique() > 1]
     return sorted(cols, key=lambda c: -ok[c].nunique())
 

@@ -1,9 +1,11 @@
 """The experiment grid of a pipeline config, as jobs with readable, parameter-encoding paths.
 
 A config names models and texts, one protocol (cap, tokens, prefill, ...),
-the baseline's sink count, a method table (`runs`, evaluated on every text),
-ablations (one parameter swept over `values`, or a `grid` of several) and
-probes (grids with a fixed purpose and their own tables).  Each distinct evaluation is
+the baseline's sink count, a method table (`runs`, evaluated on every model and
+text), ablations (one parameter swept over `values`, or a `grid` of several) and
+probes (grids with a fixed purpose and their own tables).  A model may run on some
+texts only, with a ceiling on every job's tokens, and an entry on some models or
+texts only.  Each distinct evaluation is
 one job whose output path spells out every parameter, so editing the grid
 invalidates exactly the changed configurations; two table rows with the same
 parameters share one job.
@@ -17,17 +19,17 @@ from dataclasses import dataclass, field
 from streamkv import methods, probes
 from streamkv.cache.budget import Budget
 from streamkv.errors import StreamkvError
-from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS, WEIGHTS, BenchConfig, EvalParams
+from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS, SINK_LAYERS, WEIGHTS, BenchConfig, EvalParams
 
 NAMED_ROWS = "rows"  # a finding's group that pairs two named rows of the method table or the peers
 
 RUN_KEYS = ("method", "sink", "compress_every", "cache_slack", "max_drop", "softlite_mode", "overlap", "refresh",
-            "positions", "weights", "profile")
+            "positions", "weights", "profile", "sink_layers")
 PROTOCOL_KEYS = ("cap", "max_tokens", "prefill", "dtype", "device", "seed")
 # Methods whose cache keeps what start_recent (positions "cache") keeps, at the same in-cache distances.
 SAME_SCHEDULE_AS_START_RECENT = ("mit", "ring")
 RUN_DEFAULTS = {**{k: methods.OPTION_DEFAULTS[k] for k in RUN_KEYS if k in methods.OPTION_DEFAULTS},
-                "weights": WEIGHTS[0], "profile": False}
+                "weights": WEIGHTS[0], "profile": False, "sink_layers": SINK_LAYERS[0]}
 PROBES = tuple(probes.PROBES)  # the probe registry's names (streamkv.probes)
 
 
@@ -67,7 +69,9 @@ def run_id(run: dict) -> str:
     """A readable file name holding every parameter that changes the run (the format is the method's record's)."""
     r = {**normalise_run(run), "stride": run.get("stride", 1)}
     weights = f"_w{r['weights']}" if r["weights"] != WEIGHTS[0] else ""
-    return methods.get(r["method"]).run_id(r) + weights + ("_prof" if r["profile"] else "")
+    # (only away from the default, so the files of runs from before the option keep their names)
+    layers = f"_sinklayers-{r['sink_layers']}" if r["sink_layers"] != SINK_LAYERS[0] else ""
+    return methods.get(r["method"]).run_id(r) + weights + layers + ("_prof" if r["profile"] else "")
 
 
 def text_source(config: dict, text: str) -> str:
@@ -75,11 +79,37 @@ def text_source(config: dict, text: str) -> str:
     return spec if isinstance(spec, str) else spec["source"]
 
 
-def max_tokens(config: dict, text: str) -> int:
-    """Tokens evaluated on `text`: its own `max_tokens` if it sets one, else the protocol's."""
+def model_source(config: dict, model: str) -> str:
+    """The source of model key `model`: the entry itself, or its `source`."""
+    spec = config["models"][model]
+    return spec if isinstance(spec, str) else spec["source"]
+
+
+def model_texts(config: dict, model: str) -> list[str]:
+    """The text keys `model` runs on: its `texts`, else every text."""
+    spec = config["models"][model]
+    return list(spec["texts"]) if isinstance(spec, dict) and "texts" in spec else list(config["texts"])
+
+
+def model_ceiling(config: dict, model: str) -> int | None:
+    """The most tokens any job of `model` evaluates (its `max_tokens`), or None."""
+    spec = config["models"][model]
+    return spec.get("max_tokens") if isinstance(spec, dict) else None
+
+
+def max_tokens(config: dict, text: str, model: str | None = None) -> int:
+    """Tokens evaluated on `text`: its own `max_tokens` if it sets one, else the protocol's; with `model`, at most
+    that model's ceiling."""
     spec = config["texts"][text]
-    return (spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict)
-            else config["protocol"]["max_tokens"])
+    n = (spec.get("max_tokens", config["protocol"]["max_tokens"]) if isinstance(spec, dict)
+         else config["protocol"]["max_tokens"])
+    return job_tokens(config, model, n) if model else n
+
+
+def job_tokens(config: dict, model: str, n: int) -> int:
+    """`n` tokens, or the model's ceiling where that is lower."""
+    ceiling = model_ceiling(config, model)
+    return min(n, ceiling) if ceiling else n
 
 
 def row_tokens(row_n, text: str) -> int | None:
@@ -117,9 +147,10 @@ def eval_params(config: dict, job: Job) -> EvalParams:
     r = job.params
     timing = 0 if job.kind == "quality" else proto["timing_steps"]
     return EvalParams(
-        model=config["models"][job.model], text=text_source(config, job.text), method=r["method"], cap=job.cap,
+        model=model_source(config, job.model), text=text_source(config, job.text), method=r["method"], cap=job.cap,
         sink=r["sink"], compress_every=r["compress_every"], cache_slack=r["cache_slack"], max_drop=r["max_drop"],
         softlite_mode=r["softlite_mode"], overlap=r["overlap"], refresh=r["refresh"], positions=r["positions"],
+        sink_layers=r["sink_layers"],
         max_tokens=job.n, prefill=min(proto["prefill"], job.cap), dtype=proto["dtype"], weights=r["weights"],
         device=proto["device"],
         seed=proto["seed"], profile=r["profile"], evaluator=proto["evaluator"], timing_steps=timing,
@@ -139,22 +170,29 @@ def grid_points(spec: dict, key: str) -> list[tuple[str, dict, str]]:
 
 
 def _rows(config: dict):
-    """(group, name, order, texts, run, where, max_tokens, cap) for the method table, every ablation and probe point.
+    """(group, name, order, models, texts, run, where, max_tokens, cap) for the method table, every ablation and
+    probe point.
 
-    `max_tokens` is the row's own (a `runs`/`peers` entry or a sweep may set one below its text's), or None;
+    `models` and `texts` are the entry's own (`models:`, `texts:`), else every model and text (`pairs`: where it
+    runs); `max_tokens` is the row's own (a `runs`/`peers` entry or a sweep may set one below its text's), or None;
     `cap` a sweep's own budget (its rows are compared with each other, not with the baseline), or None.
     """
-    all_texts = list(config["texts"])
-    for i, run in enumerate(config.get("runs", [])):
-        yield "methods", run["name"], i, run.get("texts", all_texts), run, f"runs[{i}]", run.get("max_tokens"), None
-    for i, run in enumerate(config.get("peers") or []):
-        yield "peers", run["name"], i, run.get("texts", all_texts), run, f"peers[{i}]", run.get("max_tokens"), None
+    all_models, all_texts = list(config["models"]), list(config["texts"])
+    for section, group in (("runs", "methods"), ("peers", "peers")):
+        for i, run in enumerate(config.get(section) or []):
+            yield (group, run["name"], i, run.get("models", all_models), run.get("texts", all_texts), run,
+                   f"{section}[{i}]", run.get("max_tokens"), None)
     for section in ("ablations", "probes"):
         for key, spec in (config.get(section) or {}).items():
             for j, (name, swept, where) in enumerate(grid_points(spec, key)):
                 run = {**spec.get("base", {}), **swept}
-                yield (f"{section[:-1]}:{key}", name, j, spec.get("texts", all_texts), run, f"{section}.{where}",
-                       spec.get("max_tokens"), spec.get("cap"))
+                yield (f"{section[:-1]}:{key}", name, j, spec.get("models", all_models), spec.get("texts", all_texts),
+                       run, f"{section}.{where}", spec.get("max_tokens"), spec.get("cap"))
+
+
+def pairs(config: dict, models: list[str], texts: list[str]) -> list[tuple[str, str]]:
+    """(model, text) an entry runs on: each of its models on each of its texts that the model runs on."""
+    return [(model, text) for model in models for text in texts if text in model_texts(config, model)]
 
 
 def jobs(config: dict) -> list[Job]:
@@ -162,25 +200,31 @@ def jobs(config: dict) -> list[Job]:
 
     A row's job evaluates its NLLs and times its step.  A row whose attention schedule is another run's
     (`quality_run`) only times its step and takes the NLLs of that run: the row of that run where the grid has
-    one, else a quality job of its own.
+    one, else a quality job of its own.  A (model, text) gets its recompute baseline only where some row runs.
     """
     found: dict[tuple, Job] = {}  # by (kind, model, text, setting, run id)
     stride = config["baseline"]["stride"]
     baseline_run = normalise_run({"method": "recompute", "sink": config["baseline"]["sink"]})
     evaluator = config["protocol"]["evaluator"]
+    rows = list(_rows(config))
+    used = {pair for _, _, _, models, texts, *_ in rows for pair in pairs(config, models, texts)}
     for model in config["models"]:
         for text in config["texts"]:
-            n = max_tokens(config, text)
+            if (model, text) not in used:
+                continue
+            n = max_tokens(config, text, model)
             rid = run_id({**baseline_run, "stride": stride})
-            found["baselines", model, text, rid] = Job(model, text, setting_id(config, text), rid, baseline_run,
+            found["baselines", model, text, rid] = Job(model, text, setting_id(config, text, n), rid, baseline_run,
                                                        "baselines", [("baseline", "Baseline (recompute)", -1)], n=n,
                                                        cap=config["protocol"]["cap"])
         shared = []
-        for group, name, order, texts, run, _, row_n, row_cap in _rows(config):
+        for group, name, order, models, texts, run, _, row_n, row_cap in rows:
+            if model not in models:
+                continue
             params = normalise_run(run)
             cap = row_cap or config["protocol"]["cap"]
-            for text in texts:
-                n = row_tokens(row_n, text) or max_tokens(config, text)
+            for _, text in pairs(config, [model], texts):
+                n = job_tokens(config, model, row_tokens(row_n, text) or max_tokens(config, text))
                 setting = setting_id(config, text, n, cap)
                 rid = run_id(params)
                 job = found.setdefault(("runs", model, text, setting, rid),
@@ -231,7 +275,8 @@ def controls(config: dict) -> dict:
 
 
 def check(config: dict) -> None:
-    """Checks the JSON schema cannot express: texts named by rows exist, budgets fit, options suit methods."""
+    """Checks the JSON schema cannot express: models and texts named by entries exist and meet, budgets fit,
+    options suit methods."""
     proto = config["protocol"]
     for probe, spec in (config.get("probes") or {}).items():
         swept = set(spec.get("grid", {})) or {probe}
@@ -243,28 +288,30 @@ def check(config: dict) -> None:
         if "values" in spec and key not in RUN_KEYS:
             raise StreamkvError(f"config key ablations.{key}: '{key}' is not a run parameter, so `values` cannot "
                                 f"sweep it; name a parameter ({', '.join(RUN_KEYS[1:])}) or use a `grid`")
-    for group, name, order, texts, run, where, row_n, row_cap in _rows(config):
+    _check_models(config)
+    for group, name, order, models, texts, run, where, row_n, row_cap in _rows(config):
         place = where if where.startswith(("runs", "peers")) else where.rsplit(".", 1)[0]
         unknown = sorted(set(row_n) - set(config["texts"])) if isinstance(row_n, dict) else []
         if unknown:
             raise StreamkvError(f"config key {place}.max_tokens: unknown text '{unknown[0]}' "
                                 f"(known: {', '.join(config['texts'])})")
         for text in texts:
-            if text not in config["texts"]:
-                raise StreamkvError(f"config key {place}.texts: unknown text '{text}' "
-                                    f"(known: {', '.join(config['texts'])})")
             n = row_tokens(row_n, text)
             if n and n > max_tokens(config, text):
                 raise StreamkvError(f"config key {place}.max_tokens: {n} is more than text '{text}' "
                                     f"is evaluated on ({max_tokens(config, text)}); "
                                     "a row may use fewer tokens than its text, not more")
+        here = pairs(config, models, texts)
+        if not here:
+            raise StreamkvError(f"config key {place}: no model runs on its texts ({', '.join(texts)}); models run "
+                                f"on: {_model_text_list(config, models)}; name a text one of them runs on")
         params = normalise_run(run)
         try:
-            for text in texts:
+            for model, text in here:
                 fixed = {k: proto[k] for k in PROTOCOL_KEYS if k not in ("max_tokens", "cap", "prefill")}
                 cap = row_cap or proto["cap"]
                 EvalParams(model="-", text="-", **params, **fixed, cap=cap, prefill=min(proto["prefill"], cap),
-                           max_tokens=row_tokens(row_n, text) or max_tokens(config, text),
+                           max_tokens=job_tokens(config, model, row_tokens(row_n, text) or max_tokens(config, text)),
                            evaluator=proto["evaluator"]).resolved()
         except (StreamkvError, TypeError) as exc:
             raise StreamkvError(f"config key {where} ('{name}'): {exc}") from None
@@ -302,11 +349,69 @@ def check(config: dict) -> None:
         elif finding["group"] not in groups:
             raise StreamkvError(f"config key findings[{i}].group: no sweep '{finding['group']}' "
                                 f"(sweeps: {', '.join(sorted(groups)) or 'none'}; or '{NAMED_ROWS}')")
+        else:
+            kind, key = finding["group"].split(":", 1)
+            swept = config[f"{kind}s"][key].get("models", list(config["models"]))
+            if finding.get("models") and not set(finding["models"]) & set(swept):
+                raise StreamkvError(f"config key findings[{i}].models: the sweep '{finding['group']}' runs on "
+                                    f"{', '.join(swept)} only, none of {', '.join(finding['models'])}; name one of "
+                                    "its models or leave `models` out")
     try:
         Budget.derive(proto["cap"], sink=config["baseline"]["sink"])
     except StreamkvError as exc:
         raise StreamkvError(f"config key baseline.sink: {exc}") from None
     _check_bench(config)
+
+
+def _entries(config: dict):
+    """(config key, entry) of every entry that may name `models` and `texts`."""
+    for section in ("runs", "peers", "findings"):
+        for i, spec in enumerate(config.get(section) or []):
+            yield f"{section}[{i}]", spec
+    for section in ("ablations", "probes"):
+        for key, spec in (config.get(section) or {}).items():
+            yield f"{section}.{key}", spec
+
+
+def _model_text_list(config: dict, models: list[str]) -> str:
+    return "; ".join(f"{m}: {', '.join(model_texts(config, m))}" for m in models)
+
+
+def _check_models(config: dict) -> None:
+    """The model and text keys that models and entries name exist, and a model an entry names runs on one of its
+    texts."""
+    for model, spec in config["models"].items():
+        for text in spec.get("texts", []) if isinstance(spec, dict) else []:
+            if text not in config["texts"]:
+                raise StreamkvError(f"config key models.{model}.texts: unknown text '{text}' "
+                                    f"(known: {', '.join(config['texts'])})")
+    for place, spec in _entries(config):
+        for key, what in (("models", "model"), ("texts", "text")):
+            for name in spec.get(key, []):
+                if name not in config[key]:
+                    raise StreamkvError(f"config key {place}.{key}: unknown {what} '{name}' "
+                                        f"(known: {', '.join(config[key])})")
+        for model in spec.get("models", []):
+            if not pairs(config, [model], spec.get("texts", list(config["texts"]))):
+                raise StreamkvError(f"config key {place}.models: model '{model}' runs on "
+                                    f"{', '.join(model_texts(config, model))} only (models.{model}.texts), none of "
+                                    f"this entry's texts ({', '.join(spec['texts'])}); add one of its texts or "
+                                    "leave the model out")
+
+
+def bench_models(config: dict) -> list[str]:
+    """The models the bench runs on: `bench.model`, then those of `bench.also`."""
+    spec = config.get("bench")
+    return [spec["model"], *[m for m in spec.get("also") or {} if m != spec["model"]]] if spec else []
+
+
+def bench_settings(config: dict, model: str) -> dict:
+    """`streamkv bench`'s settings on `model`: the bench's own, with that model's changes from `bench.also`."""
+    spec = config["bench"]
+    own = {k: v for k, v in spec.items() if k not in ("model", "text", "also")}
+    if model != spec["model"]:
+        own.update((spec.get("also") or {}).get(model) or {})
+    return own
 
 
 def _check_bench(config: dict) -> None:
@@ -317,8 +422,14 @@ def _check_bench(config: dict) -> None:
         if spec[key] not in config[known]:
             raise StreamkvError(f"config key bench.{key}: unknown {key} '{spec[key]}' "
                                 f"(known: {', '.join(config[known])})")
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k not in ("model", "text")}
-    try:
-        BenchConfig(**settings).check()
-    except StreamkvError as exc:
-        raise StreamkvError(f"config key bench: {exc}") from None
+    for model in spec.get("also") or {}:
+        if model not in config["models"]:
+            raise StreamkvError(f"config key bench.also: unknown model '{model}' "
+                                f"(known: {', '.join(config['models'])})")
+    for model in bench_models(config):
+        where = "bench" if model == spec["model"] else f"bench.also.{model}"
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in bench_settings(config, model).items()}
+        try:
+            BenchConfig(**settings).check()
+        except (StreamkvError, TypeError) as exc:
+            raise StreamkvError(f"config key {where}: {exc}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from streamkv.analysis.grid import run_id
+from streamkv.analysis.grid import model_source, run_id
 from streamkv.analysis.stats import ABOVE, ACROSS, BELOW, bootstrap, side
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import SINKLESS_METHODS, EvalParams
@@ -51,7 +51,8 @@ def spec(config: dict) -> dict:
 def eval_params(config: dict) -> dict:
     """Every parameter of the evaluation, as a dict (`max_tokens` None: the whole text)."""
     s, proto = spec(config), config["protocol"]
-    return dict(model=config["models"][s["model"]], text=s["text"], method=s["method"], cap=s["cap"], sink=s["sink"],
+    return dict(model=model_source(config, s["model"]), text=s["text"], method=s["method"], cap=s["cap"],
+                sink=s["sink"],
                 compress_every=s["compress_every"], max_tokens=s["max_tokens"], prefill=PREFILL, dtype=proto["dtype"],
                 device=proto["device"], seed=proto["seed"], evaluator="parallel")
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from streamkv.analysis.grid import RUN_KEYS, normalise_run, run_id, text_source
+from streamkv.analysis.grid import RUN_KEYS, model_source, normalise_run, run_id, text_source
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import EvalParams
 from streamkv.evaluation.recall import KEY, check, spec
@@ -21,7 +21,7 @@ def jobs(config: dict) -> dict[str, dict]:
         if (r["sink"] or 0) > s["prefix_tokens"]:
             raise StreamkvError(f"config key {KEY}.rows[{i}]: '{name}' keeps {r['sink']} sinks, more than "
                                 f"{KEY}.prefix_tokens ({s['prefix_tokens']}): its sinks would hold what it must recall")
-        params = EvalParams(model=config["models"][s["model"]], text=text_source(config, s["filler"]), cap=s["cap"],
+        params = EvalParams(model=model_source(config, s["model"]), text=text_source(config, s["filler"]), cap=s["cap"],
                             max_tokens=s["cap"] + 1, prefill=1, dtype=proto["dtype"], device=proto["device"],
                             seed=proto["seed"], evaluator="auto", **{k: r[k] for k in RUN_KEYS})
         try:

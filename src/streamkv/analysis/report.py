@@ -14,7 +14,7 @@ import pandas as pd
 
 from streamkv.analysis import fmt
 from streamkv.analysis.cross_checks import cross_check_notes, cross_checks, llamacpp_engine
-from streamkv.analysis.grid import max_tokens, text_source
+from streamkv.analysis.grid import max_tokens, model_ceiling, model_source, text_source
 from streamkv.analysis.rows import NOT_INSTALLED, configuration, kv_note, reference_kv, spike_rows, table_rows
 from streamkv.analysis.stats import MIN_BLOCKS
 from streamkv.bench.goals import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE
@@ -54,7 +54,9 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
     out = []
     empty = pd.DataFrame(columns=["model_key", "text_key", "kind", "group", "claim"])
     compared = compared if compared is not None else empty
-    for (model_key, text_key), part in frame.groupby(["model_key", "text_key"], sort=False):
+    order = {model: i for i, model in enumerate(config["models"])}  # the models in the config's order
+    groups = sorted(frame.groupby(["model_key", "text_key"], sort=False), key=lambda g: order.get(g[0][0], len(order)))
+    for (model_key, text_key), part in groups:
         here = compared[(compared.model_key == model_key) & (compared.text_key == text_key)]
         methods = part[part.group.isin(["baseline", "methods"])]
         ablations = []
@@ -81,12 +83,14 @@ def sections(frame: pd.DataFrame, config: dict, probes_dir: str | Path = "result
         checks = cross_checks(part, config, config.get("stats"))
         dtype = config["protocol"].get("dtype", "float32")
         method_rows, peer_rows = table_rows(methods), table_rows(peers)
-        out.append({"model_key": model_key, "text_key": text_key, "model": config["models"][model_key],
+        n, ceiling = max_tokens(config, text_key, model_key), model_ceiling(config, model_key)
+        out.append({"model_key": model_key, "text_key": text_key, "model": model_source(config, model_key),
                     "peers": peer_rows, "cross_checks": checks,
                     "cross_notes": cross_check_notes(checks, dtype), "llamacpp": llamacpp_engine(peers, dtype),
                     "kv_notes": {"methods": kv_note(method_rows), "peers": kv_note(peer_rows)},
                     "reference_kv": reference_kv(pd.concat([methods, peers])),
-                    "text": text_source(config, text_key), "max_tokens": max_tokens(config, text_key),
+                    "text": text_source(config, text_key), "max_tokens": n,
+                    "ceiling": ceiling if ceiling is not None and ceiling < max_tokens(config, text_key) else None,
                     "methods": method_rows, "ablations": ablations, "probes": probes,
                     "findings": findings(here[here.kind == "finding"]),
                     "spikes": spike_rows(part), "negative": negative_results(part),
@@ -160,6 +164,27 @@ def findings(found: pd.DataFrame) -> list[dict]:
             verdict += f" ({len(rows) - len(tested)} pair(s) with too few targets for an interval left out)"
         pairs = [f"{r.a} vs {r.b}: PPL {r.text} (n = {int(r.n)}; {r.verdict})" for r in rows.itertuples()]
         out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "verdict": verdict, "pairs": pairs})
+    return out
+
+
+def conclusions(compared: pd.DataFrame, config: dict, models: list[str]) -> list[dict]:
+    """Each claim of `findings` with its verdict on each of `models` (`findings`' verdict over every pair of its rows
+    on that model, whatever the text): which of the study's conclusions hold on which model; "–" where the claim
+    has no pair on a model (its rows do not run there)."""
+    found = compared[compared.kind == "finding"]
+    out = []
+    for claim in dict.fromkeys(f["claim"] for f in config.get("findings") or []):
+        cells = []
+        for model in models:
+            rows = found[(found.claim == claim) & (found.model_key == model)]
+            if rows.empty:
+                cells.append("–")
+                continue
+            head = findings(rows)[0]["verdict"].split(":", 1)[0]
+            texts = ", ".join(dict.fromkeys(rows.text_key))
+            cells.append(f"{head} ({len(rows)} pair{'s' if len(rows) != 1 else ''}; {texts})")
+        expect = next(f["expect"] for f in config["findings"] if f["claim"] == claim)
+        out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "cells": cells})
     return out
 
 
@@ -245,10 +270,13 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
                              undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     failed = frame[~frame.status.isin(["ok", NOT_INSTALLED])]  # a peer not installed shows in its own table
+    parts = sections(frame, config, compared=compared, bench=bench)
+    models = list(dict.fromkeys(s["model_key"] for s in parts))
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
         stats={"min_blocks": MIN_BLOCKS, **config["stats"]}, reference=config.get("reference"),
-        sections=sections(frame, config, compared=compared, bench=bench),
+        sections=parts, models=models,
+        conclusions=conclusions(compared, config, models) if len(models) > 1 and compared is not None else [],
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
         meta=provenance(frame), timing=timing_notes(frame, bench), recall=recall_sections(recall or {}, config),

@@ -10,7 +10,7 @@ import pandas as pd
 from streamkv.analysis import fmt
 from streamkv.analysis.stats import interval_text
 from streamkv.analysis.summary import ROW_GROUPS
-from streamkv.evaluation.params import DENSE_METHODS, LAZY_METHODS, WEIGHTS
+from streamkv.evaluation.params import DENSE_METHODS, LAZY_METHODS, SINK_LAYERS, WEIGHTS
 from streamkv.methods import REGISTRY as METHODS
 from streamkv.methods import get as method_record
 
@@ -29,6 +29,8 @@ def configuration(row) -> str:
         parts.append(f"K={fmt.count(row.compress_every)}")
     if getattr(row, "positions", "cache") == "original":
         parts.append("original positions")
+    if getattr(row, "sink_layers", SINK_LAYERS[0]) != SINK_LAYERS[0]:
+        parts.append(f"sinks in {row.sink_layers} layers")
     if row.cache_slack:
         parts.append(f"σ={fmt.count(row.cache_slack)}")
     if row.max_drop:

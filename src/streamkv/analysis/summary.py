@@ -12,7 +12,7 @@ from streamkv import methods
 from streamkv.analysis.fmt import to_markdown
 from streamkv.analysis.grid import NAMED_ROWS, RUN_KEYS
 from streamkv.errors import StreamkvError
-from streamkv.evaluation.params import LAZY_METHODS, WEIGHTS
+from streamkv.evaluation.params import LAZY_METHODS, SINK_LAYERS, WEIGHTS
 
 ROW_GROUPS = ("methods", "peers")  # rows the config names itself (method table, peers): shown under their own names
 
@@ -63,8 +63,10 @@ def load_results(paths, rerun: str | None = None) -> pd.DataFrame:
                "meta_versions": json.dumps(meta.get("versions", {}), sort_keys=True)}
         rows.append(row)
     frame = pd.DataFrame(rows)
-    # (results written before the weights variants existed ran the weights as loaded)
+    # (results written before the weights variants existed ran the weights as loaded; those from before sink_layers
+    # ran models without sliding layers, where every setting of it is the default's)
     frame["weights"] = frame["weights"].fillna(WEIGHTS[0]) if "weights" in frame else WEIGHTS[0]
+    frame["sink_layers"] = frame["sink_layers"].fillna(SINK_LAYERS[0]) if "sink_layers" in frame else SINK_LAYERS[0]
     return frame
 
 
@@ -351,7 +353,8 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
     """Intervals of every sweep point against its control, and of the findings' pairs.
 
     `controls`: sweep group (e.g. "ablation:sink") -> the swept values of its control (e.g. {"sink": 4}).
-    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...]}];
+    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...],
+    "models": [...]}];
     a group of "rows" pairs two named rows ({"name": ...}) of the method table or the peers.
     """
     from streamkv.analysis.stats import compare
@@ -372,7 +375,7 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
                 out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="control", group=group,
                                            a=row.name, b=other.name, claim="", expect=""))
         for f in findings:
-            if f.get("texts") and text_key not in f["texts"]:
+            if (f.get("texts") and text_key not in f["texts"]) or (f.get("models") and model_key not in f["models"]):
                 continue
             pairs = (named_pairs(part, f["a"]["name"], f["b"]["name"]) if f["group"] == NAMED_ROWS
                      else sweep_pairs(part[part.group == f["group"]], f["a"], f["b"]))

@@ -6,7 +6,7 @@ cache), so that no module imports the module that imports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from streamkv import methods
 from streamkv.cache.budget import Budget
+from streamkv.cache.hybrid import GLOBAL, SINK_LAYERS, SLIDING, LayerGroupsCache, layer_types, sliding_window
 from streamkv.cache.policy import KeepAll, StartRecent
 from streamkv.cache.ring import LazyRingCache, RingCache
 from streamkv.cache.rope import REBASE, RotaryAligner
@@ -42,12 +43,14 @@ def make_stepper(model: torch.nn.Module, p: EvalParams, source: str | None = Non
     cache = make_cache(p.method, model, cap=p.cap, sink=p.sink, compress_every=p.compress_every,
                        cache_slack=p.cache_slack, max_drop=p.max_drop, softlite_mode=p.softlite_mode,
                        positions=p.positions, overlap=p.overlap, refresh=p.refresh,
+                       sink_layers=getattr(p, "sink_layers", "global"),
                        # this loop passes no position_ids, so the ring may keep its positions small
                        rebase_every=REBASE if p.method == "ring" else None)
     device = next(model.parameters()).device
     if p.profile and device.type == "cuda":
         cache.sync = lambda: torch.cuda.synchronize(device)
-    if cache.layers[0].scored:  # its scores come from the attention weights, handed over by its attention function
+    # a scored cache's scores come from the attention weights, handed over by its attention function
+    if any(layer.scored for layer in cache.layers):
         from streamkv.cache.scored import ScoringStepper
 
         return ScoringStepper(model, cache)
@@ -68,7 +71,8 @@ def make_cache(
     refresh_select: str | Callable[[torch.Tensor, int], torch.Tensor] = "uniform",
     rebase_every: int | None = None,
     positions: str = "cache",
-) -> StreamingCache:
+    sink_layers: str = "global",
+) -> StreamingCache | LayerGroupsCache:
     """Build the cache of `method` for `model`.
 
     `dense` keeps everything (`cap` unused); `ring` is Start+Recent in
@@ -91,6 +95,11 @@ def make_cache(
     `sink` first tokens and the keys the newest query attended to most
     (`streamkv.cache.scored`; the model must run its attention function).  Use with
     `model.generate(..., past_key_values=cache)` or in a forward loop.
+
+    On a hybrid model (sliding-window and global layers, e.g. Gemma 3) every method builds one cache per layer
+    type (`streamkv.cache.hybrid`): the global layers as above; the sliding layers the same method with the
+    most recent min(cap, W) keys their window allows (W: the model's sliding window), without sinks unless
+    `sink_layers="all"`; each type re-rotates with its own RoPE base.
     """
     n = num_attention_layers(model)
     if method not in BUILDERS:
@@ -111,9 +120,14 @@ def make_cache(
             raise StreamkvError(f"unknown refresh selection '{refresh_select}'; "
                                 f"choose one of: {', '.join(REFRESH_SELECTORS)}")
         refresh_select = REFRESH_SELECTORS[refresh_select]
+    if sink_layers not in SINK_LAYERS:
+        raise StreamkvError(f"unknown sink_layers '{sink_layers}'; choose one of: {', '.join(SINK_LAYERS)}")
     options = Options(n, cap, sink, compress_every, cache_slack, max_drop, softlite_mode, overlap, refresh,
                       refresh_select, rebase_every, positions)
-    return BUILDERS[method](model, options)
+    types = layer_types(model)
+    if types is None:
+        return BUILDERS[method](model, options)
+    return _layer_groups(method, model, options, types, sink_layers)
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,43 @@ class Options:
     refresh_select: Callable[[torch.Tensor, int], torch.Tensor]
     rebase_every: int | None
     positions: str
+    layer_type: str | None = None  # a hybrid model's layer type this cache serves (its RoPE base); None: all layers
+
+
+def _aligner(model: nn.Module, o: Options) -> RotaryAligner:
+    return RotaryAligner(model, o.layer_type)
+
+
+def _layer_groups(method: str, model: nn.Module, o: Options, types: list[str], sink_layers: str) -> LayerGroupsCache:
+    """The cache of a hybrid model: the method's cache for the global layers, and for the sliding layers the same
+    method within their window (streamkv.cache.hybrid)."""
+    window = sliding_window(model)
+    record = methods.get(method)
+    groups = {GLOBAL: BUILDERS[method](model, replace(o, num_layers=types.count(GLOBAL), layer_type=GLOBAL))}
+    n_sliding = types.count(SLIDING)
+    if n_sliding:
+        sliding = replace(o, num_layers=n_sliding, layer_type=SLIDING)
+        if record.dense:  # no eviction: the sliding layers keep exactly their window, as the model attends it
+            build, sliding = BUILDERS["window"], replace(sliding, cap=window, compress_every=1)
+        else:
+            build = BUILDERS[method]
+            sinks = o.sink if sink_layers == "all" else 0
+            # Between prunes a lazy cache holds more than its cap: the sliding layers' cap leaves room for that
+            # overshoot inside the window, so they never hold a key their window cannot attend.
+            overshoot = 0 if o.cache_slack else o.compress_every - 1
+            cap = min(o.cap, window - overshoot)
+            if cap <= sinks:
+                raise StreamkvError(
+                    f"the sliding attention layers' cache (cap {cap}: the model's window {window} less the lazy "
+                    f"overshoot {overshoot}) cannot hold {sinks} sinks and a window; lower compress_every or sink")
+            sliding = replace(sliding, cap=cap, sink=sinks)
+        groups[SLIDING] = build(model, sliding)
+    rings = [g for g in groups.values() if isinstance(g, RingCache)]
+    if rings:  # every layer type's ring re-bases by the same offset, as the model's positions do
+        room = max(ring.size for ring in rings)
+        for ring in rings:
+            ring.rebase_room = room
+    return LayerGroupsCache(groups, types)
 
 
 # method name -> (model, Options) -> cache.  A new cache method: a record in streamkv.methods and a builder here
@@ -176,23 +227,23 @@ def _start_recent_policy(o: Options) -> StartRecent:
 def _start_recent(model: nn.Module, o: Options) -> StreamingCache:
     policy = _start_recent_policy(o)
     if o.refresh:
-        return RefreshCache(o.num_layers, policy, RotaryAligner(model), o.refresh, o.refresh_select)
-    aligner = None if o.positions == "original" else RotaryAligner(model)
+        return RefreshCache(o.num_layers, policy, _aligner(model, o), o.refresh, o.refresh_select)
+    aligner = None if o.positions == "original" else _aligner(model, o)
     return StreamingCache(RealignedLayer, o.num_layers, policy, aligner)
 
 
 @builder("mit")
 def _mit(model: nn.Module, o: Options) -> StreamingCache:
-    return StreamingCache(MitLayer, o.num_layers, _start_recent_policy(o), RotaryAligner(model))
+    return StreamingCache(MitLayer, o.num_layers, _start_recent_policy(o), _aligner(model, o))
 
 
 @builder("ring")
 def _ring(model: nn.Module, o: Options) -> StreamingCache:
     budget = Budget.derive(o.cap, sink=o.sink)
     if o.compress_every > 1:
-        return LazyRingCache(o.num_layers, budget.cap, budget.sink, o.compress_every, RotaryAligner(model),
+        return LazyRingCache(o.num_layers, budget.cap, budget.sink, o.compress_every, _aligner(model, o),
                              o.rebase_every)
-    return RingCache(o.num_layers, budget.cap, budget.sink, RotaryAligner(model), o.rebase_every)
+    return RingCache(o.num_layers, budget.cap, budget.sink, _aligner(model, o), o.rebase_every)
 
 
 @builder("tova")

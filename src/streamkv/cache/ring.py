@@ -121,6 +121,9 @@ class RingCache(StreamingCache):
         if rebase_every is not None and rebase_every < self.size:
             raise StreamkvError(f"rebase_every ({rebase_every}) must be at least the ring's slots ({self.size})")
         self.rebase_every = rebase_every
+        # Positions kept below the stream's end at a re-base: the ring's own slots, or more where several rings
+        # serve one model and must re-base alike (a hybrid model's layer types, streamkv.cache.hybrid).
+        self.rebase_room: int | None = None
         self.base = 0  # positions are reported relative to this
         self.pending_rebase = 0
         self.static = False  # see make_static()
@@ -204,7 +207,7 @@ class RingCache(StreamingCache):
         self.n_prunes += 1
         self.tokens_dropped += 1
         if self.rebase_every and self.seen - self.base >= self.rebase_every:
-            self.pending_rebase = self.seen - self.base - self.cap
+            self.pending_rebase = self.seen - self.base - (self.rebase_room or self.cap)
             self.base += self.pending_rebase
             self._rebase_now()
         self.pos_t.fill_(self.seen - self.base)
@@ -277,7 +280,7 @@ class RingCache(StreamingCache):
         # This forward's positions are already set; the next one's come from get_seq_length(), so
         # the base moves now and the window keys follow at the next forward (memo "rebase").
         if self.rebase_every and self.seen - self.base >= self.rebase_every:
-            shift = self.seen - self.base - self.size
+            shift = self.seen - self.base - (self.rebase_room or self.size)
             self.base += shift
             self.pending_rebase = shift
 

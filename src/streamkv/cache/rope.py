@@ -41,9 +41,17 @@ def find_rotary_module(model: nn.Module) -> nn.Module:
     return rotary
 
 
-def rope_type(model: nn.Module) -> str:
+def rope_parameters(model: nn.Module, layer_type: str | None = None) -> dict:
+    """The RoPE parameters of the model, or of one layer type's (hybrid models such as Gemma 3 keep one set per
+    layer type, keyed by it)."""
     params = getattr(model.config, "rope_parameters", None) or {}
-    return params.get("rope_type", "default")
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        return params[layer_type]
+    return params
+
+
+def rope_type(model: nn.Module, layer_type: str | None = None) -> str:
+    return rope_parameters(model, layer_type).get("rope_type", "default")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,17 +65,25 @@ class RotaryAligner:
     Keys have shape `[batch, kv_heads, seq, head_dim]`; only the first
     `rotary_dim` channels are rotated (GPT-NeoX rotates a fraction of each
     head; Llama-family all of it), the rest pass through unchanged.
+
+    `layer_type` (hybrid models, e.g. Gemma 3's "sliding_attention" and
+    "full_attention"): the rotation of that layer type, whose RoPE base may
+    differ from the others'; the model's one rotary module takes it as an argument.
     """
 
-    def __init__(self, model: nn.Module):
-        kind = rope_type(model)
+    def __init__(self, model: nn.Module, layer_type: str | None = None):
+        kind = rope_type(model, layer_type)
         if kind not in SHIFT_INVARIANT_ROPE:
             raise StreamkvError(
                 f"rope type '{kind}' is not shift-invariant, so cached keys cannot be re-aligned exactly; "
                 f"supported: {', '.join(SHIFT_INVARIANT_ROPE)}"
             )
         self.rotary = find_rotary_module(model)
-        self.scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        self.layer_type = layer_type
+        scaling = getattr(self.rotary, f"{layer_type}_attention_scaling", None) if layer_type else None
+        if scaling is None:
+            scaling = getattr(self.rotary, "attention_scaling", 1.0)
+        self.scaling = float(scaling or 1.0)
         self.device = next(model.parameters()).device
         self._probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._shift_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -76,7 +92,10 @@ class RotaryAligner:
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 `(cos, sin)` of shape `[len(positions), rotary_dim]` for (possibly negative) positions."""
         position_ids = positions.to(self.device).reshape(1, -1)
-        cos, sin = self.rotary(self._probe, position_ids=position_ids)
+        if self.layer_type is None:
+            cos, sin = self.rotary(self._probe, position_ids=position_ids)
+        else:
+            cos, sin = self.rotary(self._probe, position_ids=position_ids, layer_type=self.layer_type)
         # The module folds `attention_scaling` (yarn) into cos/sin; the keys
         # already carry it once, so a re-rotation must not apply it again.
         return cos[0] / self.scaling, sin[0] / self.scaling

@@ -26,7 +26,7 @@ from streamkv.evaluation.params import EvalParams
 from streamkv.evaluation.results import METRIC_KEYS, TIMING_KEYS, peak_memory_mb, quality_metrics, trace_frame
 from streamkv.evaluation.stepper import forward_time_ms
 from streamkv.evaluation.timing import sync_of
-from streamkv.models.sources import LoadedModel, encode
+from streamkv.models.sources import LoadedModel, encode, start_tokens
 from streamkv.models.texts import load_text
 from streamkv.models.weights import weights_of
 from streamkv.provenance import collect
@@ -35,10 +35,11 @@ STEADY_SKIP = 64  # steady-state TPOT ignores the first steps (allocator and cac
 
 
 def load_tokens(loaded: LoadedModel, text_src: str, n: int, text: str | None = None) -> list[int]:
-    """The first `n` tokens of the text (read from `text_src` unless given), or an error if it is shorter."""
+    """The first `n` tokens of the stream: the tokenizer's start tokens (Gemma's BOS; none for SmolLM2), then the
+    text (read from `text_src` unless given); an error if it is shorter."""
     if text is None:
         text = load_text(text_src, min_chars=16 * n)
-    ids = encode(loaded.tokenizer, text)
+    ids = start_tokens(loaded.tokenizer) + encode(loaded.tokenizer, text)
     if len(ids) < n:
         raise StreamkvError(f"text '{text_src}' has {len(ids)} tokens, fewer than max-tokens ({n}); lower --max-tokens")
     return ids[:n]

@@ -29,6 +29,12 @@ each chunk's queries with the sinks, the kept history and the chunk itself
 under a per-query mask, and re-rotates the queries for the sink columns.
 Memory stays bounded: a chunk attends the sinks plus its history and itself,
 never an N x N matrix.
+
+Hybrid models (`streamkv.cache.hybrid`) cache each layer type under its own
+policy: each type gets its own schedule (`schedules_of`), and its layers their
+own masks, sinks and re-rotations (with that type's RoPE base); the chunks and
+the positions the model sees are shared.  The result's KV lengths and prunes are
+the global layers'.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from streamkv.cache.hybrid import GLOBAL, LayerGroupsCache
 from streamkv.cache.rope import REBASE, RotaryAligner
-from streamkv.cache.streaming import RefreshCache
+from streamkv.cache.streaming import RefreshCache, num_attention_layers
 from streamkv.errors import StreamkvError
 
 ATTN_NAME = "streamkv_parallel"
@@ -102,6 +109,32 @@ def policy_of(cache) -> object:
     return cache.policy
 
 
+@dataclass
+class LayerSchedule:
+    """The schedule of some of the model's layers (all of them, or one layer type's) and their RoPE's layer type."""
+
+    layers: list[int]
+    sched: Schedule
+    layer_type: str | None = None
+
+
+def schedules_of(cache, n_inputs: int, prefill: int) -> list[LayerSchedule]:
+    """The schedules of a cache's layers: one for all layers, or one per layer type of a hybrid model's cache."""
+    if not isinstance(cache, LayerGroupsCache):
+        return [LayerSchedule(list(range(len(cache.layers))), schedule(policy_of(cache), n_inputs, prefill))]
+    return [LayerSchedule([i for i, t in enumerate(cache.types) if t == layer_type],
+                          schedule(policy_of(group), n_inputs, prefill), layer_type)
+            for layer_type, group in cache.groups.items()]
+
+
+def main_schedule(groups: list[LayerSchedule]) -> Schedule:
+    """The schedule a result reports (KV lengths, prunes): the global layers'."""
+    for g in groups:
+        if g.layer_type in (None, GLOBAL):
+            return g.sched
+    return groups[0].sched
+
+
 # ----------------------------------------------------------------------------- one chunk's attention
 
 
@@ -132,10 +165,11 @@ class _State:
 
 def _attend(module, query, key, value, attention_mask, scaling, dropout=0.0, streamkv_chunk=None, **kwargs):
     """Attention of a chunk's queries over the sinks, the kept history and the chunk, with the loop's distances."""
-    ch = streamkv_chunk
-    if ch is None:
+    if streamkv_chunk is None:
         raise StreamkvError("the parallel evaluator's attention ran outside a parallel forward")
-    st, layer, s = ch.state, module.layer_idx, ch.state.sink
+    layer = module.layer_idx
+    ch = streamkv_chunk[layer]  # the chunk of this layer's schedule
+    st, s = ch.state, ch.state.sink
     if ch.capture_sinks:
         st.sink_k[layer], st.sink_v[layer] = key[:, :, :s], value[:, :, :s]
     if st.hist_k[layer] is None:
@@ -185,56 +219,47 @@ class _ParallelAttention:
 # ----------------------------------------------------------------------------- the evaluator
 
 
-def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "cache", chunk: int = DEFAULT_CHUNK,
-                 progress: bool = False, desc: str = "parallel", rebase: int = REBASE,
+def nll_parallel(model, ids: torch.Tensor, sched: Schedule | list[LayerSchedule], positions: str = "cache",
+                 chunk: int = DEFAULT_CHUNK, progress: bool = False, desc: str = "parallel", rebase: int = REBASE,
                  hits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per-token NLL of targets ids[:, 1:] under the schedule, chunk by chunk (ids: [B, n + 1] on the model's
     device: B independent streams of one length, which the one schedule serves alike, as positions are all it
     reads).  An array [n] for one stream, [B, n] for several; with `hits`, also whether the model's top guess was
     the target, of the same shape.
 
-    `positions`: "cache" (pos-shift: the sinks sit just before the window) or "original" (where they were
-    rotated).
+    `sched`: one schedule for every layer, or one per group of layers (`schedules_of`: a hybrid model's layer
+    types).  `positions`: "cache" (pos-shift: the sinks sit just before the window) or "original" (where they
+    were rotated).
     """
-    n = sched.kv_len.size
-    s = sched.sink
-    if chunk < max(1, s):
-        raise StreamkvError(f"chunk ({chunk}) must hold the {s} sinks")
+    num_layers = num_attention_layers(model)
+    groups = [LayerSchedule(list(range(num_layers)), sched)] if isinstance(sched, Schedule) else sched
+    n = groups[0].sched.kv_len.size
+    most_sinks = max(g.sched.sink for g in groups)
+    if chunk < max(1, most_sinks):
+        raise StreamkvError(f"chunk ({chunk}) must hold the {most_sinks} sinks")
     device = ids.device
     dtype = next(model.parameters()).dtype
-    aligner = RotaryAligner(model)
-    state = _State(len(model.model.layers) if hasattr(model, "model") else model.config.num_hidden_layers, s, aligner)
-    ws = sched.window_start()
     t_all = np.arange(n)
-    # query t's sink columns sit at distance sink_pos(t) - i from it
-    sink_pos = (sched.kv_len - 1) if positions == "cache" else t_all
     bounds = list(range(0, n, chunk)) + [n]
-    # history each chunk needs: tokens [h0(c), c0) with h0 the smallest window start among its queries
-    h0 = [0] + [max(s, int(ws[a:b].min())) for a, b in zip(bounds[1:-1], bounds[2:])]
+    plans = [_GroupPlan(model, g, num_layers, positions, bounds, t_all) for g in groups]
     nll = np.empty((ids.shape[0], n))
     hit = np.empty((ids.shape[0], n), dtype=bool)
     base = 0  # token j is rotated at position j - base
+    chunks: list = [None] * num_layers
     for c, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=desc, disable=not progress,
                                     mininterval=2.0, leave=False)):
-        lo = h0[c]  # the columns after the sinks: tokens lo..b-1 (the kept history, then the chunk)
-        shift_cos = shift_sin = None
+        lo = min(plan.h0[c] for plan in plans)  # the oldest column any layer still attends
+        shift = None
         if b - base > rebase and lo != base:
-            shift_cos, shift_sin = aligner.angles(torch.tensor([base - lo]))
+            shift = base - lo  # every layer's kept history moves back by as many positions as the base moves on
             base = lo
         t = t_all[a:b]
-        cols = np.arange(lo, b)
-        win = (cols[None, :] >= ws[a:b, None]) & (cols[None, :] <= t[:, None])
-        sink_ok = np.arange(s)[None, :] <= t[:, None]
-        allowed = torch.from_numpy(np.concatenate((sink_ok, win), axis=1)).to(device)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-        sink_cos = sink_sin = None
-        if s:
-            delta = torch.from_numpy(sink_pos[a:b] - (t - base)).to(device)
-            sink_cos, sink_sin = aligner.angles(delta)
-        keep_from = (h0[c + 1] if c + 1 < len(h0) else b) - lo
-        ch = _Chunk(state, mask, sink_cos, sink_sin, keep_from, shift_cos, shift_sin, capture_sinks=c == 0 and s > 0)
+        for plan in plans:
+            ch = plan.chunk(c, a, b, t, base, shift, device, dtype)
+            for layer in plan.layers:
+                chunks[layer] = ch
         pos = torch.arange(a - base, b - base, device=device).unsqueeze(0)
-        logits = model(input_ids=ids[:, a:b], position_ids=pos, use_cache=False, streamkv_chunk=ch).logits
+        logits = model(input_ids=ids[:, a:b], position_ids=pos, use_cache=False, streamkv_chunk=chunks).logits
         for row in range(ids.shape[0]):
             target = ids[row, a + 1 : b + 1]
             nll[row, a:b] = F.cross_entropy(logits[row].float(), target, reduction="none").cpu().numpy()
@@ -242,6 +267,41 @@ def nll_parallel(model, ids: torch.Tensor, sched: Schedule, positions: str = "ca
                 hit[row, a:b] = (logits[row].argmax(-1) == target).cpu().numpy()
     nll = nll[0] if ids.shape[0] == 1 else nll
     return (nll, hit[0] if ids.shape[0] == 1 else hit) if hits else nll
+
+
+class _GroupPlan:
+    """One schedule's layers: their state across chunks, and each chunk's mask and sink re-rotation."""
+
+    def __init__(self, model, group: LayerSchedule, num_layers: int, positions: str, bounds: list[int],
+                 t_all: np.ndarray):
+        sched = group.sched
+        self.layers = group.layers
+        self.sink = sched.sink
+        self.aligner = RotaryAligner(model, group.layer_type)
+        self.state = _State(num_layers, self.sink, self.aligner)
+        self.ws = sched.window_start()
+        # query t's sink columns sit at distance sink_pos(t) - i from it
+        self.sink_pos = (sched.kv_len - 1) if positions == "cache" else t_all
+        # history each chunk needs: tokens [h0(c), c0) with h0 the smallest window start among its queries
+        self.h0 = [0] + [max(self.sink, int(self.ws[a:b].min())) for a, b in zip(bounds[1:-1], bounds[2:])]
+
+    def chunk(self, c: int, a: int, b: int, t: np.ndarray, base: int, shift: int | None, device, dtype) -> _Chunk:
+        s, lo = self.sink, self.h0[c]  # the columns after the sinks: tokens lo..b-1 (the kept history, the chunk)
+        shift_cos = shift_sin = None
+        if shift is not None:
+            shift_cos, shift_sin = self.aligner.angles(torch.tensor([shift]))
+        cols = np.arange(lo, b)
+        win = (cols[None, :] >= self.ws[a:b, None]) & (cols[None, :] <= t[:, None])
+        sink_ok = np.arange(s)[None, :] <= t[:, None]
+        allowed = torch.from_numpy(np.concatenate((sink_ok, win), axis=1)).to(device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        sink_cos = sink_sin = None
+        if s:
+            delta = torch.from_numpy(self.sink_pos[a:b] - (t - base)).to(device)
+            sink_cos, sink_sin = self.aligner.angles(delta)
+        keep_from = (self.h0[c + 1] if c + 1 < len(self.h0) else b) - lo
+        return _Chunk(self.state, mask, sink_cos, sink_sin, keep_from, shift_cos, shift_sin,
+                      capture_sinks=c == 0 and s > 0)
 
 
 @torch.inference_mode()
@@ -261,12 +321,13 @@ def evaluate_parallel(loaded, tokens: list[int], params, progress: bool = True, 
     torch.manual_seed(p.seed)
     n = p.max_tokens
     cache = make_stepper(model, p, loaded.source).cache
-    sched = schedule(policy_of(cache), n - 1, p.prefill)
+    groups = schedules_of(cache, n - 1, p.prefill)
+    sched = main_schedule(groups)
     provenance = collect(device, next(model.parameters()).dtype, p.seed)
     ids = torch.tensor(tokens[:n], dtype=torch.long, device=device).unsqueeze(0)
     started = time.perf_counter()
     with _ParallelAttention(model):
-        nll = nll_parallel(model, ids, sched, p.positions, chunk, progress, f"{p.method} (parallel)", rebase)
+        nll = nll_parallel(model, ids, groups, p.positions, chunk, progress, f"{p.method} (parallel)", rebase)
     total_sec = time.perf_counter() - started
     pre = p.prefill
     untimed = np.full(n - 1 - pre, np.nan)

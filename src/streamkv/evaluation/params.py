@@ -26,6 +26,12 @@ TIMING_BLOCK = 32  # steps per block of a timing part: TPOT is the median of the
 # Where start_recent's kept keys sit: "cache" (contiguous, ending at the query: StreamingLLM's pos-shift) or
 # "original" (where they were rotated, the query at its absolute position: what kvpress does).
 POSITIONS = ("cache", "original")
+# Which layers of a hybrid model (sliding-window layers beside global ones, e.g. Gemma 3) keep the sinks: "global"
+# (only the global layers; a sliding layer keeps a plain recent window) or "all" (the sliding layers keep them too).
+# A model without sliding layers has global layers only, where the two are the same.
+SINK_LAYERS = ("global", "all")
+# The methods "all" applies to: streamkv's caches that keep sinks (not dense, window, recompute or the peers).
+SINK_METHODS = tuple(m for m in CACHE_METHODS if m not in DENSE_METHODS and m not in SINKLESS_METHODS)
 # Who produces a run's NLLs: the decode loop (the reference, timed), or the exact parallel evaluator
 # (streamkv.evaluation.parallel) for the methods whose cache contents depend on positions only; auto picks parallel
 # there.
@@ -60,6 +66,7 @@ class EvalParams:
     max_drop: int = 0
     softlite_mode: str = "naive"  # or "cooldown": see policy.StartRecent
     positions: str = "cache"  # or "original" (start_recent): see POSITIONS
+    sink_layers: str = "global"  # or "all": see SINK_LAYERS
     overlap: int = 0
     refresh: int = 0
     max_tokens: int = 1024
@@ -104,6 +111,11 @@ class EvalParams:
                                 f"choose one of: {', '.join(SOFTLITE_MODES)}")
         if p.positions not in POSITIONS:
             raise StreamkvError(f"unknown positions '{p.positions}'; choose one of: {', '.join(POSITIONS)}")
+        if p.sink_layers not in SINK_LAYERS:
+            raise StreamkvError(f"unknown sink-layers '{p.sink_layers}'; choose one of: {', '.join(SINK_LAYERS)}")
+        if p.sink_layers != SINK_LAYERS[0] and p.method not in SINK_METHODS:
+            raise StreamkvError(f"sink-layers '{p.sink_layers}' applies to the caches that keep sinks "
+                                f"({', '.join(SINK_METHODS)}), not to '{p.method}'; leave --sink-layers out")
         methods.check_options(p.method, **{k: getattr(p, k) for k in methods.OPTIONS})
         if p.positions != "cache" and p.refresh:
             raise StreamkvError("positions 'original' and refresh do not combine: refresh moves keys to the tail")

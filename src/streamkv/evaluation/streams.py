@@ -35,7 +35,7 @@ def score_streams(loaded, ids: np.ndarray, params: EvalParams, progress: bool = 
     its `max_tokens` and `prefill` are set here: the streams' length, and one token per step from the first, so
     every stream is streamed from its start.
     """
-    from streamkv.evaluation.parallel import _ParallelAttention, nll_parallel, policy_of, schedule
+    from streamkv.evaluation.parallel import _ParallelAttention, nll_parallel, schedules_of
 
     batch, length = ids.shape
     p = replace(params, max_tokens=length, prefill=1).resolved()
@@ -45,7 +45,7 @@ def score_streams(loaded, ids: np.ndarray, params: EvalParams, progress: bool = 
     x = torch.as_tensor(ids, dtype=torch.long, device=device)
     if p.evaluator == "parallel":
         cache = make_stepper(model, p, loaded.source).cache
-        sched = schedule(policy_of(cache), length - 1, p.prefill)
+        sched = schedules_of(cache, length - 1, p.prefill)
         with _ParallelAttention(model):
             nll, hit = nll_parallel(model, x, sched, p.positions, PARALLEL_CHUNK, progress, desc or p.method, hits=True)
         return np.atleast_2d(nll), np.atleast_2d(hit)

@@ -1,5 +1,6 @@
-"""Source names (`scheme:rest`) and the Hugging Face Hub: the scheme check shared by models and texts, and
-the one-line error that names the embedded alternative when the Hub cannot be reached."""
+"""Source names (`scheme:rest`) and the Hugging Face Hub: the scheme check shared by models and texts, the names
+of the embedded models, and the one-line error that names the embedded alternative when the Hub cannot be
+reached."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from urllib.parse import urlparse
 
 from streamkv.errors import StreamkvError, first_line
 
-EMBEDDED_MODEL = "embedded:smollm2-135m"  # what a model or text source can fall back on offline
+# The models that come in PyPI packages, so they load without the Hub; the first is the default and the one that
+# messages name as the offline alternative.
+EMBEDDED_MODELS = ("embedded:smollm2-135m", "embedded:gemma3-270m")
+EMBEDDED_MODEL = EMBEDDED_MODELS[0]
 EMBEDDED_TEXT = "embedded:shakespeare/hamlet"
 
 

