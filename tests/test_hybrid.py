@@ -161,28 +161,21 @@ def test_errors_name_the_setting(gemma):
 # ----------------------------------------------------------------------------- the embedded Gemma 3 270M
 
 
-@pytest.fixture(scope="module")
-def gemma270m():
+def test_embedded_gemma3_270m():
+    """The embedded model (one test: it loads once) on 1,024 Hamlet tokens, BOS first: the dense decode loop is the
+    one full forward per token, and the parallel evaluator is the decode loop for strict Start+Recent at cap 256."""
     from streamkv import load_model
 
-    return load_model("embedded:gemma3-270m")
-
-
-def test_embedded_dense_decode_loop_is_the_full_forward(gemma270m):
-    """1,024 Hamlet tokens (BOS first): the decode loop's dense NLL is the one full forward's, per token."""
-    tokens = load_tokens(gemma270m, "embedded:shakespeare/hamlet", 1024)
-    assert tokens[0] == gemma270m.tokenizer.bos_token_id  # the stream starts as Gemma's training streams did
-    record, trace = evaluate(gemma270m, tokens, EvalParams("m", "t", "dense", max_tokens=1024, prefill=1,
-                                                            evaluator="decode"), progress=False)
-    full = full_forward_nll(gemma270m.model, tokens).numpy()
+    lm = load_model("embedded:gemma3-270m")
+    tokens = load_tokens(lm, "embedded:shakespeare/hamlet", 1024)
+    assert tokens[0] == lm.tokenizer.bos_token_id  # the stream starts as Gemma's training streams did
+    _, trace = evaluate(lm, tokens, EvalParams("m", "t", "dense", max_tokens=1024, prefill=1, evaluator="decode"),
+                        progress=False)
+    full = full_forward_nll(lm.model, tokens).numpy()
     assert np.abs(trace.nll.to_numpy() - full).max() <= TOL
 
-
-def test_embedded_parallel_equals_decode_loop(gemma270m):
-    """Strict Start+Recent at cap 256 over 1,024 tokens: per-layer-type schedules on the real model."""
-    tokens = load_tokens(gemma270m, "embedded:shakespeare/hamlet", 1024)
     p = EvalParams("m", "t", "start_recent", max_tokens=1024, cap=256, prefill=256, evaluator="decode")
-    _, a = evaluate(gemma270m, tokens, p, progress=False)
-    _, b, _ = evaluate_parallel(gemma270m, tokens, EvalParams(**{**vars(p), "evaluator": "parallel"}).resolved(),
+    _, a = evaluate(lm, tokens, p, progress=False)
+    _, b, _ = evaluate_parallel(lm, tokens, EvalParams(**{**vars(p), "evaluator": "parallel"}).resolved(),
                                 progress=False)
     assert np.abs(a.nll.to_numpy() - b.nll.to_numpy()).max() <= TOL
