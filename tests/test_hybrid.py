@@ -179,3 +179,21 @@ def test_embedded_gemma3_270m():
     _, b, _ = evaluate_parallel(lm, tokens, EvalParams(**{**vars(p), "evaluator": "parallel"}).resolved(),
                                 progress=False)
     assert np.abs(a.nll.to_numpy() - b.nll.to_numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("cap", [16, 40])
+def test_the_rings_fixed_shape_step_on_the_hybrid_model(ids, cap):
+    """The bench's ring step (RingDecoder: both layer types' rings in static mode, SDPA without a mask) gives the
+    strict loop's logits; under eager attention it refuses (its mask would hide the sliding layers' slots)."""
+    from streamkv import load_model
+    from streamkv.cache.compiled import RingDecoder
+
+    model = load_model("tiny:gemma3", attn_implementation="sdpa").model
+    with torch.no_grad():
+        strict = _loop_logits(model, ids, make_cache("start_recent", model, cap=cap))
+        decoder = RingDecoder(model, make_cache("ring", model, cap=cap, rebase_every=2 * cap))
+        ring = torch.cat([decoder(ids[:, :16])] + [decoder(ids[:, t : t + 1]) for t in range(16, ids.shape[1])], 1)
+    assert decoder.cache.static and (strict - ring).abs().max() < TOL
+    eager = load_model("tiny:gemma3").model
+    with pytest.raises(StreamkvError, match="needs attn_implementation 'sdpa'"):
+        RingDecoder(eager, make_cache("ring", eager, cap=cap))

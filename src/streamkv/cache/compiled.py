@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from streamkv.cache.hybrid import LayerGroupsCache
 from streamkv.cache.ring import RingCache
 from streamkv.errors import StreamkvError
 
@@ -49,8 +50,10 @@ class RingDecoder:
     (`isolate_recompiles`).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: RingCache, compile: bool = False, **compile_kwargs):
-        if not isinstance(cache, RingCache):
+    def __init__(self, model: torch.nn.Module, cache: RingCache | LayerGroupsCache, compile: bool = False,
+                 **compile_kwargs):
+        hybrid = isinstance(cache, LayerGroupsCache) and cache.is_ring
+        if not (isinstance(cache, RingCache) or hybrid):
             raise StreamkvError(f"RingDecoder needs a ring cache (make_cache('ring', ...)), got {type(cache).__name__}")
         self.model, self.cache = model, cache
         self.compiled = compile
@@ -61,6 +64,11 @@ class RingDecoder:
         self._unmasked = getattr(model.config, "_attn_implementation", None) == "sdpa"
         if self._unmasked:
             _register_one_query_sdpa()
+        elif hybrid:
+            # The fixed-shape step's mask places every slot at positions 0..cap-1, which a sliding-window mask reads
+            # as out of a late query's window; without a mask (SDPA, above) every slot is visible, as it should be.
+            raise StreamkvError("the ring's fixed-shape step on a hybrid model needs attn_implementation 'sdpa' "
+                                f"(the model runs '{model.config._attn_implementation}')")
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits

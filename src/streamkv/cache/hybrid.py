@@ -142,3 +142,35 @@ class LayerGroupsCache(Cache):
     def reset(self):
         for group in self.groups.values():
             group.reset()
+
+    # --- the ring's fixed-shape step (`streamkv.cache.compiled.RingDecoder`), when every group is a ring
+
+    @property
+    def is_ring(self) -> bool:
+        from streamkv.cache.ring import RingCache
+
+        return all(isinstance(group, RingCache) for group in self.groups.values())
+
+    @property
+    def cap(self) -> int:
+        """The most slots of any group (the global layers'): every group is full from there on."""
+        return max(group.cap for group in self.groups.values())
+
+    @property
+    def static(self) -> bool:
+        return self.main.static
+
+    def make_static(self) -> None:
+        for group in self.groups.values():
+            group.make_static()
+
+    def make_dynamic(self) -> None:
+        for group in self.groups.values():
+            group.make_dynamic()
+
+    def advance(self) -> None:
+        for group in self.groups.values():
+            group.advance()
+
+    def static_tensors(self) -> list:
+        return [t for group in self.groups.values() for t in group.static_tensors()]
