@@ -283,7 +283,9 @@ def nll_trace_figure(baseline: pd.DataFrame, run: pd.DataFrame | None, run_name:
 def _lines(ax, data, x, y, hue=None, label=None):
     import seaborn as sns
 
-    sns.lineplot(data=data, x=x, y=y, hue=hue, marker="o", ax=ax, label=label if hue is None else None)
+    # (a label beside a hue: seaborn passes both to its legend entries, which refuse two labels)
+    extra = {"label": label} if hue is None and label is not None else {}
+    sns.lineplot(data=data, x=x, y=y, hue=hue, marker="o", ax=ax, **extra)
 
 
 def ablation_figure(part: pd.DataFrame, key: str, path: str | Path, title: str) -> None:
