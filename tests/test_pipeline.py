@@ -42,7 +42,8 @@ def copy_workflow(dest: Path) -> Path:
 def snakemake(workdir: Path, *args: str, config: str = "config/smoke.yaml",
               env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1", "--configfile", config]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
+    # (under pytest-timeout's 1,200 s per test, which counts the smoke run of the first test that needs it)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1150, env=env)
 
 
 def planned(workdir: Path, config: str = "config/smoke.yaml", env: dict | None = None) -> list[tuple[str, str]]:
