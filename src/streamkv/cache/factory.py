@@ -14,7 +14,7 @@ from torch import nn
 
 from streamkv import methods
 from streamkv.cache.budget import Budget
-from streamkv.cache.hybrid import GLOBAL, SINK_LAYERS, SLIDING, LayerGroupsCache, layer_types, sliding_window
+from streamkv.cache.hybrid import GLOBAL, SLIDING, LayerGroupsCache, layer_types, sliding_window
 from streamkv.cache.policy import KeepAll, StartRecent
 from streamkv.cache.ring import LazyRingCache, RingCache
 from streamkv.cache.rope import REBASE, RotaryAligner
@@ -27,7 +27,7 @@ from streamkv.cache.streaming import (
     num_attention_layers,
 )
 from streamkv.errors import StreamkvError
-from streamkv.evaluation.params import POSITIONS, EvalParams
+from streamkv.evaluation.params import POSITIONS, SINK_LAYERS, EvalParams
 from streamkv.evaluation.recompute import RecomputeStepper
 from streamkv.evaluation.stepper import CachedStepper
 from streamkv.peers.engines import is_peer, make_peer_stepper

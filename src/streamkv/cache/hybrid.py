@@ -29,7 +29,6 @@ from transformers.cache_utils import Cache
 
 from streamkv.cache.streaming import StreamingCache
 from streamkv.errors import StreamkvError
-from streamkv.evaluation.params import SINK_LAYERS  # noqa: F401 (which layer types keep the sinks; re-exported)
 
 GLOBAL = "full_attention"
 SLIDING = "sliding_attention"
