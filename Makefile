@@ -19,11 +19,12 @@ CAP ?= 256
 TOKENS ?= 1024
 OUT ?= results/compare
 RUNS := dense:1 window:1 mit:1 start_recent:1 start_recent:32 recompute:1
-# `make run`: the pipeline (override: make run CONFIG=config/paper.yaml CORES=2).
+# `make run`: the pipeline on the default config, within an hour on 2 cores (override: make run
+# CONFIG=config/paper.yaml CORES=2); `make study`: the same experiment at the study's scale (about 3.5 hours).
 CONFIG ?= config/config.yaml
 CORES ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: setup setup-kvpress setup-llamacpp test run compare clean
+.PHONY: setup setup-kvpress setup-llamacpp test run study compare clean
 
 setup: $(STAMP)
 
@@ -66,6 +67,9 @@ test: setup setup-kvpress setup-llamacpp
 
 run: setup setup-kvpress
 	$(BIN)/snakemake report/paper_tables.md --cores $(CORES) --configfile $(CONFIG)
+
+study:
+	$(MAKE) run CONFIG=config/study.yaml
 
 compare: setup
 	@mkdir -p $(OUT)
