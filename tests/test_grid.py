@@ -2,6 +2,7 @@
 and the config errors that name the key."""
 
 import copy
+import itertools
 import re
 from pathlib import Path
 
@@ -102,24 +103,58 @@ def test_baselines_only_for_the_pairs_some_row_runs_on(smoke):
     assert {j.model for j in grid.jobs(smoke)} == {"tiny_llama"}  # a model no row runs on has no job
 
 
-def test_the_default_config_runs_gemma_on_hamlet_under_its_ceiling():
-    config = load("config.yaml")
+MAIN_ROWS = {"MIT StreamingLLM", "Ours (strict)", "Ours (lazy K=32)", "Ours (best)", "Dense (no eviction)",
+             "Window (no sinks)"}
+
+
+@pytest.mark.parametrize("name, methods, peers, sweeps", [
+    ("config.yaml", MAIN_ROWS, {"llama.cpp context shift", "llama.cpp dense"}, {"ablation:sink_layers"}),
+    ("study.yaml", MAIN_ROWS | {"Ours (ring)", "Ours (original positions)", "Ours (lazy K=32, original positions)"},
+     {"kvpress StreamingLLM", "kvpress StreamingLLM + KeyRerotation", "llama.cpp context shift", "llama.cpp dense"},
+     {"ablation:compress_every", "ablation:sink", "ablation:softlite", "ablation:sink_cap1024",
+      "ablation:sink_layers"}),
+])
+def test_the_shipped_configs_run_gemma_on_hamlet_under_its_ceiling(name, methods, peers, sweeps):
+    config = load(name)
     grid.check(config)
     plan = planned(config)
     assert {t for m, t in plan if m == "gemma3"} == {"hamlet"}
     gemma = plan["gemma3", "hamlet"]
-    assert gemma["methods"] == {"MIT StreamingLLM", "Ours (strict)", "Ours (lazy K=32)", "Ours (best)", "Ours (ring)",
-                                "Dense (no eviction)", "Window (no sinks)", "Ours (original positions)",
-                                "Ours (lazy K=32, original positions)"}
-    assert gemma["peers"] == {"kvpress StreamingLLM", "kvpress StreamingLLM + KeyRerotation", "llama.cpp context shift",
-                              "llama.cpp dense"}
-    assert {g for g in gemma if g.startswith(("ablation:", "probe:"))} == {
-        "ablation:compress_every", "ablation:sink", "ablation:softlite", "ablation:sink_cap1024",
-        "ablation:sink_layers"}
+    assert gemma["methods"] == methods
+    assert gemma["peers"] == peers
+    assert {g for g in gemma if g.startswith(("ablation:", "probe:"))} == sweeps
     assert "ablation:sink_layers" not in plan["smollm2", "hamlet"]
     assert {j.n for j in grid.jobs(config) if j.model == "gemma3"} == {2304}
     assert config["bench"]["model"] == config["recall"]["model"] == config["long_stream"]["model"] == "smollm2"
     assert grid.bench_models(config) == ["smollm2", "gemma3"]
+
+
+def points(key: str, sweep: dict) -> set:
+    """A sweep's rows by run id (defaults filled in): its base with each point of its grid (or of its values)."""
+    swept = sweep.get("grid") or {key: sweep["values"]}
+    return {grid.run_id({**sweep["base"], **dict(zip(swept, combo))}) for combo in itertools.product(*swept.values())}
+
+
+def test_the_default_config_is_the_study_cut_down():
+    """config.yaml (make run) runs a subset of config/study.yaml's rows, sweeps, findings and recall rows, each
+    defined as there: the hour-long default shows the study's sections, on fewer tokens and points."""
+    default, study = load("config.yaml"), load("study.yaml")
+    scale = {"name", "models", "texts", "max_tokens"}
+    for section in ("runs", "peers"):
+        theirs = {e["name"]: e for e in study[section]}
+        for entry in default[section]:
+            assert entry["name"] in theirs, entry["name"]
+            assert ({k: v for k, v in entry.items() if k not in scale}
+                    == {k: v for k, v in theirs[entry["name"]].items() if k not in scale}), entry["name"]
+    for section in ("ablations", "probes"):
+        for key, sweep in default[section].items():
+            assert points(key, sweep) <= points(key, study[section][key]), key
+    assert [f["claim"] for f in default["findings"]] == [
+        f["claim"] for f in study["findings"] if f["claim"] in {g["claim"] for g in default["findings"]}]
+    assert set(default["recall"]["rows"]) <= set(study["recall"]["rows"])
+    assert {"kvpress:snapkv", "kvpress:tova", "tova"} <= {e["method"] for e in default["runs"] + default["peers"]}
+    assert default["reference"] == study["reference"] and default["protocol"]["cap"] == study["protocol"]["cap"]
+    assert len(grid.jobs(default)) < len(grid.jobs(study)) / 2
 
 
 # ----------------------------------------------------------------------------- sink_layers

@@ -401,13 +401,18 @@ def test_a_second_model_plans_its_own_jobs_in_a_dry_run(tmp_path):
     assert not any("tiny_gemma3" in out and ("kvpress" in out or "probes" in out) for _, out in jobs)
 
 
-def test_paper_config_is_valid_in_a_dry_run(tmp_path):
-    """config/paper.yaml (GPU and Hub) passes the schema and the config checks, and plans its jobs."""
+@pytest.mark.parametrize("name, baseline", [
+    ("paper.yaml", "pythia28b/pg19/cap2048_n20000_p1_float16_cuda_seed0/recompute_s4_stride8.json"),
+    ("study.yaml", "smollm2/hamlet/cap256_n16384_p256_float32_cpu_seed0/recompute_s4_stride64.json"),
+    ("config.yaml", "gemma3/hamlet/cap256_n2304_p256_float32_cpu_seed0/recompute_s4_stride64.json"),
+])
+def test_shipped_configs_are_valid_in_a_dry_run(tmp_path, name, baseline):
+    """config/paper.yaml (GPU and Hub), config/study.yaml (make study) and the default pass the schema and the
+    config checks, and plan their jobs."""
     workdir = copy_workflow(tmp_path)
-    proc = snakemake(workdir, "report/paper_tables.md", "--dry-run", config="config/paper.yaml")
+    proc = snakemake(workdir, "report/paper_tables.md", "--dry-run", config=f"config/{name}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert ("results/baselines/pythia28b/pg19/cap2048_n20000_p1_float16_cuda_seed0/recompute_s4_stride8.json"
-            in proc.stdout)
+    assert f"results/baselines/{baseline}" in proc.stdout
 
 
 def test_slurm_profile_is_valid_in_a_dry_run(tmp_path):
