@@ -5,7 +5,12 @@
 # GGML_NATIVE=OFF, and the AMX options are always OFF: ggml's AMX path (which -march=native turns on where the CPU
 # has AMX) segfaulted in the first llama_decode of the embedded model's Q4_1 weights on an Intel Xeon with AMX
 # (docs/setup.md).  Elsewhere (no x86 flags to read: ARM, macOS) the build stays tuned for the CPU (GGML_NATIVE=ON).
-flags=$(grep -m1 "^flags" "${CPUINFO:-/proc/cpuinfo}" 2>/dev/null)
+# $STREAMKV_CPU_FLAGS, where set, stands for the CPU's flags, as in streamkv.cpu (a build for another CPU).
+if [ -n "${STREAMKV_CPU_FLAGS+set}" ]; then
+  flags="flags : $STREAMKV_CPU_FLAGS"
+else
+  flags=$(grep -m1 "^flags" "${CPUINFO:-/proc/cpuinfo}" 2>/dev/null)
+fi
 case "$flags" in
   *" avx2"*) ;;
   *) echo "-DGGML_NATIVE=ON"; exit 0 ;;

@@ -9,7 +9,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-from streamkv import load_model
+from ci_skips import pytest_runtest_makereport  # noqa: F401  (under CI, a skip not listed there fails)
+from streamkv import cpu, load_model
 from streamkv.evaluation.loop import load_tokens
 
 TINY = ("tiny:llama", "tiny:gpt_neox", "tiny:llama-llama3", "tiny:llama-linear")
@@ -22,6 +23,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def cpu_without(monkeypatch):
+    """`cpu_without("VNNI")`: from here on this test's process, and what it starts (the CLI, Snakemake's jobs),
+    see this CPU without the feature's flags (streamkv.cpu's override), so the refusal paths run on every CPU."""
+
+    def hide(*features: str) -> dict:
+        gone = {flag for feature in features for flag in cpu.FEATURES[feature]}
+        monkeypatch.setenv(cpu.OVERRIDE, " ".join(sorted(cpu.flags() - gone)))
+        assert not any(cpu.has(feature) for feature in features)
+        return dict(os.environ)
+
+    return hide
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,8 @@ def test_streams_stay_independent_under_quantised_weights(streams, weights):
     """Weights quantised per channel, activations (where quantised at run time) per token: a stream's output does
     not depend on the other streams of its batch.  (bfloat16 is the exception: its products round differently for
     a batch; docs/library.md says so.)"""
-    if weights == "int8-fbgemm" and not W.has_vnni():
-        pytest.skip("int8-fbgemm needs a CPU with VNNI")
+    if not W.runs_here(weights):
+        pytest.skip(f"{weights} needs a CPU with {W.get(weights).needs}")
     model = load_model("tiny:llama", weights=weights).model
 
     def run(ids):

@@ -83,8 +83,8 @@ def test_record_and_trace_have_the_contract_fields(tiny, hamlet_bytes):
     assert tuple(trace.columns) == TRACE_COLUMNS
     assert (trace.target.values == np.array(hamlet_bytes[1:140])).all()
     assert list(trace.step[:5]) == [0] * 5 and trace.step.iloc[-1] == 139 - 5
-    for key in ("git_commit", "code_hash", "versions", "python", "device", "dtype", "tf32", "threads", "seed",
-                "host_time"):
+    for key in ("git_commit", "code_hash", "versions", "python", "device", "cpu_features", "dtype", "tf32", "threads",
+                "seed", "host_time"):
         assert key in record["meta"]
     assert record["meta"]["versions"]["torch"].startswith(torch.__version__.split("+")[0])
 

@@ -47,10 +47,35 @@ def test_a_dead_workers_return_code_is_named():
     assert exit_text(proc.wait()) == "died of SIGSEGV (signal 11)"
 
 
+# flags lines as /proc/cpuinfo prints them: an AMD EPYC of the Zen 3 kind (AVX2, no AVX-512) and the AMD EPYC of
+# the Zen 4 kind the suite runs on here (AVX-512 with VNNI and BF16, no AMX); docs/testing.md lists the CPUs tried
+ZEN3 = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall "
+        "nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid aperfmperf pni "
+        "pclmulqdq monitor ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand lahf_lm "
+        "cmp_legacy svm extapic cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw ibs skinit wdt tce topoext "
+        "perfctr_core perfctr_nb bpext perfctr_llc mwaitx cpb cat_l3 cdp_l3 invpcid_single hw_pstate ssbd mba ibrs "
+        "ibpb stibp vmmcall fsgsbase bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a rdseed adx smap clflushopt clwb "
+        "sha_ni xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local clzero irperf "
+        "xsaveerptr rdpru wbnoinvd amd_ppin arat npt lbrv svm_lock nrip_save tsc_scale vmcb_clean flushbyasid "
+        "decodeassists pausefilter pfthreshold v_vmsave_vmload vgif v_spec_ctrl umip pku ospke vaes vpclmulqdq rdpid "
+        "overflow_recov succor smca")
+ZEN4 = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall "
+        "nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid extd_apicid "
+        "tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes "
+        "xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw "
+        "topoext cpuid_fault vmmcall fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid avx512f avx512dq rdseed adx "
+        "smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves avx512_bf16 "
+        "clzero xsaveerptr arat avx512vbmi umip avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg "
+        "avx512_vpopcntdq rdpid fsrm")
+
+
 @pytest.mark.parametrize("cpu, native, on", [
     ("fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512bw avx512dq avx512vl avx512_vnni avx512_bf16 "
      "amx_bf16 amx_tile amx_int8 avx_vnni", "OFF", {"AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"}),
     ("fpu sse4_2 avx avx2 fma f16c bmi2", "OFF", {"AVX2", "FMA", "F16C"}),
+    (ZEN3, "OFF", {"AVX2", "FMA", "F16C", "BMI2"}),  # AVX2 only: no AVX-512, no VNNI (Zen 2 and Zen 3 servers)
+    (ZEN4, "OFF", {"AVX2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"}),  # AVX-512 with VNNI, no AMX
+    ("fpu sse4_2 avx avx2 fma f16c bmi2 avx_vnni", "OFF", {"AVX2", "AVX_VNNI"}),  # AVX-VNNI without AVX-512
     (None, "ON", set()),  # no x86 flags (an ARM cpuinfo): tuned for the CPU, as before
 ])
 def test_the_llamacpp_build_leaves_the_amx_path_out(tmp_path, cpu, native, on):
@@ -64,6 +89,19 @@ def test_the_llamacpp_build_leaves_the_amx_path_out(tmp_path, cpu, native, on):
     assert all(options.get(f"AMX_{x}", "OFF") == "OFF" for x in ("TILE", "INT8", "BF16"))
     if cpu and "avx512f" not in cpu:
         assert options["AVX512"] == options["AVX512_VNNI"] == "OFF"
+    if cpu and "vnni" not in cpu:
+        assert options["AVX_VNNI"] == options["AVX512_VNNI"] == "OFF"
+
+
+def test_the_llamacpp_build_reads_streamkvs_cpu_override():
+    """STREAMKV_CPU_FLAGS stands for /proc/cpuinfo's flags in the build script as in streamkv.cpu: a build for a
+    CPU without AVX-512 and VNNI on any machine."""
+    args = subprocess.run(["sh", str(ROOT / "envs/llamacpp-cmake-args.sh")],
+                          env={**os.environ, "STREAMKV_CPU_FLAGS": ZEN3, "CPUINFO": "/nonexistent"},
+                          capture_output=True, text=True, check=True).stdout.split()
+    options = dict(a.removeprefix("-DGGML_").split("=") for a in args)
+    assert options["NATIVE"] == "OFF" and options["AVX2"] == "ON"
+    assert options["AVX512"] == options["AVX512_VNNI"] == options["AVX_VNNI"] == "OFF"
 
 
 @needs_llamacpp

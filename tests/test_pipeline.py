@@ -17,6 +17,7 @@ import yaml
 from optional_peers import EXPECT_KVPRESS, needs_kvpress
 from streamkv.analysis.grid import PROBES
 from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS
+from streamkv.models import weights as W
 
 # The tests share one end-to-end run (the fixture `done`): one xdist worker runs them all.
 pytestmark = [pytest.mark.xdist_group("pipeline"), pytest.mark.slow]
@@ -61,8 +62,21 @@ def planned(workdir: Path, config: str = "config/smoke.yaml", env: dict | None =
 
 
 def expected_ok(summary: pd.DataFrame) -> pd.DataFrame:
-    """The rows that must have run: all of them, or all but the kvpress rows where kvpress is not installed."""
-    return summary if EXPECT_KVPRESS else summary[summary.group != "peers"]
+    """The rows that must have run: all of them, but the kvpress rows where kvpress is not installed and the rows of
+    weights this CPU cannot run (int8-fbgemm without VNNI: failed rows, checked by `cpu_dependent_rows_are_right`)."""
+    runs_here = summary.weights.map(W.runs_here)
+    return summary[runs_here] if EXPECT_KVPRESS else summary[(summary.group != "peers") & runs_here]
+
+
+def cpu_dependent_rows_are_right(summary: pd.DataFrame) -> None:
+    """A row of weights that need a CPU feature ran where the CPU has it, and failed with the refusal elsewhere."""
+    needing = summary[summary.weights.map(lambda w: W.get(w).needs is not None)]
+    assert len(needing) == 1  # the weights ablation's int8-fbgemm
+    for row in needing.itertuples():
+        if W.runs_here(row.weights):
+            assert row.status == "ok", row.error
+        else:
+            assert row.status == "failed" and W.get(row.weights).refusal in row.error, row.error
 
 
 def edited(workdir: Path, change) -> str:
@@ -110,6 +124,7 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
         assert (done / f"report/figures/tiny_llama/hamlet/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(done / "results/summary.csv")
     assert (expected_ok(summary).status == "ok").all()
+    cpu_dependent_rows_are_right(summary)
     # the recall probe: every row at every distance, its section and figure
     recall = pd.read_csv(done / "results/probes/recall/tiny_llama.csv")
     assert (recall.status == "ok").all() and len(recall) == 5 * 4
@@ -293,6 +308,7 @@ def test_a_failed_configuration_is_reported_as_failed(done):
     assert len(short) == 1 + 8 + 2 and (short.status == "failed").all()  # baseline, rows, peers
     assert short.error.str.contains("has 56 tokens, fewer than max_tokens \\(120\\)").all()
     assert (expected_ok(summary[summary.text_key != "short"]).status == "ok").all()
+    cpu_dependent_rows_are_right(summary)
     report = (done / "report/paper_tables.md").read_text()
     assert "| Ours (strict) | S=4, W=28 | – | FAILED |" in report
     assert "| Ours (strict) | short | tiny_llama | StreamkvError: text 'file:" in report
@@ -585,3 +601,23 @@ def test_a_peer_worker_that_dies_mid_run_is_a_failed_row_not_a_failed_pipeline(d
         assert record["status"] == "failed" and "kvpress worker" in record["error"] and "stopped" in record["error"]
     failed = (workdir / "report/paper_tables.md").read_text().split("## Failed configurations")[1]
     assert failed.count("kvpress worker") >= 2
+
+
+def test_a_cpu_without_vnni_gets_a_failed_int8_fbgemm_row_with_its_reason(done, tmp_path, cpu_without):
+    """On every CPU: the CPU probe made to answer no reaches Snakemake's jobs; the int8-fbgemm row (its decode loop
+    and its timed job, re-run) fails with the refusal, shown in the report, and every other row stays ok."""
+    workdir = snapshot(done, tmp_path / "wf")
+    env = {**cpu_without("VNNI"), "STREAMKV_KVPRESS_PYTHON": without_kvpress(workdir)["STREAMKV_KVPRESS_PYTHON"]}
+    jobs = sorted(str(p.relative_to(workdir)) for part in ("runs", "quality")
+                  for p in (workdir / "results" / part).rglob("*.json") if "int8-fbgemm" in str(p))
+    assert len(jobs) == 2, jobs
+    proc = snakemake(workdir, "report/paper_tables.md", "--forcerun", *jobs, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = pd.read_csv(workdir / "results/summary.csv")
+    row = summary[summary.weights == "int8-fbgemm"].iloc[0]
+    assert row.status == "failed" and W.get("int8-fbgemm").refusal in row.error, row.error
+    others = summary[(summary.weights != "int8-fbgemm") & (summary.group != "peers")]
+    assert (others[others.text_key != "short"].status == "ok").all()
+    report = (workdir / "report/paper_tables.md").read_text()
+    failed = report.split("## Failed configurations")[1].split("## Provenance")[0]
+    assert "VNNI instructions (avx512_vnni or avx_vnni); this CPU has neither: use bfloat16 or int8" in failed

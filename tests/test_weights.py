@@ -1,10 +1,14 @@
 """Reduced-precision weights (streamkv.models.weights): the cache keeps its precision, the model is what the result
 says, the parallel evaluator serves exactly the variants it reproduces, and a variant that fails is a failed row."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+import ci_skips
 from streamkv.bench.weights import weights_speed
 from streamkv.cache.factory import make_stepper
 from streamkv.cli import main
@@ -39,8 +43,8 @@ def test_the_registry_is_the_parameter_list():
 
 @pytest.mark.parametrize("weights", QUANTISED)
 def test_every_variant_keeps_the_cache_precision_and_stays_near_float32(tokens, weights):
-    if weights == "int8-fbgemm" and not W.has_vnni():
-        pytest.skip("int8-fbgemm needs a CPU with VNNI (refused elsewhere: tested below)")
+    if not W.runs_here(weights):  # (its refusal is tested on every CPU below)
+        pytest.skip(f"{weights} needs a CPU with {W.get(weights).needs}")
     loaded = load_model("tiny:llama", weights=weights)
     assert W.weights_of(loaded.model) == weights
     linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -62,15 +66,25 @@ def test_every_variant_keeps_the_cache_precision_and_stays_near_float32(tokens, 
 
 
 def test_weight_bytes_shrink_with_the_variant():
+    """Every variant this CPU runs; one it cannot run (int8-fbgemm without VNNI) is refused with its reason."""
     full = W.weight_bytes(load_model("tiny:llama").model)
-    got = {w: W.weight_bytes(load_model("tiny:llama", weights=w).model) / full for w in QUANTISED}
+    here = [w for w in QUANTISED if W.runs_here(w)]
+    for w in set(QUANTISED) - set(here):
+        with pytest.raises(StreamkvError, match=f"{W.get(w).needs} instructions"):
+            load_model("tiny:llama", weights=w)
+    got = {w: W.weight_bytes(load_model("tiny:llama", weights=w).model) / full for w in here}
     assert got["bfloat16"] == pytest.approx(0.5)
-    for w in ("int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int8-pack"):
+    for w in {"int8", "int8-intx", "int8-dynamic", "int8-fbgemm", "int8-pack"} & set(here):
         assert 0.25 <= got[w] < 0.3, (w, got[w])  # one byte a weight and a scale per row
     assert 0.125 <= got["int4"] < 0.2, got["int4"]  # half a byte, a scale and a zero per 32
 
 
-@pytest.mark.skipif(not W.has_vnni(), reason="int8-fbgemm needs a CPU with VNNI")
+def test_only_int8_fbgemm_depends_on_the_cpu():
+    """The variants' CPU needs, as docs/testing.md lists them: a new one needs its entries there and in ci_skips."""
+    assert {w: W.get(w).needs for w in WEIGHTS if W.get(w).needs} == {"int8-fbgemm": "VNNI"}
+
+
+@pytest.mark.skipif(not W.has_vnni(), reason=ci_skips.VNNI)
 def test_int8_fbgemm_quantises_activations_to_all_8_bits():
     """Its linears ask fbgemm for 8-bit activations, not the 7 bits of PyTorch's stock module: half the error."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -112,7 +126,7 @@ def _ring_step_nlls_eager_and_compiled(model, tokens) -> tuple[dict, int]:
     return out, counter.frame_count
 
 
-@pytest.mark.skipif(not W.has_vnni(), reason="int8-fbgemm needs a CPU with VNNI")
+@pytest.mark.skipif(not W.has_vnni(), reason=ci_skips.VNNI)
 def test_int8_fbgemm_compiles_into_one_graph_around_its_opaque_linears(tokens):
     """fbgemm's packed weights cannot be traced: each linear is one custom op inside the fixed-shape step's graph."""
     out, graphs = _ring_step_nlls_eager_and_compiled(load_model("tiny:llama", weights="int8-fbgemm").model, tokens)
@@ -135,10 +149,20 @@ def test_int8_pack_compiles_into_one_graph_and_keeps_its_eager_nlls(tokens):
     assert (out["compiled"] - out["eager"]).abs().max().item() < 1e-2  # (bfloat16 roundings of fused ops differ)
 
 
-def test_int8_fbgemm_is_refused_without_vnni(monkeypatch):
-    monkeypatch.setattr(W, "_cpu_flags", lambda: {"avx2", "avx512f"})
+def test_int8_fbgemm_is_refused_without_vnni(cpu_without, tmp_path):
+    """On every CPU: the probe made to answer no (as on a Zen 2 or Zen 3 server), the library refuses the variant
+    and the command line writes a failed result naming the instruction set and what to use instead."""
+    env = cpu_without("VNNI", "AMX")
+    assert not W.has_vnni() and not W.runs_here("int8-fbgemm") and W.runs_here("int8")
     with pytest.raises(StreamkvError, match="VNNI instructions .* use bfloat16 or int8"):
         load_model("tiny:llama", weights="int8-fbgemm")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "streamkv", "eval", "--model", "tiny:llama", "--text",
+                           "embedded:shakespeare/hamlet", "--method", "start_recent", "--cap", str(CAP),
+                           "--max-tokens", "64", "--weights", "int8-fbgemm", "--evaluator", "decode",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "VNNI instructions" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_float32_is_the_model_as_loaded(tokens):

@@ -198,6 +198,7 @@ def run_eval(args) -> int:
     from streamkv.evaluation.params import LLAMACPP_METHODS
     from streamkv.models.sources import check_attn, check_device, gguf_path, load_model
     from streamkv.models.texts import load_text
+    from streamkv.models.weights import check_runs_here
 
     params = EvalParams(**{f.name: getattr(args, f.name) for f in fields(EvalParams)})  # one option per field
     # Every mistake in the input is found before the (slow) model load: options, device, text, output paths.
@@ -212,6 +213,7 @@ def run_eval(args) -> int:
                                 "--max-tokens or lower --timing-steps")
     check_device(args.device)
     check_attn(args.attn)
+    check_runs_here(args.weights)
     if args.method in LLAMACPP_METHODS:
         gguf_path(args.model)  # llama.cpp runs the model's GGUF file
     text = load_text(args.text, min_chars=16 * args.max_tokens)

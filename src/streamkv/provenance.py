@@ -10,6 +10,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from streamkv import cpu
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 _VERSIONED = ("streamkv", "torch", "transformers", "numpy", "pandas", "datasets", "gguf", "accelerate", "kvpress",
               "llama-cpp-python")
@@ -122,6 +124,7 @@ def collect(device, dtype, seed: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device_name(device),
+        "cpu_features": cpu.describe(),
         "dtype": str(dtype).removeprefix("torch."),
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "threads": torch.get_num_threads(),

@@ -196,7 +196,8 @@ def provenance(frame: pd.DataFrame) -> dict:
         return sorted({str(v) for v in src[col].dropna()}) if col in src else []
 
     return {"commits": distinct("meta_git_commit"), "code_hashes": distinct("meta_code_hash"),
-            "devices": distinct("meta_device"), "dtypes": distinct("meta_dtype"), "threads": distinct("meta_threads"),
+            "devices": distinct("meta_device"), "cpu_features": distinct("meta_cpu_features"),
+            "dtypes": distinct("meta_dtype"), "threads": distinct("meta_threads"),
             "tf32": distinct("meta_tf32"), "pythons": distinct("meta_python"),
             "versions": [json.loads(v) for v in distinct("meta_versions")],
             "first": min(distinct("meta_host_time"), default="–"), "last": max(distinct("meta_host_time"), default="–")}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from streamkv import cpu
 from streamkv.errors import StreamkvError, first_line
 
 DEFAULT = "float32"
@@ -117,20 +118,24 @@ def _int4_weight_only():
     return PrototypeInt4WeightOnlyConfig(group_size=32)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+VNNI_FLAGS = cpu.FEATURES["VNNI"]
 
 
 def has_vnni() -> bool:
     """The CPU multiplies int8 by uint8 with int32 sums (what int8-fbgemm's 8-bit activations need)."""
-    return bool(set(VNNI_FLAGS) & _cpu_flags())
+    return cpu.has("VNNI")
+
+
+def runs_here(name: str) -> bool:
+    """Whether the variant `name` runs on this CPU (it needs no feature, or the CPU has it); elsewhere it refuses."""
+    needs = get(name).needs
+    return needs is None or cpu.has(needs)
+
+
+def check_runs_here(name: str) -> None:
+    """The refusal of a variant this CPU lacks the instructions for (the CLI asks before it loads a model)."""
+    if not runs_here(name):
+        raise StreamkvError(get(name).refusal)
 
 
 def _fbgemm_rows(x: torch.Tensor, packed, out_features: int) -> torch.Tensor:
@@ -167,11 +172,6 @@ def _fbgemm_dynamic(model: torch.nn.Module) -> None:
 
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if not has_vnni():
-        raise StreamkvError("weights 'int8-fbgemm' quantises activations to the full 8 bits, which fbgemm multiplies "
-                            f"exactly only with VNNI instructions ({' or '.join(VNNI_FLAGS)}); this CPU has neither: "
-                            "use bfloat16 or int8")
 
     class FullRangeDynamicLinear(DynamicLinear):
         """fbgemm's dynamic int8 linear with 8-bit activations, quantised token by token.
@@ -236,6 +236,8 @@ class Variant:
     name: str
     summary: str  # one line for the CLI help and the report
     apply: Callable[[torch.nn.Module], None]
+    needs: str | None = None  # the CPU feature (a key of streamkv.cpu.FEATURES) it runs only with
+    refusal: str = ""  # why, and what to use instead, on a CPU without it
 
 
 REGISTRY: dict[str, Variant] = {v.name: v for v in (
@@ -249,7 +251,9 @@ REGISTRY: dict[str, Variant] = {v.name: v for v in (
     Variant("int8-dynamic", "torchao Int8DynamicActivationInt8WeightConfig: int8 weights and per-token int8 "
             "activations", _torchao_config(_int8_dynamic)),
     Variant("int8-fbgemm", "PyTorch's quantize_dynamic (fbgemm, CPUs with VNNI): int8 weights per channel, "
-            "activations quantised to 8 bits per token at run time", _fbgemm_dynamic),
+            "activations quantised to 8 bits per token at run time", _fbgemm_dynamic, needs="VNNI",
+            refusal="weights 'int8-fbgemm' quantises activations to the full 8 bits, which fbgemm multiplies exactly "
+            f"only with VNNI instructions ({' or '.join(VNNI_FLAGS)}); this CPU has neither: use bfloat16 or int8"),
     Variant("int8-pack", "int8 weights per channel, bfloat16 activations, ATen's _weight_int8pack_mm",
             _replace_linears(Int8PackLinear)),
     Variant("int4", "torchao int4 weight-only for CPU: groups of 32 weights with a scale and a zero point",
@@ -272,6 +276,7 @@ def apply_weights(model: torch.nn.Module, name: str) -> torch.nn.Module:
     variant = get(name)
     if name == DEFAULT:
         return model
+    check_runs_here(name)
     if next(model.parameters()).device.type != "cpu" and name == "int8-fbgemm":
         raise StreamkvError("weights 'int8-fbgemm' runs on the CPU only (fbgemm kernels); use int8 on a GPU")
     _untie(model)

@@ -1,0 +1,57 @@
+"""The CPU's instruction sets, as far as streamkv depends on them.
+
+A few parts run only where the CPU has an instruction set: the `int8-fbgemm` weights need VNNI, and llama.cpp's
+build takes its options from the same flags (`envs/llamacpp-cmake-args.sh`, which reads `$CPUINFO`).  Everything
+else runs on any x86-64 CPU with AVX2, and on ARM.
+
+`STREAMKV_CPU_FLAGS` replaces the flags read from /proc/cpuinfo (a space-separated list, as on its `flags` line):
+it lets the tests, and a user who wants to see what another CPU gets, run the refusal paths on a CPU that has the
+feature.  It reaches Snakemake's jobs and the CLI like any environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+OVERRIDE = "STREAMKV_CPU_FLAGS"
+# The flags that decide what runs here, by the name the report and docs/testing.md give them.
+FEATURES = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+    "AMX": ("amx_tile",),
+}
+
+
+def flags() -> set[str]:
+    """This CPU's flags: `$STREAMKV_CPU_FLAGS` where set, else /proc/cpuinfo's (empty where it has none)."""
+    if (given := os.environ.get(OVERRIDE)) is not None:
+        return set(given.split())
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def has(feature: str) -> bool:
+    """Whether the CPU has `feature` (a key of FEATURES): any one of its flags."""
+    return bool(set(FEATURES[feature]) & flags())
+
+
+def summary() -> dict[str, bool]:
+    """Every feature of FEATURES, present or not (what a result's metadata records)."""
+    found = flags()
+    return {name: bool(set(names) & found) for name, names in FEATURES.items()}
+
+
+def describe() -> str:
+    """One line for a result's metadata and the report: the features present and absent, and which kernels torch
+    dispatches to (`torch.backends.cpu.get_cpu_capability()`, which `ATEN_CPU_CAPABILITY` can lower)."""
+    import torch
+
+    found = summary()
+    have = ", ".join(name for name, present in found.items() if present) or "none of " + ", ".join(found)
+    lacking = ", ".join(name for name, present in found.items() if not present)
+    return f"{have}{f' (no {lacking})' if lacking and have[:4] != 'none' else ''}; " \
+           f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
