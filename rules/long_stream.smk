@@ -36,6 +36,7 @@ rule long_stream_report:
         figure=report("report/figures/long_stream.png", category="Long stream"),
     params:
         segment=lambda wc: long_stream.spec(config)["segment"],
+        margin=lambda wc: long_stream.spec(config)["margin"],
         library=LONG_STREAM_ANALYSIS,
     log:
         "logs/long_stream_report.log",

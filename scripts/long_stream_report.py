@@ -5,5 +5,6 @@ from streamkv.jobio import log_to
 
 with log_to(snakemake.log[0]):
     table = long_stream.write_report(snakemake.input.result, snakemake.input.trace, snakemake.input.template,
-                                     snakemake.params.segment, snakemake.output.report, snakemake.output.figure)
+                                     snakemake.params.segment, snakemake.output.report, snakemake.output.figure,
+                                     snakemake.params.margin)
     print(f"wrote {snakemake.output.report}: {len(table)} segments")

@@ -223,7 +223,9 @@ def hamlet_only(config: dict) -> None:
      "config key ablations.sink_layers.grid ('sink=0, sink_layers=sliding'): unknown sink-layers 'sliding'; choose "
      "one of: global, all"),
     (lambda c: c["findings"][-1].update(models=["tiny_llama"]),
-     "config key findings[3].models: the sweep 'ablation:sink_layers' runs on tiny_gemma3 only, none of tiny_llama"),
+     "config key findings[4].models: the sweep 'ablation:sink_layers' runs on tiny_gemma3 only, none of tiny_llama"),
+    (lambda c: c["findings"][0].update(margin=2.0),
+     "config key findings[0].margin: a margin belongs to a noninferior or equivalent claim, not to expect 'higher'"),
     (lambda c: c["bench"].update(also={"gemma": {}}),
      "config key bench.also: unknown model 'gemma' (known: tiny_llama, tiny_gemma3)"),
     (lambda c: c["bench"].update(also={"tiny_gemma3": {"blocks": 0}}),
@@ -240,6 +242,10 @@ def test_bad_model_keys_name_the_key_and_the_choices(smoke, change, message):
     (lambda c: c["runs"][0].update(models=[]), "[] should be non-empty"),
     (lambda c: c["models"].update(bad={"source": "tiny:llama", "colour": "red"}), "'colour' was unexpected"),
     (lambda c: c["models"].update(bad="s3://bucket/model"), "'s3://bucket/model' does not match"),
+    # "no difference" is an equivalence claim with a margin, never an interval that contains zero
+    (lambda c: c["findings"][1].update(expect="zero"), "'zero' is not one of ['higher', 'lower', 'noninferior', "
+     "'equivalent']"),
+    (lambda c: c["findings"][1].update(margin=0), "0 is less than or equal to the minimum of 0"),
 ])
 def test_the_schema_refuses_bad_values(smoke, change, needle):
     from snakemake.utils import validate

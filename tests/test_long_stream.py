@@ -70,6 +70,13 @@ def test_trend_leaves_out_a_short_last_segment_and_reads_flat_and_rising_streams
     assert long_stream.verdict(tr) == "flat"
     sentence = long_stream.finding(flat, segment, tr)
     assert "as StreamingLLM claims" in sentence and "the 10 positions after it, under half a segment" in sentence
+    assert "flat within ±5 %" in sentence
+    # flat is equivalence: a ratio interval that contains 1 but reaches beyond the margin is not flat
+    assert long_stream.verdict(tr, margin=0.5) == "unclear"
+    assert "neither flatness within ±0.5 %" in long_stream.finding(flat, segment, tr, margin=0.5)
+    noisy = long_stream.segment_table(synthetic_trace(2.0 + rng.normal(0, 0.3, 40), segment), segment)
+    wide = long_stream.trend(noisy, segment)
+    assert wide["ratio_ci"][0] < 1 < wide["ratio_ci"][1] and long_stream.verdict(wide) == "unclear"
     long_tail = long_stream.segment_table(synthetic_trace(2.0 + noise, segment, tail=40), segment)
     assert long_stream.trend(long_tail, segment)["segments"] == 41  # more than half a segment: read
     rising = long_stream.segment_table(synthetic_trace(np.linspace(1.0, 3.0, 40) + noise, segment), segment)

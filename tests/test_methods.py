@@ -95,7 +95,7 @@ def test_every_schema_enum_is_its_registry():
     """Each enum of config/schema.yaml equals the library's tuple of the same values (methods: the test above), so a
     value added in one place and not the other fails here, and a new enum needs a registry named below."""
     from streamkv.analysis.grid import RUN_KEYS
-    from streamkv.analysis.report import EXPECT_WORDS
+    from streamkv.analysis.stats import KINDS
     from streamkv.cache.policy import SOFTLITE_MODES
     from streamkv.evaluation import params
     from streamkv.probes import PROBES
@@ -103,7 +103,7 @@ def test_every_schema_enum_is_its_registry():
     registries = {"softlite_mode": SOFTLITE_MODES, "positions": params.POSITIONS, "weights": params.WEIGHTS,
                   "weights_compile": params.WEIGHTS, "dtype": params.DTYPES, "evaluator": params.EVALUATORS,
                   "compile_methods": params.COMPILE_METHODS, "stream_methods": params.STREAM_METHODS,
-                  "sections": params.BENCH_SECTIONS, "expect": tuple(EXPECT_WORDS), "probes": tuple(PROBES),
+                  "sections": params.BENCH_SECTIONS, "expect": KINDS, "probes": tuple(PROBES),
                   "grid": RUN_KEYS[1:], "kvpress_methods": params.KVPRESS_METHODS, "sink_layers": params.SINK_LAYERS}
     seen = set()
     for key, where, enum in _enums(SCHEMA):

@@ -353,19 +353,6 @@ def test_a_cross_check_compares_the_ppls_on_the_common_targets_only(tmp_path):
     assert check["dppl"].startswith("+0.33 % (too few targets for an interval, n = 767)")  # 12 blocks of 64
 
 
-def test_findings_leave_out_pairs_without_an_interval():
-    from streamkv.analysis.report import findings
-
-    found = pd.DataFrame([
-        {"claim": "c", "expect": "zero", "a": "x", "b": "y", "text": "identical", "n": 100, "verdict": "identical"},
-        {"claim": "c", "expect": "zero", "a": "z", "b": "y", "text": "+1.00 % (too few targets for an interval, "
-         "n = 100)", "n": 100, "verdict": "too few targets"}])
-    (f,) = findings(found)
-    assert f["verdict"].startswith("holds: every interval contains zero") and "1 pair(s) with too few" in f["verdict"]
-    (g,) = findings(found.iloc[1:])
-    assert g["verdict"].startswith("not tested")
-
-
 # ----------------------------------------------------------------------------- a second model
 
 
@@ -376,20 +363,26 @@ def two_models() -> dict:
     cfg["findings"] = [
         {"claim": "sinks matter", "group": "ablation:sink", "a": {"sink": 0}, "b": {"sink": 4}, "expect": "higher"},
         {"claim": "sinks in the sliding layers change nothing", "group": "ablation:sink_layers",
-         "a": {"sink_layers": "all"}, "b": {"sink_layers": "global"}, "expect": "zero", "models": ["g"]}]
+         "a": {"sink_layers": "all"}, "b": {"sink_layers": "global"}, "expect": "equivalent", "margin": 1.0,
+         "models": ["g"]}]
     return cfg
 
 
 def finding(model, claim, expect, verdict, a="x", b="y") -> dict:
+    """A finding's row as `summary.comparisons` writes it: p-values of a clear difference the claimed way
+    (verdict "higher"), of none ("not distinguishable from zero"), or of identical NLLs."""
+    p = {"higher": (0.001, 0.999), "not distinguishable from zero": (0.3, 0.7)}.get(verdict, (0.0, 1.0))
     return {"model_key": model, "text_key": "t", "kind": "finding", "group": "g", "claim": claim, "expect": expect,
-            "a": a, "b": b, "text": "+1.00 [+0.50, +1.50]", "verdict": verdict, "n": 500}
+            "margin": 1.0 if expect == "equivalent" else float("nan"), "a": a, "b": b, "status": "ok",
+            "pct_lo": 0.5, "pct_hi": 1.5, "level": 0.95, "p": p[0], "p_opposite": p[1],
+            "text": "+1.00 [+0.50, +1.50]", "verdict": verdict, "n": 500}
 
 
 def test_with_two_models_the_report_says_per_model_which_findings_hold():
     compared = pd.DataFrame([finding("m", "sinks matter", "higher", "higher"),
                              finding("m", "sinks matter", "higher", "higher", a="z"),
                              finding("g", "sinks matter", "higher", "not distinguishable from zero"),
-                             finding("g", "sinks in the sliding layers change nothing", "zero", "identical")])
+                             finding("g", "sinks in the sliding layers change nothing", "equivalent", "identical")])
     rows = [row("Ours (strict)", "start_recent"),
             row("Baseline", "recompute", group="baseline", model_key="g", max_tokens=512),
             row("Ours (strict)", "start_recent", model_key="g", max_tokens=512),
@@ -398,7 +391,8 @@ def test_with_two_models_the_report_says_per_model_which_findings_hold():
     table = text.split("## The study's conclusions, per model", 1)[1].split("\n## ", 1)[0]
     assert "| Claim | Expected | m | g |" in table
     assert "| sinks matter | a higher PPL | holds (2 pairs; t) | not shown (1 pair; t) |" in table
-    assert "| sinks in the sliding layers change nothing | no difference | – | holds (1 pair; t) |" in table
+    assert ("| sinks in the sliding layers change nothing | the same PPL within ±1 % (equivalence) | – | "
+            "equivalent (1 pair; t) |") in table
     # the sections in the config's order of the models; the second one's tokens under its ceiling, said so
     assert text.index("## t — m") < text.index("## t — g")
     assert "(N = 1024 tokens), model `embedded:smollm2-135m`." in text

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from streamkv import methods, probes
+from streamkv.analysis.stats import SUPERIORITY
 from streamkv.cache.budget import Budget
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import LOOP_ONLY_WEIGHTS, SINK_LAYERS, WEIGHTS, BenchConfig, EvalParams
@@ -340,6 +341,10 @@ def check(config: dict) -> None:
               | {f"probe:{k}" for k in config.get("probes") or {}})
     named = {r["name"] for r in config.get("runs", []) + (config.get("peers") or [])}
     for i, finding in enumerate(config.get("findings") or []):
+        if "margin" in finding and finding["expect"] in SUPERIORITY:
+            raise StreamkvError(f"config key findings[{i}].margin: a margin belongs to a noninferior or equivalent "
+                                f"claim, not to expect '{finding['expect']}' (superiority: the interval excludes "
+                                "zero); drop it, or say expect: noninferior")
         if finding["group"] == NAMED_ROWS:
             for side in ("a", "b"):
                 if set(finding[side]) != {"name"} or finding[side]["name"] not in named:

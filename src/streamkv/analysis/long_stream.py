@@ -21,14 +21,17 @@ import numpy as np
 import pandas as pd
 
 from streamkv.analysis.grid import model_source, run_id
-from streamkv.analysis.stats import ABOVE, ACROSS, BELOW, bootstrap, side
+from streamkv.analysis.stats import ABOVE, BELOW, bootstrap, side
 from streamkv.errors import StreamkvError
 from streamkv.evaluation.params import SINKLESS_METHODS, EvalParams
 from streamkv.jobio import write_text
 
 KEY = "long_stream"
 DEFAULTS = {"text": "embedded:shakespeare/*", "method": "start_recent", "cap": 256, "compress_every": 1,
-            "segment": 16384, "max_tokens": None}  # and sink: 4, or 0 for a method that keeps none
+            "segment": 16384, "max_tokens": None, "margin": 5.0}  # and sink: 4, or 0 for a method that keeps none
+# "Flat" is an equivalence claim: the last quarter's PPL within +-margin % of the first quarter's (the whole
+# interval of their ratio).  The quarters hold different plays, whose PPL differs by more than eviction's effects
+# (0.1-3 %): 5 % is the smallest change the stream's texts let a flatness claim mean (docs/pipeline.md).
 PREFILL = 1  # one token per step from the first: the stream never gets a head start
 BOOTSTRAP = 2000  # resamples for the intervals of the trend
 MIN_SEGMENTS = 8  # a trend needs quarters of two segments at least: one segment resampled has no spread
@@ -148,17 +151,20 @@ def trend(table: pd.DataFrame, segment: int, seed: int = 0, n_boot: int = BOOTST
     return out
 
 
-def verdict(tr: dict) -> str:
-    """Flat when neither interval excludes no change; else the direction both agree on, or unclear."""
+def verdict(tr: dict, margin: float = DEFAULTS["margin"]) -> str:
+    """"flat" when the last quarter's PPL over the first's lies within +-margin % (the whole interval: an
+    equivalence claim, never "the interval contains no change"); else "rising" or "falling" when both summaries
+    exclude no change that way; else "unclear"."""
     if "slope" not in tr:
         return "too few segments for a trend"
-    where = {side(*tr["slope_ci"], 0.0), side(*tr["ratio_ci"], 1.0)}
-    if where == {ACROSS}:
+    lo, hi = tr["ratio_ci"]
+    if 1 - margin / 100 < lo and hi < 1 + margin / 100:
         return "flat"
+    where = {side(*tr["slope_ci"], 0.0), side(*tr["ratio_ci"], 1.0)}
     return {ABOVE: "rising", BELOW: "falling"}.get(where.pop(), "unclear") if len(where) == 1 else "unclear"
 
 
-def finding(table: pd.DataFrame, segment: int, tr: dict) -> str:
+def finding(table: pd.DataFrame, segment: int, tr: dict, margin: float = DEFAULTS["margin"]) -> str:
     """One sentence in numbers: first vs last segment, the trend with its intervals, and the verdict."""
     first = table[table.segment == tr["first_segment"]].iloc[0]
     last = table[table.segment == tr["last_segment"]].iloc[0]
@@ -169,10 +175,12 @@ def finding(table: pd.DataFrame, segment: int, tr: dict) -> str:
                else ")"))
     if "slope" not in tr:
         return text + f"; {tr['segments']} segments are too few for a trend (it needs {MIN_SEGMENTS})."
-    change = {"flat": "quality stays flat over the stream, as StreamingLLM claims",
+    change = {"flat": f"quality stays flat within ±{margin:g} % over the stream (the ratio's whole interval), as "
+                      "StreamingLLM claims",
               "rising": "PPL rises along the stream: quality does not stay flat",
               "falling": "PPL falls along the stream: no degradation, but not flat either",
-              "unclear": "the two summaries disagree, so no trend is established"}[verdict(tr)]
+              "unclear": f"neither flatness within ±{margin:g} % (the ratio's interval reaches beyond it) nor a "
+                         "trend is shown"}[verdict(tr, margin)]
     return (text + f"; the last quarter of the segments has mean PPL {tr['tail_ppl']:.2f} against {tr['head_ppl']:.2f} "
             f"for the first ({tr['quarter']} segments each: ratio {tr['ratio']:.3f}, 95 % CI "
             f"{tr['ratio_ci'][0]:.3f}–{tr['ratio_ci'][1]:.3f}) and segment log-PPL moves by {tr['slope']:+.4f} "
@@ -202,18 +210,19 @@ def figure(table: pd.DataFrame, path: str | Path, title: str) -> None:
 
 
 def write_report(result: str | Path, trace: str | Path, template: str | Path, segment: int, page: str | Path,
-                 figure_path: str | Path) -> pd.DataFrame:
+                 figure_path: str | Path, margin: float = DEFAULTS["margin"]) -> pd.DataFrame:
     """report/long_stream.md and its figure from the run's record and trace; returns the segment table."""
     record = json.loads(Path(result).read_text())
     table = segment_table(pd.read_parquet(trace, columns=["position", "nll", "kv_len"]), segment)
     p = record["params"]
     figure(table, figure_path, f"{p['method']}, cap {p['cap']}: PPL per {segment:,}-token segment")
     link = Path(figure_path).relative_to(Path(page).parent).as_posix()
-    write_text(render(record, table, segment, template, link), page)
+    write_text(render(record, table, segment, template, link, margin), page)
     return table
 
 
-def render(record: dict, table: pd.DataFrame, segment: int, template: str | Path, figure_path: str) -> str:
+def render(record: dict, table: pd.DataFrame, segment: int, template: str | Path, figure_path: str,
+           margin: float = DEFAULTS["margin"]) -> str:
     """The page report/long_stream.md from the run's record and its segment table."""
     import jinja2
 
@@ -226,4 +235,4 @@ def render(record: dict, table: pd.DataFrame, segment: int, template: str | Path
     return env.get_template(Path(template).name).render(
         status=record["status"], error=record["error"], params=record["params"], metrics=record["metrics"],
         stream=record[KEY], meta=record["meta"], segment=segment,
-        rows=rows, finding=finding(table, segment, tr), verdict=verdict(tr), figure=figure_path)
+        rows=rows, finding=finding(table, segment, tr, margin), verdict=verdict(tr, margin), figure=figure_path)

@@ -16,7 +16,8 @@ from streamkv.analysis import fmt
 from streamkv.analysis.cross_checks import cross_check_notes, cross_checks, llamacpp_engine
 from streamkv.analysis.grid import max_tokens, model_ceiling, model_source, text_source
 from streamkv.analysis.rows import NOT_INSTALLED, configuration, kv_note, reference_kv, spike_rows, table_rows
-from streamkv.analysis.stats import MIN_BLOCKS
+from streamkv.analysis.stats import LEVEL, MIN_BLOCKS
+from streamkv.analysis.summary import claim_margin
 from streamkv.bench.goals import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE
 from streamkv.bench.tables import bench_failures, bench_findings, bench_markdown
 from streamkv.evaluation.params import TIMING_BLOCK
@@ -130,40 +131,79 @@ def negative_results(part: pd.DataFrame) -> list[str]:
     return out
 
 
-EXPECT_WORDS = {"higher": "a higher PPL", "lower": "a lower PPL", "zero": "no difference"}
+def expect_words(expect: str, margin: float | None = None) -> str:
+    """What a claim says of a against b, in words: "a lower PPL", "no worse by more than 2 %", ..."""
+    if expect == "noninferior":
+        return f"no worse than b by more than {margin:g} % (non-inferiority)"
+    if expect == "equivalent":
+        return f"the same PPL within ±{margin:g} % (equivalence)"
+    return {"higher": "a higher PPL", "lower": "a lower PPL"}[expect]
 
 
 def findings(found: pd.DataFrame) -> list[dict]:
-    """Each claim with its pairs' intervals and a verdict: holds, reversed, or not shown at this scale.
+    """Each claim with its pairs' intervals and a verdict, judged over its pairs at one family-wise level.
 
-    A pair whose NLLs are identical shows no difference; a pair with too few targets for an interval counts as
-    not tested.
+    Every pair gives a one-sided p-value for the claim and one for its opposite (`stats.claim_p_values`); Holm's
+    procedure over the claim's tested pairs, at one-sided level (1 - level) / 2 (2.5 % for 95 % intervals), says
+    which pairs show it and which show the opposite.  Superiority (lower / higher): holds, reversed, mixed or not
+    shown.  Non-inferiority: non-inferior, does not hold (worse by more than the margin) or not shown.
+    Equivalence: equivalent, does not hold (a difference beyond the margin) or not shown.  A pair with too few
+    targets for an interval is left out, and said so.
     """
+    from streamkv.analysis.stats import SUPERIORITY, holm
+
     out = []
     for claim, rows in found.groupby("claim", sort=False):
         expect = rows.expect.iloc[0]
-        zero = rows.verdict.isin(["not distinguishable from zero", "identical"])
+        margin = float(rows.margin.iloc[0]) if "margin" in rows and expect not in SUPERIORITY else None
+        level = float(rows.level.iloc[0]) if "level" in rows else 0.95
+        alpha = (1 - level) / 2
         tested = rows[rows.verdict != "too few targets"]
-        verdicts = set(tested.verdict.where(~zero, "not distinguishable from zero"))
-        if tested.empty:
+        k = len(tested)
+        shown = holm(tested.p.to_numpy(), alpha)
+        opposite = holm(tested.p_opposite.to_numpy(), alpha)
+        x, y = int(shown.sum()), int(opposite.sum())
+        of = f"{k} pair{'s' if k != 1 else ''}, Holm at {alpha * 100:g} % one-sided"
+        if not k:
             verdict = "not tested: no pair has enough targets for an interval"
-        elif expect == "zero":
-            verdict = ("holds: every interval contains zero" if verdicts == {"not distinguishable from zero"} else
-                       f"does not hold: {int((~zero[tested.index]).sum())} of {len(tested)} differences are "
-                       "distinguishable from zero")
-        elif verdicts == {expect}:
-            verdict = "holds: every interval excludes zero, in the claimed direction"
-        elif verdicts == {"not distinguishable from zero"}:
-            verdict = "not shown: every interval contains zero"
-        elif expect not in verdicts and verdicts - {"not distinguishable from zero"}:
-            verdict = "reversed: the intervals that exclude zero point the other way"
+        elif expect in SUPERIORITY:
+            if x == k:
+                verdict = f"holds: every interval excludes zero, in the claimed direction ({of})"
+            elif x == 0 and y == 0:
+                verdict = f"not shown: no pair shows a difference either way ({of}); this is not evidence of none"
+            elif x == 0:
+                verdict = f"reversed: {y} of {k} pairs show the opposite direction ({of})"
+            else:
+                verdict = (f"mixed: {x} of {k} pairs in the claimed direction, {y} the opposite, "
+                           f"{k - x - y} neither ({of})")
+        elif expect == "noninferior":
+            if x == k:
+                verdict = f"non-inferior: every interval's upper end lies below the +{margin:g} % margin ({of})"
+            elif y:
+                verdict = (f"does not hold: {y} of {k} pairs are worse than b by more than the {margin:g} % "
+                           f"margin ({of})")
+            else:
+                verdict = (f"not shown: {x} of {k} pairs non-inferior at the claim's level, the rest inconclusive "
+                           f"(their intervals reach the +{margin:g} % margin, or Holm's step stops before them) "
+                           f"({of})")
         else:
-            verdict = (f"mixed: {int((tested.verdict == expect).sum())} of {len(tested)} pairs in the claimed "
-                       f"direction, {int(zero[tested.index].sum())} not distinguishable from zero")
+            if x == k:
+                verdict = f"equivalent: every interval lies within ±{margin:g} % ({of})"
+            elif y:
+                verdict = f"does not hold: {y} of {k} pairs differ by more than ±{margin:g} % ({of})"
+            else:
+                verdict = (f"not shown: {x} of {k} pairs equivalent at the claim's level, the rest too wide to "
+                           f"show equivalence within ±{margin:g} %, and none shows a difference beyond it ({of})")
         if len(tested) < len(rows):
             verdict += f" ({len(rows) - len(tested)} pair(s) with too few targets for an interval left out)"
-        pairs = [f"{r.a} vs {r.b}: PPL {r.text} (n = {int(r.n)}; {r.verdict})" for r in rows.itertuples()]
-        out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "verdict": verdict, "pairs": pairs})
+        pairs = []
+        for r in rows.itertuples():
+            width = ((r.pct_hi - r.pct_lo) / 2 if r.status == "ok" and _finite(r.pct_lo) and _finite(r.pct_hi)
+                     else None)
+            cell = f"half-width {width:.2f} %; " if width is not None else ""
+            pairs.append(f"{r.a} vs {r.b}: PPL {r.text} (n = {int(r.n)}; {cell}{r.verdict})")
+        out.append({"claim": claim, "expect": expect_words(expect, margin), "margin": margin, "verdict": verdict,
+                    "pairs": pairs})
     return out
 
 
@@ -183,8 +223,9 @@ def conclusions(compared: pd.DataFrame, config: dict, models: list[str]) -> list
             head = findings(rows)[0]["verdict"].split(":", 1)[0]
             texts = ", ".join(dict.fromkeys(rows.text_key))
             cells.append(f"{head} ({len(rows)} pair{'s' if len(rows) != 1 else ''}; {texts})")
-        expect = next(f["expect"] for f in config["findings"] if f["claim"] == claim)
-        out.append({"claim": claim, "expect": EXPECT_WORDS[expect], "cells": cells})
+        finding = next(f for f in config["findings"] if f["claim"] == claim)
+        out.append({"claim": claim, "expect": expect_words(finding["expect"], claim_margin(finding)),
+                    "cells": cells})
     return out
 
 
@@ -275,7 +316,7 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
     models = list(dict.fromkeys(s["model_key"] for s in parts))
     return env.get_template(Path(template).name).render(
         protocol=config["protocol"], baseline=config["baseline"], diagnostics=config["diagnostics"],
-        stats={"min_blocks": MIN_BLOCKS, **config["stats"]}, reference=config.get("reference"),
+        stats={"min_blocks": MIN_BLOCKS, "level": LEVEL, **config["stats"]}, reference=config.get("reference"),
         sections=parts, models=models,
         conclusions=conclusions(compared, config, models) if len(models) > 1 and compared is not None else [],
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}

@@ -22,7 +22,7 @@ distinguishable from zero, and the report says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,13 @@ OK, IDENTICAL, TOO_FEW = "ok", "identical", "too few"
 ABOVE, BELOW, ACROSS, NO_INTERVAL = "above", "below", "across", "no interval"
 
 
+def resample(statistic, *sizes: int, n_boot: int = N_BOOT, seed: int | np.random.Generator = SEED) -> np.ndarray:
+    """The `n_boot` resampled values of `statistic` (see `bootstrap`), NaN for a degenerate resample."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    draws = [rng.integers(0, size, size=(n_boot, size)) for size in sizes]
+    return np.asarray(statistic(*draws), dtype=np.float64)
+
+
 def bootstrap(statistic, *sizes: int, n_boot: int = N_BOOT, seed: int | np.random.Generator = SEED,
               level: float = LEVEL) -> tuple[float, float]:
     """The one resampler: the percentile interval of `statistic` over `n_boot` resamples of whole units.
@@ -46,10 +53,12 @@ def bootstrap(statistic, *sizes: int, n_boot: int = N_BOOT, seed: int | np.rando
     in that order, and returns the n_boot resampled values.  A NaN value (a degenerate resample) is left out.
     `seed`: an integer, or a generator whose draws continue (several intervals from one seeded stream).
     """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    draws = [rng.integers(0, size, size=(n_boot, size)) for size in sizes]
+    return percentile_interval(resample(statistic, *sizes, n_boot=n_boot, seed=seed), level)
+
+
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
-    lo, hi = np.nanpercentile(statistic(*draws), [tail, 100 - tail])
+    lo, hi = np.nanpercentile(values, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
@@ -82,6 +91,7 @@ class Difference:
     level: float = LEVEL
     blocks: int = 0
     status: str = OK
+    boot: np.ndarray | None = field(default=None, compare=False, repr=False)  # the resampled means (nats)
 
     @property
     def pct(self) -> float:
@@ -113,6 +123,15 @@ class Difference:
     def text(self) -> str:
         """E.g. "+1.23 % [+0.40, +2.05]": the PPL change with its interval; or why there is none."""
         return interval_text(self.pct, self.pct_lo, self.pct_hi, self.status, self.n, unit=" %")
+
+    def p_values(self, expect: str, margin: float | None = None) -> tuple[float, float]:
+        """(p of the claim, p of its opposite): one-sided bootstrap p-values of the claim `expect` about a against
+        b (see `claim_p_values`); NaN, NaN without an interval."""
+        if self.status == IDENTICAL:  # exactly zero, not estimated: true of a margin, never of a direction
+            return (1.0, 1.0) if expect in SUPERIORITY else (0.0, 1.0)
+        if self.status != OK or self.boot is None:
+            return float("nan"), float("nan")
+        return claim_p_values(self.boot, expect, margin)
 
 
 def interval_text(pct: float, lo: float, hi: float, status: str | None, n, unit: str = "") -> str:
@@ -174,15 +193,81 @@ def block_bootstrap(diff: np.ndarray, positions: np.ndarray | None = None, block
         return Difference(int(diff.size), mean, float("nan"), float("nan"), level, int(ids.size), TOO_FEW)
     order = np.argsort(positions, kind="stable")
     sums = np.add.reduceat(diff[order], np.concatenate([[0], np.cumsum(lens)[:-1]]))
-    lo, hi = bootstrap(lambda draws: sums[draws].sum(axis=1) / lens[draws].sum(axis=1), ids.size,
-                       n_boot=n_boot, seed=seed, level=level)
-    return Difference(int(diff.size), mean, lo, hi, level, int(ids.size), OK)
+    boot = resample(lambda draws: sums[draws].sum(axis=1) / lens[draws].sum(axis=1), ids.size, n_boot=n_boot,
+                    seed=seed)
+    lo, hi = percentile_interval(boot, level)
+    return Difference(int(diff.size), mean, lo, hi, level, int(ids.size), OK, boot)
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, **bootstrap) -> Difference:
     """Run a (trace) against run b (trace), paired on their common targets, in blocks of positions."""
     both = paired(a, b)
     return block_bootstrap((both.nll_a - both.nll_b).to_numpy(), both.position.to_numpy(), **bootstrap)
+
+
+# ----------------------------------------------------------------------------- claims
+
+# What a claim about run a against run b says, and how it is tested (`claim_p_values`):
+#   lower / higher  superiority: a's PPL is lower (higher) than b's; the interval excludes zero that way
+#   noninferior     a is no worse than b by more than the margin m: PPL_a / PPL_b - 1 < m (the interval's upper
+#                   end below m)
+#   equivalent      a and b differ by less than m either way (two one-sided tests: the whole interval within +-m)
+# A margin is a PPL change in %.  No claim of "no difference" is read from an interval that contains zero: the less
+# data, the wider the interval, and the stronger such a claim would look.
+SUPERIORITY = ("lower", "higher")
+KINDS = (*SUPERIORITY, "noninferior", "equivalent")
+# The margins a claim gets where its config entry names none (docs/pipeline.md, "Claims and margins"): eviction
+# choices move PPL by 0.1-3 %; the study treats changes under 1 % as noise (equivalence within +-1 %), and a rival
+# of the same cap is matched if ours is no more than 2 % worse (the SnapKV-class rivals sit 1-2 % from strict).
+DEFAULT_MARGIN = {"noninferior": 2.0, "equivalent": 1.0}
+
+
+def _nats(pct: float) -> float:
+    return math.log1p(pct / 100)
+
+
+def claim_p_values(boot: np.ndarray, expect: str, margin: float | None = None) -> tuple[float, float]:
+    """(p, p of the opposite): one-sided bootstrap p-values from the resampled mean differences `boot` (nats).
+
+    p is the share of resamples on the far side of the claim's null hypothesis, (count + 1) / (n + 1); a claim
+    holds at one-sided level alpha when p <= alpha, which for a single pair is the percentile interval at level
+    1 - 2 alpha lying where the claim says.  The opposite: for superiority, the other direction; for
+    non-inferiority, a worse by more than the margin; for equivalence, a difference beyond the margin (either way).
+    """
+    if expect not in KINDS:
+        raise ValueError(f"unknown claim kind {expect!r}; one of {', '.join(KINDS)}")
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    n = boot.size
+
+    def share(mask) -> float:
+        return float((np.count_nonzero(mask) + 1) / (n + 1))
+
+    if expect == "lower":
+        return share(boot >= 0), share(boot <= 0)
+    if expect == "higher":
+        return share(boot <= 0), share(boot >= 0)
+    m = _nats(margin)
+    if expect == "noninferior":
+        return share(boot >= m), share(boot <= m)
+    lo = _nats(-margin)  # equivalent
+    return max(share(boot >= m), share(boot <= lo)), min(share(boot <= m), share(boot >= lo))
+
+
+def holm(p: np.ndarray | list, alpha: float) -> np.ndarray:
+    """Which hypotheses Holm's step-down procedure rejects at family-wise level `alpha` (NaN: never rejected).
+
+    Sorted p_(1) <= ... <= p_(k): reject while p_(i) <= alpha / (k - i + 1); the first that fails stops it.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    reject = np.zeros(p.size, dtype=bool)
+    finite = np.flatnonzero(np.isfinite(p))
+    k = finite.size
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        if p[i] > alpha / (k - rank):
+            break
+        reject[i] = True
+    return reject
 
 
 # ----------------------------------------------------------------------------- step times

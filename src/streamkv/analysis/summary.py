@@ -238,13 +238,23 @@ def spike_diagnosis(frame: pd.DataFrame, reference: str | None = None, horizon: 
 
 # The parameters that tell two rows of one sweep apart (the swept ones differ, the rest are equal).
 RUN_PARAMS = tuple(k for k in RUN_KEYS if k != "profile")  # (a synchronised timer changes no NLL)
-COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "n", "blocks", "status",
-                      "mean", "lo", "hi", "pct", "pct_lo", "pct_hi", "verdict", "text")
+COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "margin", "n", "blocks",
+                      "status", "mean", "lo", "hi", "pct", "pct_lo", "pct_hi", "level", "p", "p_opposite", "verdict",
+                      "text")
 
 
-def _difference_row(d, **keys) -> dict:
-    return {**keys, "n": d.n, "blocks": d.blocks, "status": d.status, "mean": d.mean, "lo": d.lo, "hi": d.hi,
-            "pct": d.pct, "pct_lo": d.pct_lo, "pct_hi": d.pct_hi, "verdict": d.verdict, "text": d.text()}
+def claim_margin(finding: dict) -> float:
+    """A finding's margin (PPL %): its own, else the default of its kind; NaN for a superiority claim."""
+    from streamkv.analysis.stats import DEFAULT_MARGIN
+
+    return float(finding.get("margin", DEFAULT_MARGIN.get(finding["expect"], math.nan)))
+
+
+def _difference_row(d, expect: str = "", margin: float = math.nan, **keys) -> dict:
+    p, p_opposite = d.p_values(expect, margin) if expect else (math.nan, math.nan)
+    return {**keys, "expect": expect, "margin": margin, "n": d.n, "blocks": d.blocks, "status": d.status,
+            "mean": d.mean, "lo": d.lo, "hi": d.hi, "pct": d.pct, "pct_lo": d.pct_lo, "pct_hi": d.pct_hi,
+            "level": d.level, "p": p, "p_opposite": p_opposite, "verdict": d.verdict, "text": d.text()}
 
 
 class _Traces:
@@ -353,8 +363,8 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
     """Intervals of every sweep point against its control, and of the findings' pairs.
 
     `controls`: sweep group (e.g. "ablation:sink") -> the swept values of its control (e.g. {"sink": 4}).
-    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"zero", "texts": [...],
-    "models": [...]}];
+    `findings`: [{"claim", "group", "a": {...}, "b": {...}, "expect": "higher"|"lower"|"noninferior"|"equivalent",
+    "margin": PPL %, "texts": [...], "models": [...]}] (`stats.claim_p_values` says what each kind tests);
     a group of "rows" pairs two named rows ({"name": ...}) of the method table or the peers.
     """
     from streamkv.analysis.stats import compare
@@ -373,7 +383,7 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
                     continue
                 d = compare(traces(row.file), traces(other.file), **(bootstrap or {}))
                 out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="control", group=group,
-                                           a=row.name, b=other.name, claim="", expect=""))
+                                           a=row.name, b=other.name, claim=""))
         for f in findings:
             if (f.get("texts") and text_key not in f["texts"]) or (f.get("models") and model_key not in f["models"]):
                 continue
@@ -381,7 +391,7 @@ def comparisons(frame: pd.DataFrame, controls: dict, findings: list, bootstrap: 
                      else sweep_pairs(part[part.group == f["group"]], f["a"], f["b"]))
             for ra, rb in pairs:
                 d = compare(traces(ra.file), traces(rb.file), **(bootstrap or {}))
-                out.append(_difference_row(d, model_key=model_key, text_key=text_key, kind="finding",
-                                           group=f["group"], a=ra.name, b=rb.name, claim=f["claim"],
-                                           expect=f["expect"]))
+                out.append(_difference_row(d, f["expect"], claim_margin(f), model_key=model_key,
+                                           text_key=text_key, kind="finding", group=f["group"], a=ra.name,
+                                           b=rb.name, claim=f["claim"]))
     return pd.DataFrame(out, columns=list(COMPARISON_COLUMNS))
