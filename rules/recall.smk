@@ -42,6 +42,7 @@ rule recall_table:
     params:
         names=lambda wc: {run: job["name"] for run, job in RECALL_JOBS.items()},
         cap=lambda wc: recall_jobs.spec(config)["cap"],
+        reference=lambda wc: recall_jobs.spec(config)["reference"],
         library=ANALYSIS,
     log:
         "logs/probes/recall/{model}.log",

@@ -19,7 +19,7 @@ with log_to(snakemake.log[0]):
         if record["status"] != "ok" or instances.empty:  # one line: the row, failed, with its reason
             instances = pd.DataFrame({"distance": [None], "task": [None]})
         parts.append(instances.assign(name=name, status=record["status"], error=record["error"]))
-    table = probe.table(pd.concat(parts, ignore_index=True), snakemake.params.cap)
+    table = probe.table(pd.concat(parts, ignore_index=True), snakemake.params.cap, snakemake.params.reference)
     write_table(table, snakemake.output.table)
     stream_probe_figure("recall", table, snakemake.output.figure, f"{snakemake.wildcards.model}: {probe.title}")
     print(f"recall: {len(table)} rows")

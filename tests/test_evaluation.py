@@ -127,3 +127,21 @@ def test_every_module_a_result_runs_is_hashed_with_it(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"  # nothing ran that the hash leaves out
+
+
+def test_the_timing_part_splits_update_time_by_prune_steps(tiny, hamlet_bytes):
+    """A lazy row's timed steps: the cache's update time on the steps that pruned and on the others (what the
+    prune-overhead probe subtracts), the tails of the step time and of the reference's, and the prunes timed."""
+    from streamkv.evaluation.timing import time_interleaved
+
+    loaded = tiny("tiny:llama")
+    params = EvalParams("tiny:llama", "t", "start_recent", cap=32, max_tokens=400, compress_every=4,
+                        timing_steps=64).resolved()
+    m = time_interleaved(loaded, hamlet_bytes, params, params.timing_steps)
+    assert m["timed_prunes"] == m["timed_steps"] // 4  # one prune every K steps
+    assert m["update_ms_prune"] > 0 and m["update_ms_noprune"] >= 0
+    assert m["tpot_p50_ms"] <= m["tpot_p90_ms"] <= m["tpot_p99_ms"]
+    assert m["tpot_ref_p50_ms"] <= m["tpot_ref_p90_ms"] <= m["tpot_ref_p99_ms"]
+    strict = time_interleaved(loaded, hamlet_bytes, EvalParams("tiny:llama", "t", "start_recent", cap=32,
+                                                                max_tokens=400, timing_steps=64).resolved(), 64)
+    assert strict["timed_prunes"] == strict["timed_steps"] and strict["update_ms_noprune"] is None

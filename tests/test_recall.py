@@ -158,7 +158,32 @@ def test_the_table_gives_no_zero_width_interval_by_accident():
     md = probe.markdown(t[t.status == "ok"])
     assert "identical" in md and "0/20 [0.00, 0.16]" in md
     text = probe.finding(t.assign(d_cap=2.0), "A")
-    assert "B 20/20" in text and "kept where A" in text
+    assert text.endswith("A +0.46 [+0.38, +0.54]; B identical.")  # (no reference given to the table: no pairs)
+
+
+def test_rows_are_compared_with_the_reference_on_the_same_instances():
+    """Every row scores the same seeded instances: copy gain is compared pair by pair (an interval narrower than
+    either row's own, as the instances' difficulty cancels), the pass key by McNemar's exact test on discordant
+    pairs, with Holm over the rows."""
+    probe = STREAM_PROBES["recall"]
+    rng = np.random.default_rng(1)
+    hard = rng.normal(0.0, 1.0, 20)  # each instance's own difficulty, shared by every row
+    frame = pd.concat([_instances(hard, [False] * 20, "Ref"),
+                       _instances(hard + 0.3 + rng.normal(0, 0.05, 20), [True] * 12 + [False] * 8, "Better"),
+                       _instances(hard + rng.normal(0, 0.05, 20), [False] * 19 + [True], "Same")])
+    t = probe.table(frame, cap=32, reference="Ref").set_index("name")
+    better, same = t.loc["Better"], t.loc["Same"]
+    assert better.vs_ref_gain_lo > 0.2 and better.vs_ref_gain_hi < 0.4  # paired: about +0.3 +- 0.03
+    assert better.gain_hi - better.gain_lo > 5 * (better.vs_ref_gain_hi - better.vs_ref_gain_lo)
+    assert (better.key_keeps, better.key_loses) == (12, 0) and better.key_p == pytest.approx(2 / 2 ** 12)
+    assert (same.key_keeps, same.key_loses, same.key_p) == (1, 0, 1.0)
+    assert np.isnan(t.loc["Ref"].get("key_p", np.nan))
+    text = probe.finding(t.reset_index().assign(d_cap=2.0), "Ref")
+    assert "Better keeps 12, loses 0 (p = 0.00049)" in text and "a difference shown for Better (Holm" in text
+    assert "Same keeps 1, loses 0 (p = 1)" in text
+    from streamkv.probes.recall import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(5, 0) == pytest.approx(1 / 16)
 
 
 def _smoke():

@@ -406,3 +406,19 @@ def test_with_one_model_there_is_no_table_of_models():
     text = render(frame(row("Ours (strict)", "start_recent")), TEMPLATE, {**config(), "findings": two_models()[
         "findings"][:1]}, None, compared)
     assert "per model" not in text and "**sinks matter** (expected: a higher PPL) — holds" in text
+
+
+def test_a_row_that_takes_another_rows_nlls_says_so():
+    """Strict mit and ring share strict start_recent's evaluation (one schedule): their NLLs column names it, so a
+    reader does not take "identical" for an agreement measured on the model."""
+    from streamkv.analysis.rows import table_rows
+
+    own = {"method": "start_recent", "overlap": 0, "evaluator": "parallel"}
+    rows = table_rows(pd.DataFrame([
+        row("Ours (strict)", "start_recent", evaluator="parallel", meta_nll_params=own),
+        row("MIT StreamingLLM", "mit", evaluator="parallel", meta_nll_params=own),
+        row("Ours (overlap O=8)", "start_recent", overlap=8, evaluator="parallel", meta_nll_params=own),
+        row("Ours (refresh)", "start_recent", evaluator="decode", meta_nll_params=None)]))
+    cells = {r["name"]: r["evaluator"] for r in rows}
+    assert cells == {"Ours (strict)": "parallel", "MIT StreamingLLM": "parallel, start_recent's NLLs",
+                     "Ours (overlap O=8)": "parallel, start_recent O=0's NLLs", "Ours (refresh)": "decode"}

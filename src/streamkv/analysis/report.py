@@ -113,6 +113,9 @@ def negative_results(part: pd.DataFrame) -> list[str]:
         for r in ab[ab[key] > 0].itertuples():
             verdict = ("identical PPL" if abs(r.ppl - b.ppl) < 1e-9 else
                        f"PPL {'worse' if r.ppl > b.ppl else 'better'} by {abs(r.ppl / b.ppl - 1) * 100:.2f} %")
+            if key == "overlap":  # what the study found by measurement holds here by definition
+                verdict += (": by construction, not a measurement (under Auto-cap the overlap's O tokens come out of "
+                            "the window, so the cache keeps the keys of O=0, whose evaluation this row shares)")
             out.append(f"{key} {symbol}={int(getattr(r, key))} vs {symbol}=0 ({configuration(b)}): ΔPPL "
                        f"{fmt.pct(b.delta_ppl_pct)} → {fmt.pct(r.delta_ppl_pct)} ({verdict}); TPOT {b.tpot_ms:.1f} → "
                        f"{r.tpot_ms:.1f} ms.")
@@ -229,6 +232,21 @@ def conclusions(compared: pd.DataFrame, config: dict, models: list[str]) -> list
     return out
 
 
+def block_lengths(frame: pd.DataFrame, compared: pd.DataFrame | None) -> str:
+    """The block lengths the intervals of this run used, in words: "64 positions for every pair" or "64-192
+    positions (median 64) over 40 pairs"."""
+    cols = [frame[c] for c in ("delta_ppl_block", "delta_ref_block") if c in frame]
+    if compared is not None and "block" in compared:
+        cols.append(compared["block"])
+    values = pd.to_numeric(pd.concat(cols), errors="coerce").dropna() if cols else pd.Series(dtype=float)
+    if values.empty:
+        return "no interval"
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:
+        return f"{lo} positions for every pair"
+    return f"{lo}–{hi} positions (median {int(values.median())}) over {len(values)} pairs"
+
+
 def provenance(frame: pd.DataFrame) -> dict:
     ok = frame[frame.status == "ok"]
     src = ok if len(ok) else frame
@@ -321,7 +339,8 @@ def render(frame: pd.DataFrame, template: str | Path, config: dict, bench: list[
         conclusions=conclusions(compared, config, models) if len(models) > 1 and compared is not None else [],
         failed=[{"name": r.name, "text": r.text_key, "model": r.model_key, "error": r.error}
                 for r in failed.itertuples()],
-        meta=provenance(frame), timing=timing_notes(frame, bench), recall=recall_sections(recall or {}, config),
+        meta=provenance(frame), timing=timing_notes(frame, bench), block_lengths=block_lengths(frame, compared),
+        recall=recall_sections(recall or {}, config),
         performance=[{"model": b["config"].get("model_key", b["config"].get("model")),
                       "text": b["config"].get("text_key", b["config"].get("text")),
                       "findings": bench_findings(b), "tables": bench_markdown(b),

@@ -74,7 +74,7 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
                           if ok and row.group != "baseline" else ("0" if ok else "–")),
             "delta_ref": interval_cell(row, "delta_ref", "n_ref") if ok else "–",
             "n": fmt.count(row.n_scored) if ok else "–",
-            "evaluator": getattr(row, "evaluator", None) or "decode",
+            "evaluator": nlls_cell(row),
             "ratio": _ratio(row) if ok else "–",
             "versus": (versus or {}).get(row.name, "control" if versus is not None else ""),
             "tpot": fmt.num(row.tpot_ms) if ok else "–",
@@ -88,6 +88,22 @@ def table_rows(frame: pd.DataFrame, versus: dict | None = None) -> list[dict]:
             "value": fmt.short(row.name),
         })
     return rows
+
+
+def nlls_cell(row) -> str:
+    """Which evaluator produced the row's NLLs, and whose run they are where the row shares another's: strict
+    `mit` and `ring` take strict `start_recent`'s per-token NLLs (one attention schedule, `grid.quality_run`), so
+    they are not a measurement of their own, and the cell says so: "parallel, start_recent's NLLs"."""
+    evaluator = getattr(row, "evaluator", None) or "decode"
+    source = getattr(row, "meta_nll_params", None)
+    if not isinstance(source, dict):
+        return evaluator
+    shared = [k for k in ("method", "overlap") if k in source and source[k] is not None
+              and str(source[k]) != str(getattr(row, k, source[k]))]
+    if not shared:
+        return evaluator
+    run = source["method"] + (f" O={source['overlap']}" if "overlap" in shared else "")
+    return f"{evaluator}, {run}'s NLLs"
 
 
 def _ratio(row) -> str:

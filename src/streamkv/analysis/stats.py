@@ -10,7 +10,15 @@ and reads the percentile interval of the mean.
 A block is a stretch of consecutive *positions* of the stream (`block`
 positions: [0, block), [block, 2 block), ...), whatever subset of targets a
 comparison has: against a baseline scored on every 32nd target a block of 64
-positions holds two targets, not 64 targets spread over 2,048 positions.  The
+positions holds two targets, not 64 targets spread over 2,048 positions.
+Its length comes from the data (`block_length`): Politis and White's automatic
+length (2004, as corrected by Patton, Politis and White 2009; `arch`) for the
+pair's own difference series, made 1.5^(1/3) longer for non-overlapping blocks,
+and never under 64 positions (docs/pipeline.md gives the autocorrelation it
+answers to).  With k blocks the resampled means are spread about the mean by
+sqrt(k / (k - 1)) t_(k-1) / z (the expanded percentile interval): the bootstrap
+of k blocks underestimates the spread of their mean, and its normal tails are
+too thin for a few dozen blocks.  The
 interval is only as good as the number of blocks it resamples, so it is given
 only from `min_blocks` blocks or more; with fewer the difference says so
 ("too few targets for an interval").  A zero-width interval appears only when
@@ -27,7 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-BLOCK = 64  # positions per block
+from streamkv.errors import StreamkvError
+
+BLOCK = "auto"  # positions per block: chosen from the data (`block_length`), or a fixed number
+BLOCK_FLOOR = 64  # the shortest block the automatic rule gives, in positions
+NBB_FACTOR = 1.5 ** (1 / 3)  # Politis-White's length is the circular bootstrap's; non-overlapping blocks need more
 MIN_BLOCKS = 20  # fewer blocks than this give no interval
 N_BOOT = 2000
 LEVEL = 0.95
@@ -92,6 +104,7 @@ class Difference:
     blocks: int = 0
     status: str = OK
     boot: np.ndarray | None = field(default=None, compare=False, repr=False)  # the resampled means (nats)
+    block: int | None = None  # positions per block
 
     @property
     def pct(self) -> float:
@@ -171,32 +184,67 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
     return (both.nll_a - both.nll_b).to_numpy()
 
 
-def block_bootstrap(diff: np.ndarray, positions: np.ndarray | None = None, block: int = BLOCK,
+def block_length(diff: np.ndarray, positions: np.ndarray | None = None, floor: int = BLOCK_FLOOR) -> int:
+    """Positions per block for the series `diff` (values in position order, at `positions`): Politis-White's
+    circular-bootstrap length of the series (in values), times NBB_FACTOR, times the median spacing of the
+    positions (1 for a row scored on every target, s for a baseline scored on every s-th), at least `floor`."""
+    diff = np.asarray(diff, dtype=np.float64)
+    spacing = 1.0 if positions is None or len(positions) < 2 else max(1.0, float(np.median(np.diff(positions))))
+    if diff.size < 16 or not np.isfinite(diff).all() or np.ptp(diff) == 0:
+        return floor
+    try:
+        from arch.bootstrap import optimal_block_length
+    except ImportError:  # (the library without its pipeline extra)
+        raise StreamkvError("stats.block 'auto' chooses block lengths with the arch package, which is not "
+                            "installed: pip install '.[pipeline]', or give stats.block a number") from None
+    values = optimal_block_length(diff)["circular"].to_numpy()
+    if not np.isfinite(values).all():
+        return floor
+    return max(floor, math.ceil(NBB_FACTOR * float(values[0]) * spacing))
+
+
+def expansion(k: int, level: float = LEVEL) -> float:
+    """The expanded percentile interval's factor for k blocks: sqrt(k / (k - 1)) t_(k-1) / z at `level`."""
+    from statistics import NormalDist
+
+    from scipy.stats import t
+
+    tail = 1 - (1 - level) / 2
+    return math.sqrt(k / (k - 1)) * float(t.ppf(tail, k - 1)) / NormalDist().inv_cdf(tail)
+
+
+def block_bootstrap(diff: np.ndarray, positions: np.ndarray | None = None, block: int | str = BLOCK,
                     n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
                     min_blocks: int = MIN_BLOCKS) -> Difference:
-    """The mean of `diff` with a percentile interval from resampling blocks of `block` consecutive positions.
+    """The mean of `diff` with an (expanded) percentile interval from resampling blocks of consecutive positions.
 
-    `positions`: the position of each value (default: 0, 1, 2, ...); a block holds the values whose position
-    falls in it, however many (a block with none is not a block).  A resampled mean weighs each block by its
-    count, so it is the mean over the targets drawn.
+    `block`: positions per block, or "auto" (`block_length`).  `positions`: the position of each value (default:
+    0, 1, 2, ...); a block holds the values whose position falls in it, however many (a block with none is not a
+    block).  A resampled mean weighs each block by its count, so it is the mean over the targets drawn; the
+    resampled means are spread about the mean by `expansion(blocks)`.
     """
     diff = np.asarray(diff, dtype=np.float64)
     positions = np.arange(diff.size) if positions is None else np.asarray(positions, dtype=np.int64)
     if diff.size == 0 or not np.isfinite(diff).all():
         nan = float("nan")
         return Difference(int(diff.size), nan, nan, nan, level, 0, TOO_FEW)
+    if block == "auto":
+        order = np.argsort(positions, kind="stable")
+        block = block_length(diff[order], positions[order])
     ids, lens = np.unique(positions // block, return_counts=True)
     mean = float(diff.mean())
     if not diff.any():  # the same NLL on every common target: the difference is exactly zero, not estimated
-        return Difference(int(diff.size), 0.0, 0.0, 0.0, level, int(ids.size), IDENTICAL)
+        return Difference(int(diff.size), 0.0, 0.0, 0.0, level, int(ids.size), IDENTICAL, block=int(block))
     if ids.size < min_blocks:
-        return Difference(int(diff.size), mean, float("nan"), float("nan"), level, int(ids.size), TOO_FEW)
+        return Difference(int(diff.size), mean, float("nan"), float("nan"), level, int(ids.size), TOO_FEW,
+                          block=int(block))
     order = np.argsort(positions, kind="stable")
     sums = np.add.reduceat(diff[order], np.concatenate([[0], np.cumsum(lens)[:-1]]))
     boot = resample(lambda draws: sums[draws].sum(axis=1) / lens[draws].sum(axis=1), ids.size, n_boot=n_boot,
                     seed=seed)
+    boot = mean + expansion(int(ids.size), level) * (boot - mean)
     lo, hi = percentile_interval(boot, level)
-    return Difference(int(diff.size), mean, lo, hi, level, int(ids.size), OK, boot)
+    return Difference(int(diff.size), mean, lo, hi, level, int(ids.size), OK, boot, int(block))
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, **bootstrap) -> Difference:

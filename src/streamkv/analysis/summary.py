@@ -239,8 +239,8 @@ def spike_diagnosis(frame: pd.DataFrame, reference: str | None = None, horizon: 
 # The parameters that tell two rows of one sweep apart (the swept ones differ, the rest are equal).
 RUN_PARAMS = tuple(k for k in RUN_KEYS if k != "profile")  # (a synchronised timer changes no NLL)
 COMPARISON_COLUMNS = ("model_key", "text_key", "kind", "group", "a", "b", "claim", "expect", "margin", "n", "blocks",
-                      "status", "mean", "lo", "hi", "pct", "pct_lo", "pct_hi", "level", "p", "p_opposite", "verdict",
-                      "text")
+                      "block", "status", "mean", "lo", "hi", "pct", "pct_lo", "pct_hi", "level", "p", "p_opposite",
+                      "verdict", "text")
 
 
 def claim_margin(finding: dict) -> float:
@@ -252,7 +252,8 @@ def claim_margin(finding: dict) -> float:
 
 def _difference_row(d, expect: str = "", margin: float = math.nan, **keys) -> dict:
     p, p_opposite = d.p_values(expect, margin) if expect else (math.nan, math.nan)
-    return {**keys, "expect": expect, "margin": margin, "n": d.n, "blocks": d.blocks, "status": d.status,
+    return {**keys, "expect": expect, "margin": margin, "n": d.n, "blocks": d.blocks, "block": d.block,
+            "status": d.status,
             "mean": d.mean, "lo": d.lo, "hi": d.hi, "pct": d.pct, "pct_lo": d.pct_lo, "pct_hi": d.pct_hi,
             "level": d.level, "p": p, "p_opposite": p_opposite, "verdict": d.verdict, "text": d.text()}
 
@@ -273,18 +274,19 @@ def _against(frame: pd.DataFrame, anchors: dict, prefix: str, n_col: str, bootst
              traces) -> pd.DataFrame:
     """Every finished row against the anchor row of its (model, text) (`anchors`), paired on the targets both
     scored: `{prefix}_pct` (PPL change, %), `_lo`, `_hi`, `_status` (`stats.Difference.status`), `_blocks`,
-    and `n_col` (the paired targets).  NaN where the row failed, has no anchor or another cap."""
+    `_block` (positions per block), and `n_col` (the paired targets).  NaN where the row failed, has no anchor or
+    another cap."""
     from streamkv.analysis.stats import compare
 
-    cols = {f"{prefix}_{k}": [] for k in ("pct", "lo", "hi", "status", "blocks")}
+    cols = {f"{prefix}_{k}": [] for k in ("pct", "lo", "hi", "status", "blocks", "block")}
     cols[n_col] = []
     for row in frame.itertuples():
         anchor = anchors.get((row.model_key, row.text_key))
         if row.status != "ok" or anchor is None or row.cap != anchor.cap:
-            values = (math.nan, math.nan, math.nan, None, None, None)
+            values = (math.nan, math.nan, math.nan, None, None, None, None)
         else:
             d = compare(traces(row.file), traces(anchor.file), **(bootstrap or {}))
-            values = (d.pct, d.pct_lo, d.pct_hi, d.status, d.blocks, d.n)
+            values = (d.pct, d.pct_lo, d.pct_hi, d.status, d.blocks, d.block, d.n)
         for name, value in zip(cols, values):
             cols[name].append(value)
     frame = frame.copy()

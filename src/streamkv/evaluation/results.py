@@ -23,13 +23,15 @@ METRIC_KEYS = ("ppl", "nll_mean", "n_scored", "tpot_ms", "tpot_steady_ms", "tpot
                "prefill_sec", "total_sec", "peak_memory_mb", "kv_bytes_peak", "kv_len_min", "kv_len_mean",
                "kv_len_max", "n_prunes", "tokens_dropped", "n_emergency_prunes", "n_forced_prunes", "drop_max",
                "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "tpot_ratio_lo",
-               "tpot_ratio_hi", "timed_steps", "tokens_per_s", "tokens_per_s_stream")
+               "tpot_ratio_hi", "timed_steps", "tokens_per_s", "tokens_per_s_stream", "tpot_p99_ms",
+               "tpot_ref_p50_ms", "tpot_ref_p90_ms", "tpot_ref_p99_ms", "timed_prunes")
 
 
 # What the timing part measures (the rest of the metrics come from the NLLs and the cache's schedule).
 TIMING_KEYS = ("tpot_ms", "tpot_steady_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms", "prefill_sec", "kv_bytes_peak",
                "update_ms_mean", "update_ms_prune", "update_ms_noprune", "tpot_ref_ms", "tpot_ratio", "tpot_ratio_lo",
-               "tpot_ratio_hi", "timed_steps", "tokens_per_s", "tokens_per_s_stream")
+               "tpot_ratio_hi", "timed_steps", "tokens_per_s", "tokens_per_s_stream", "tpot_p99_ms",
+               "tpot_ref_p50_ms", "tpot_ref_p90_ms", "tpot_ref_p99_ms", "timed_prunes")
 
 
 def peak_memory_mb(device: torch.device) -> float:

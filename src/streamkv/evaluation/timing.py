@@ -218,11 +218,11 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     ttft_ms = forward_time_ms(steppers["method"], t0)
     steppers["reference"].forward(ids[:, :cap])
     kv_bytes = steppers["method"].kv_bytes()
-    update_ms, kv_bytes_at = np.full(n, np.nan), np.zeros(n)
+    update_ms, kv_bytes_at, dropped = np.full(n, np.nan), np.zeros(n), np.zeros(n, dtype=np.int64)
 
-    def after(i, name, stepper, logits):  # the method's cache timer and bytes, read after each of its forwards
+    def after(i, name, stepper, logits):  # the method's cache timer, bytes and prune, read after each forward
         if name == "method":
-            update_ms[i], kv_bytes_at[i] = stepper.update_ms, stepper.kv_bytes()
+            update_ms[i], kv_bytes_at[i], dropped[i] = stepper.update_ms, stepper.kv_bytes(), stepper.dropped
 
     step_ms = interleave(steppers, ids, cap, n, seed=seed, after=after)
     kv_bytes = max(kv_bytes, int(kv_bytes_at.max()))
@@ -231,12 +231,24 @@ def time_interleaved(loaded, tokens: list[int], params, steps: int, warmup: int 
     ref_steps = step_ms["reference"][warmup:]
     tpot, ref = block_median(timed, block), block_median(ref_steps, block)
     ratio_lo, ratio_hi = step_ratio_interval(timed, ref_steps, block)
-    upd = update_ms[warmup:]
-    upd = upd[np.isfinite(upd)]
+    upd, pruned = update_ms[warmup:], dropped[warmup:] > 0
+    timed_upd = np.isfinite(upd)
     batch = ids.shape[0]  # every step gives each stream one token
+
+    def mean_of(values):
+        return float(values.mean()) if values.size else None
+
+    def tail(values, q):
+        return float(np.percentile(values, q))
+
+    # (the timed steps all come after the warm-up, so the "steady" TPOT, which leaves out the first steps of a
+    # stream, is TPOT itself here: the mean step over the timed part, which a prune's spike enters as it happens)
     return {"tpot_ms": tpot, "tpot_ref_ms": ref, "tpot_ratio": tpot / ref, "tpot_ratio_lo": finite(ratio_lo),
             "tpot_ratio_hi": finite(ratio_hi), "timed_steps": steps,
             "tokens_per_s": batch * 1e3 / tpot, "tokens_per_s_stream": 1e3 / tpot,
-            "tpot_steady_ms": tpot, "tpot_p50_ms": float(np.percentile(timed, 50)),
-            "tpot_p90_ms": float(np.percentile(timed, 90)), "ttft_ms": ttft_ms, "prefill_sec": ttft_ms / 1e3,
-            "kv_bytes_peak": int(kv_bytes), "update_ms_mean": float(upd.mean()) if upd.size else None}
+            "tpot_steady_ms": float(np.nanmean(timed)), "tpot_p50_ms": tail(timed, 50),
+            "tpot_p90_ms": tail(timed, 90), "tpot_p99_ms": tail(timed, 99), "tpot_ref_p50_ms": tail(ref_steps, 50),
+            "tpot_ref_p90_ms": tail(ref_steps, 90), "tpot_ref_p99_ms": tail(ref_steps, 99),
+            "ttft_ms": ttft_ms, "prefill_sec": ttft_ms / 1e3, "kv_bytes_peak": int(kv_bytes),
+            "update_ms_mean": mean_of(upd[timed_upd]), "update_ms_prune": mean_of(upd[timed_upd & pruned]),
+            "update_ms_noprune": mean_of(upd[timed_upd & ~pruned]), "timed_prunes": int(pruned.sum())}

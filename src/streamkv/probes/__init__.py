@@ -58,7 +58,7 @@ class StreamProbe:
 
     name: str
     title: str
-    table: Callable[[pd.DataFrame, int], pd.DataFrame]  # (every row's instances, cap) -> table
+    table: Callable[..., pd.DataFrame]  # (every row's instances, cap, reference row) -> table
     markdown: Callable[[pd.DataFrame], str]
     finding: Callable[[pd.DataFrame, str], str]  # (table, reference row) -> numbers in sentences
     figure: Callable  # (table, two axes, seaborn) -> None

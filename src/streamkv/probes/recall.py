@@ -13,12 +13,15 @@ from streamkv.analysis.stats import block_bootstrap, interval_text, proportion_i
 # ----------------------------------------------------------------------------- table, finding, figure
 
 
-def table(frame: pd.DataFrame, cap: int) -> pd.DataFrame:
-    """Per row and D: copy gain [95 % CI over instances], pass-key exact matches k of n [Wilson CI] and digit NLL.
+def table(frame: pd.DataFrame, cap: int, reference: str | None = None) -> pd.DataFrame:
+    """Per row and D: copy gain [95 % CI over instances], pass-key exact matches k of n [Wilson CI] and digit NLL;
+    and against the row `reference` on the same instances (every row scores the same seeded streams): the paired
+    copy-gain difference [95 % CI over instance pairs] and the pass key's discordant pairs with McNemar's exact p.
 
     `frame`: the instances of every row, with its `name` and `status` (a failed row keeps one line, with its error).
     """
     out = []
+    ok = frame[frame.status == "ok"]
     for (name, d), g in frame.groupby(["name", "distance"], sort=False, dropna=False):
         row = {"name": name, "distance": d, "d_cap": d / cap, "status": g.status.iloc[0], "error": g.error.iloc[0]}
         if row["status"] == "ok":
@@ -29,8 +32,34 @@ def table(frame: pd.DataFrame, cap: int) -> pd.DataFrame:
             row.update(gain=gain.mean, gain_lo=gain.lo, gain_hi=gain.hi, gain_status=gain.status, gain_n=gain.n,
                        exact=k, n=n, rate=k / n if n else math.nan, rate_lo=lo, rate_hi=hi,
                        key_nll=float(pk.nll.mean()))
+            ref = ok[(ok.name == reference) & (ok.distance == d)]
+            if reference is not None and name != reference and len(ref):
+                row.update(versus(g, ref))
         out.append(row)
     return pd.DataFrame(out)
+
+
+def versus(g: pd.DataFrame, ref: pd.DataFrame) -> dict:
+    """A row's instances against the reference's at one D, paired by instance: copy gain's difference (a bootstrap
+    over instance pairs: instances are independent, seeded streams) and the pass key's discordant pairs (`keeps`:
+    the row right where the reference is wrong; `loses`: the converse) with McNemar's exact two-sided p."""
+    copy = g[g.task == "copy"].merge(ref[ref.task == "copy"], on="instance", suffixes=("", "_ref"))
+    diff = block_bootstrap((copy.gain - copy.gain_ref).to_numpy(float), copy.instance.to_numpy(), block=1)
+    key = g[g.task == "passkey"].merge(ref[ref.task == "passkey"], on="instance", suffixes=("", "_ref"))
+    keeps = int((key.exact.astype(bool) & ~key.exact_ref.astype(bool)).sum())
+    loses = int((~key.exact.astype(bool) & key.exact_ref.astype(bool)).sum())
+    return {"vs_ref_gain": diff.mean, "vs_ref_gain_lo": diff.lo, "vs_ref_gain_hi": diff.hi,
+            "vs_ref_gain_status": diff.status, "vs_ref_n": diff.n, "key_keeps": keeps, "key_loses": loses,
+            "key_pairs": len(key), "key_p": mcnemar_exact(keeps, loses)}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """McNemar's exact test of b against c discordant pairs: two-sided binomial p at one half (1 with none)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def gain_text(r) -> str:
@@ -61,8 +90,10 @@ def markdown(t: pd.DataFrame) -> str:
 
 
 def finding(t: pd.DataFrame, reference: str, at: float = 2.0) -> str:
-    """Copy gain at D = `at` cap for every row, and which rows keep the pass key there where `reference` loses it
-    (exact-match intervals apart)."""
+    """At D = `at` cap: every row's copy gain, and each row against `reference` on the same instances (paired copy
+    gain with its interval; the pass key's discordant pairs with McNemar's exact p, Holm over the rows)."""
+    from streamkv.analysis.stats import holm
+
     here = t[(t.d_cap == at) & (t.status == "ok")]
     if here.empty:
         return f"No finished run at D = {at:g} cap."
@@ -73,10 +104,21 @@ def finding(t: pd.DataFrame, reference: str, at: float = 2.0) -> str:
     if ref.empty:
         return text + f" The reference row '{reference}' did not finish."
     ref = ref.iloc[0]
-    keeps = [r for r in here.itertuples() if r.name != reference and r.rate_lo > ref.rate_hi]
-    keys = ", ".join(f"{r.name} {exact_text(r)}" for r in keeps)
-    return text + (f" Pass key kept where {reference} ({exact_text(ref)}) loses it: {keys}." if keeps else
-                   f" No row keeps the pass key with an exact-match interval above {reference}'s ({exact_text(ref)}).")
+    others = here[(here.name != reference) & here.get("key_p", pd.Series(index=here.index, dtype=float)).notna()]
+    if others.empty:
+        return text
+    paired = "; ".join(f"{r.name} " + interval_text(r.vs_ref_gain, r.vs_ref_gain_lo, r.vs_ref_gain_hi,
+                                                    r.vs_ref_gain_status, r.vs_ref_n)
+                       for r in others.itertuples())
+    text += f" Against {reference} on the same {int(ref.n)} instances, copy gain differs by: {paired}."
+    shown = holm(others.key_p.to_numpy(float), 0.05)
+    keys = "; ".join(f"{r.name} keeps {int(r.key_keeps)}, loses {int(r.key_loses)} (p = {r.key_p:.2g})"
+                     for r in others.itertuples())
+    verdict = [r.name for r, s in zip(others.itertuples(), shown) if s]
+    return text + (f" Pass key against {reference} ({exact_text(ref)}), discordant pairs with McNemar's exact p: "
+                   f"{keys}; " + (f"a difference shown for {', '.join(verdict)} (Holm at 5 % over "
+                                  f"{len(others)} rows)." if verdict else
+                                  f"no row differs from it (Holm at 5 % over {len(others)} rows)."))
 
 
 def figure(t: pd.DataFrame, axes, sns) -> None:
