@@ -6,6 +6,9 @@ config checks, `streamkv.evaluation.params`, `streamkv.cache.budget`) load witho
 
 import importlib
 
+from streamkv.cpu import isolate_compile_cache
+
+isolate_compile_cache()  # torch.compile's kernels in a folder per kernel level and CPU (see there), set before torch
 __version__ = "0.1.0"
 _EXPORTS = {
     "Budget": "cache.budget", "EvalParams": "evaluation.params", "METHODS": "evaluation.params",

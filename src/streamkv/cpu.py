@@ -11,6 +11,7 @@ feature.  It reaches Snakemake's jobs and the CLI like any environment variable.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 OVERRIDE = "STREAMKV_CPU_FLAGS"
@@ -55,3 +56,33 @@ def describe() -> str:
     lacking = ", ".join(name for name, present in found.items() if not present)
     return f"{have}{f' (no {lacking})' if lacking and have[:4] != 'none' else ''}; " \
            f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+CHOSEN_CACHE = "STREAMKV_INDUCTOR_CACHE"  # the kernel cache folder streamkv chose (not the user)
+
+
+def isolate_compile_cache() -> str:
+    """Point torch.compile's kernel cache (TORCHINDUCTOR_CACHE_DIR) at a folder of its own for this torch, this
+    kernel level and these CPU flags, unless the user named one; returns the folder in use.
+
+    Inductor keys its cache on neither: kernels compiled under `ATEN_CPU_CAPABILITY=avx2` (or on another CPU
+    sharing the folder) are loaded by the next process at AVX-512 and crash it ("double free or corruption",
+    seen with the int8-pack step).  The package calls this when it is imported, before torch or torchao (whose
+    import sets inductor's default); without importing torch: the kernel level is what `ATEN_CPU_CAPABILITY`
+    asks for, else what the flags give.  A child process whose level or flags differ chooses again.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is not None and given != os.environ.get(CHOSEN_CACHE):
+        return given  # the user's
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "none"
+    level = os.environ.get("ATEN_CPU_CAPABILITY", "auto").lower()
+    found = hashlib.sha256(" ".join(sorted(flags())).encode()).hexdigest()[:10]
+    home = os.environ.get("STREAMKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "streamkv")
+    path = os.path.join(home, "inductor", f"torch{torch_version}-{level}-{found}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ[CHOSEN_CACHE] = path
+    return path
