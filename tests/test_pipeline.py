@@ -178,7 +178,8 @@ def test_end_to_end_produces_tables_figures_and_a_summary(done):
     assert (rows.delta_ppl_pct <= rows.delta_ppl_hi).all() and (rows.evaluator == "parallel").all()
     assert (summary[summary.refresh > 0].evaluator == "decode").all()  # refresh: only the loop follows it
     assert loop_only.sum() == 3 and (summary[loop_only].evaluator == "decode").all()  # bfloat16, int8-fbgemm, -pack
-    assert (summary[summary.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
+    ran = expected_ok(summary)  # (a row this CPU refuses has no timing)
+    assert (ran[ran.group != "baseline"].tpot_ratio > 0).all()  # every row timed against the reference
     compared = pd.read_csv(done / "results/comparisons.csv")
     assert set(compared.kind) == {"control", "finding"} and (compared.lo <= compared.hi).all()
     assert (compared[compared.status == "ok"].lo < compared[compared.status == "ok"].hi).all()
