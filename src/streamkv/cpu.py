@@ -1,7 +1,8 @@
 """The CPU's instruction sets, as far as streamkv depends on them.
 
 A few parts run only where the CPU has an instruction set: the `int8-fbgemm` weights need VNNI, and llama.cpp's
-build takes its options from the same flags (`envs/llamacpp-cmake-args.sh`, which reads `$CPUINFO`).  Everything
+build takes its options from the same flags (`envs/llamacpp-cmake-args.sh`, which reads `$CPUINFO`, or the
+override below).  Everything
 else runs on any x86-64 CPU with AVX2, and on ARM.
 
 `STREAMKV_CPU_FLAGS` replaces the flags read from /proc/cpuinfo (a space-separated list, as on its `flags` line):
@@ -37,7 +38,7 @@ def flags() -> set[str]:
 
 def has(feature: str) -> bool:
     """Whether the CPU has `feature` (a key of FEATURES): any one of its flags."""
-    return bool(set(FEATURES[feature]) & flags())
+    return summary()[feature]
 
 
 def summary() -> dict[str, bool]:
@@ -52,10 +53,13 @@ def describe() -> str:
     import torch
 
     found = summary()
-    have = ", ".join(name for name, present in found.items() if present) or "none of " + ", ".join(found)
-    lacking = ", ".join(name for name, present in found.items() if not present)
-    return f"{have}{f' (no {lacking})' if lacking and have[:4] != 'none' else ''}; " \
-           f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    have = [name for name, present in found.items() if present]
+    lacking = [name for name, present in found.items() if not present]
+    if not have:
+        features = "none of " + ", ".join(lacking)
+    else:
+        features = ", ".join(have) + (f" (no {', '.join(lacking)})" if lacking else "")
+    return f"{features}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 CHOSEN_CACHE = "STREAMKV_INDUCTOR_CACHE"  # the kernel cache folder streamkv chose (not the user)

@@ -16,7 +16,7 @@ from streamkv.analysis import fmt
 from streamkv.analysis.cross_checks import cross_check_notes, cross_checks, llamacpp_engine
 from streamkv.analysis.grid import max_tokens, model_ceiling, model_source, text_source
 from streamkv.analysis.rows import NOT_INSTALLED, configuration, kv_note, reference_kv, spike_rows, table_rows
-from streamkv.analysis.stats import LEVEL, MIN_BLOCKS
+from streamkv.analysis.stats import LEVEL, MIN_BLOCKS, SUPERIORITY, holm
 from streamkv.analysis.summary import claim_margin
 from streamkv.bench.goals import LLAMACPP, LLAMACPP_REFERENCE, REFERENCE
 from streamkv.bench.tables import bench_failures, bench_findings, bench_markdown
@@ -153,8 +153,6 @@ def findings(found: pd.DataFrame) -> list[dict]:
     Equivalence: equivalent, does not hold (a difference beyond the margin) or not shown.  A pair with too few
     targets for an interval is left out, and said so.
     """
-    from streamkv.analysis.stats import SUPERIORITY, holm
-
     out = []
     for claim, rows in found.groupby("claim", sort=False):
         expect = rows.expect.iloc[0]
